@@ -1,0 +1,485 @@
+//! Clusters: named groups of upstream endpoints, their connection pools and load balancing.
+//!
+//! A cluster resolves its endpoints (static IPs, or DNS names re-resolved on an interval),
+//! picks one per request (weighted round robin or least-request with two choices), and owns
+//! one HTTP client (connection pool) per worker thread, as Envoy does, so a connection is only
+//! ever driven by the thread that opened it. A shared semaphore bounds the cluster's upstream
+//! connections across all workers: past it a request fails fast with `UO` instead of queueing.
+
+use crate::config::{ClusterSpec, LbPolicy, LocalitySpec, UpstreamProtocol};
+use crate::telemetry::metrics::{ClusterLabel, Metrics};
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use hyper_util::client::legacy::connect::{Connected, Connection};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::net::TcpStream;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// The body type sent upstream and returned downstream.
+pub type Body = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
+pub type HttpClient = Client<Connector, Body>;
+
+/// An endpoint address as written in the manifest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EndpointAddr {
+    Ip(SocketAddr),
+    Dns { host: String, port: u16 },
+}
+
+/// Parse `IP:PORT`, `[IPv6]:PORT` or `HOST:PORT`.
+pub fn parse_endpoint_address(s: &str) -> Result<EndpointAddr, String> {
+    if let Ok(a) = s.parse::<SocketAddr>() {
+        return Ok(EndpointAddr::Ip(a));
+    }
+    let (host, port) = s
+        .rsplit_once(':')
+        .ok_or_else(|| format!("`{s}` needs a port (HOST:PORT)"))?;
+    let port: u16 = port.parse().map_err(|_| format!("`{port}` is not a port number"))?;
+    let valid_host = !host.is_empty()
+        && host.len() <= 253
+        && host
+            .split('.')
+            .all(|l| !l.is_empty() && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'));
+    if !valid_host {
+        return Err(format!("`{host}` is neither an IP address nor a DNS name"));
+    }
+    Ok(EndpointAddr::Dns {
+        host: host.to_string(),
+        port,
+    })
+}
+
+/// One resolved upstream address.
+#[derive(Debug)]
+pub struct Endpoint {
+    pub addr: SocketAddr,
+    /// `IP:PORT`, used as the pool key in the upstream request's URI.
+    pub authority: http::uri::Authority,
+    pub weight: u32,
+    pub locality: LocalitySpec,
+    /// Requests in flight to this endpoint (least-request balancing, `/clusters`).
+    pub active: AtomicUsize,
+    pub total: AtomicUsize,
+}
+
+/// The endpoints currently in use and a precomputed weighted round-robin schedule.
+struct EndpointSet {
+    endpoints: Vec<Arc<Endpoint>>,
+    schedule: Vec<u32>,
+}
+
+pub struct Cluster {
+    pub name: Arc<str>,
+    pub spec: ClusterSpec,
+    label: ClusterLabel,
+    set: ArcSwap<EndpointSet>,
+    rr: AtomicUsize,
+    /// One pool per worker thread, plus one for other threads (callouts from background tasks).
+    clients: Vec<HttpClient>,
+    metrics: Arc<Metrics>,
+}
+
+thread_local! {
+    /// Index of the data-plane worker running on this thread; `usize::MAX` elsewhere.
+    static WORKER: std::cell::Cell<usize> = const { std::cell::Cell::new(usize::MAX) };
+}
+
+/// Mark the current thread as data-plane worker `i` (selects its connection pools).
+pub fn set_worker_index(i: usize) {
+    WORKER.with(|w| w.set(i));
+}
+
+impl Cluster {
+    /// Build a cluster and resolve its endpoints once. DNS failures leave the cluster without
+    /// endpoints (requests get 503 `UH`) until a refresh succeeds; they do not fail the load.
+    pub async fn new(spec: &ClusterSpec, workers: usize, metrics: Arc<Metrics>) -> Arc<Self> {
+        let name: Arc<str> = Arc::from(spec.name.as_str());
+        let label = Metrics::cluster_label(&name);
+        let limit = Arc::new(Semaphore::new(spec.max_connections));
+        let connector = Connector {
+            timeout: spec.connect_timeout,
+            limit,
+            metrics: metrics.clone(),
+            label: label.clone(),
+        };
+        let clients = (0..=workers)
+            .map(|_| {
+                let mut b = Client::builder(TokioExecutor::new());
+                b.pool_idle_timeout(spec.idle_timeout)
+                    .pool_max_idle_per_host(spec.max_idle_per_endpoint)
+                    .pool_timer(TokioTimer::new())
+                    .timer(TokioTimer::new())
+                    // Keep the client's Host header: we set the URI to the endpoint's IP.
+                    .set_host(false);
+                if spec.protocol == UpstreamProtocol::Http2 {
+                    b.http2_only(true)
+                        .http2_keep_alive_interval(Duration::from_secs(30))
+                        .http2_keep_alive_while_idle(true);
+                }
+                b.build(connector.clone())
+            })
+            .collect();
+        let cluster = Arc::new(Cluster {
+            name,
+            spec: spec.clone(),
+            label,
+            set: ArcSwap::from_pointee(EndpointSet {
+                endpoints: Vec::new(),
+                schedule: Vec::new(),
+            }),
+            rr: AtomicUsize::new(0),
+            clients,
+            metrics,
+        });
+        cluster.resolve().await;
+        cluster
+    }
+
+    /// Whether this cluster was built from the same spec (so a reload can keep it, pools and all).
+    pub fn same_spec(&self, spec: &ClusterSpec) -> bool {
+        &self.spec == spec
+    }
+
+    pub fn has_dns_endpoints(&self) -> bool {
+        self.spec
+            .endpoints
+            .iter()
+            .any(|e| matches!(parse_endpoint_address(&e.address), Ok(EndpointAddr::Dns { .. })))
+    }
+
+    /// Resolve every endpoint again; keeps the previous addresses of a name that fails to resolve.
+    pub async fn resolve(&self) {
+        let old = self.set.load();
+        let mut endpoints: Vec<Arc<Endpoint>> = Vec::new();
+        for ep in &self.spec.endpoints {
+            let addrs: Vec<SocketAddr> = match parse_endpoint_address(&ep.address) {
+                Ok(EndpointAddr::Ip(a)) => vec![a],
+                Ok(EndpointAddr::Dns { host, port }) => match tokio::net::lookup_host((host.as_str(), port)).await {
+                    Ok(it) => it.collect(),
+                    Err(e) => {
+                        tracing::warn!(cluster = %self.name, endpoint = %ep.address, error = %e, "DNS resolution failed; keeping previous addresses");
+                        old.endpoints
+                            .iter()
+                            .filter(|o| o.weight == ep.weight && o.locality == ep.locality)
+                            .map(|o| o.addr)
+                            .collect()
+                    }
+                },
+                Err(_) => Vec::new(), // validated at load
+            };
+            for addr in addrs {
+                if endpoints.iter().any(|e| e.addr == addr) {
+                    continue;
+                }
+                // Keep the existing object (and its counters) when the address is unchanged.
+                let existing = old.endpoints.iter().find(|o| o.addr == addr && o.weight == ep.weight);
+                let e = match existing {
+                    Some(e) => e.clone(),
+                    None => match http::uri::Authority::try_from(addr.to_string().as_str()) {
+                        Ok(authority) => Arc::new(Endpoint {
+                            addr,
+                            authority,
+                            weight: ep.weight,
+                            locality: ep.locality.clone(),
+                            active: AtomicUsize::new(0),
+                            total: AtomicUsize::new(0),
+                        }),
+                        Err(_) => continue,
+                    },
+                };
+                endpoints.push(e);
+            }
+        }
+        let schedule = smooth_wrr_schedule(&endpoints.iter().map(|e| e.weight).collect::<Vec<_>>());
+        self.set.store(Arc::new(EndpointSet { endpoints, schedule }));
+    }
+
+    /// Re-resolve DNS endpoints every `dns_refresh_rate` while the cluster is alive.
+    pub fn spawn_dns_refresh(self: &Arc<Self>) {
+        if !self.has_dns_endpoints() {
+            return;
+        }
+        let weak = Arc::downgrade(self);
+        let every = self.spec.dns_refresh_rate;
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                match weak.upgrade() {
+                    Some(c) => c.resolve().await,
+                    None => return,
+                }
+            }
+        });
+    }
+
+    /// Choose an endpoint for a request.
+    pub fn pick(&self) -> Option<Arc<Endpoint>> {
+        let set = self.set.load();
+        let n = set.endpoints.len();
+        if n == 0 {
+            return None;
+        }
+        if n == 1 {
+            return set.endpoints.first().cloned();
+        }
+        match self.spec.lb_policy {
+            LbPolicy::RoundRobin => {
+                let i = self.rr.fetch_add(1, Ordering::Relaxed) % set.schedule.len().max(1);
+                let idx = set.schedule.get(i).copied().unwrap_or(0) as usize;
+                set.endpoints.get(idx).cloned()
+            }
+            LbPolicy::LeastRequest => {
+                // Power of two choices: the one with fewer requests in flight per unit of weight.
+                let a = rand::random_range(0..n);
+                let mut b = rand::random_range(0..n - 1);
+                if b >= a {
+                    b += 1;
+                }
+                let (ea, eb) = (&set.endpoints[a], &set.endpoints[b]);
+                let load = |e: &Endpoint| (e.active.load(Ordering::Relaxed) as u64 + 1) * 1000 / e.weight as u64;
+                Some(if load(eb) < load(ea) { eb.clone() } else { ea.clone() })
+            }
+        }
+    }
+
+    /// The connection pool of the calling worker thread.
+    pub fn client(&self) -> &HttpClient {
+        let i = WORKER.with(|w| w.get());
+        let last = self.clients.len() - 1;
+        &self.clients[i.min(last)]
+    }
+
+    pub fn label(&self) -> &ClusterLabel {
+        &self.label
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// State for the admin endpoint's `/clusters`.
+    pub fn status_json(&self) -> serde_json::Value {
+        let set = self.set.load();
+        serde_json::json!({
+            "name": &*self.name,
+            "lb_policy": self.spec.lb_policy,
+            "protocol": self.spec.protocol,
+            "endpoints": set.endpoints.iter().map(|e| serde_json::json!({
+                "address": e.addr.to_string(),
+                "weight": e.weight,
+                "locality": e.locality,
+                "health": "healthy",
+                "active_requests": e.active.load(Ordering::Relaxed),
+                "total_requests": e.total.load(Ordering::Relaxed),
+            })).collect::<Vec<_>>(),
+        })
+    }
+}
+
+/// Endpoint indices in the order smooth weighted round robin (nginx's algorithm) visits
+/// them, so weights spread evenly rather than in bursts. Weights are scaled so one cycle
+/// stays short.
+fn smooth_wrr_schedule(weights: &[u32]) -> Vec<u32> {
+    if weights.is_empty() {
+        return Vec::new();
+    }
+    let g = weights.iter().copied().fold(0, gcd).max(1);
+    let mut w: Vec<u64> = weights.iter().map(|x| (*x / g) as u64).collect();
+    let total: u64 = w.iter().sum();
+    const MAX_CYCLE: u64 = 10_000;
+    if total > MAX_CYCLE {
+        for x in w.iter_mut() {
+            *x = (*x * MAX_CYCLE / total).max(1);
+        }
+    }
+    let total: i64 = w.iter().sum::<u64>() as i64;
+    let mut current = vec![0i64; w.len()];
+    let mut out = Vec::with_capacity(total as usize);
+    for _ in 0..total {
+        let mut best = 0;
+        for i in 0..w.len() {
+            current[i] += w[i] as i64;
+            if current[i] > current[best] {
+                best = i;
+            }
+        }
+        current[best] -= total;
+        out.push(best as u32);
+    }
+    out
+}
+
+fn gcd(a: u32, b: u32) -> u32 {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
+}
+
+/// Why an upstream connection could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("upstream connection limit reached")]
+    Overflow,
+    #[error("upstream connect timeout")]
+    Timeout,
+    #[error("upstream connect failed: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("upstream address is not IP:PORT")]
+    BadAddress,
+}
+
+/// Opens upstream TCP connections: connect timeout, TCP_NODELAY, the cluster's connection
+/// limit, and connection metrics that follow the connection's life.
+#[derive(Clone)]
+pub struct Connector {
+    timeout: Duration,
+    limit: Arc<Semaphore>,
+    metrics: Arc<Metrics>,
+    label: ClusterLabel,
+}
+
+impl tower_service::Service<http::Uri> for Connector {
+    type Response = UpstreamConn;
+    type Error = ConnectError;
+    type Future = Pin<Box<dyn Future<Output = Result<UpstreamConn, ConnectError>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: http::Uri) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move {
+            let permit = match this.limit.clone().try_acquire_owned() {
+                Ok(p) => p,
+                Err(_) => {
+                    this.metrics.upstream_cx_overflow.get_or_create(&this.label).inc();
+                    return Err(ConnectError::Overflow);
+                }
+            };
+            let addr: SocketAddr = uri
+                .authority()
+                .and_then(|a| a.as_str().parse().ok())
+                .ok_or(ConnectError::BadAddress)?;
+            let stream = match tokio::time::timeout(this.timeout, TcpStream::connect(addr)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    this.metrics.upstream_cx_connect_fail.get_or_create(&this.label).inc();
+                    return Err(ConnectError::Io(e));
+                }
+                Err(_) => {
+                    this.metrics.upstream_cx_connect_fail.get_or_create(&this.label).inc();
+                    return Err(ConnectError::Timeout);
+                }
+            };
+            let _ = stream.set_nodelay(true);
+            this.metrics.upstream_cx_total.get_or_create(&this.label).inc();
+            let gauge = this.metrics.upstream_cx_active.get_or_create(&this.label).clone();
+            gauge.inc();
+            Ok(UpstreamConn {
+                io: TokioIo::new(stream),
+                _permit: permit,
+                gauge,
+            })
+        })
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// An upstream TCP connection holding its slot in the cluster's connection limit.
+    pub struct UpstreamConn {
+        #[pin]
+        io: TokioIo<TcpStream>,
+        _permit: OwnedSemaphorePermit,
+        gauge: prometheus_client::metrics::gauge::Gauge,
+    }
+    impl PinnedDrop for UpstreamConn {
+        fn drop(this: Pin<&mut Self>) {
+            this.gauge.dec();
+        }
+    }
+}
+
+impl Connection for UpstreamConn {
+    fn connected(&self) -> Connected {
+        Connected::new()
+    }
+}
+
+impl hyper::rt::Read for UpstreamConn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        self.project().io.poll_read(cx, buf)
+    }
+}
+
+impl hyper::rt::Write for UpstreamConn {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        self.project().io.poll_write(cx, buf)
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.project().io.poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.project().io.poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        self.project().io.poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+}
+
+/// Find a [`ConnectError`] in an error's source chain.
+pub fn find_connect_error<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a ConnectError> {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(c) = err.downcast_ref::<ConnectError>() {
+            return Some(c);
+        }
+        cur = err.source();
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wrr_spreads_by_weight() {
+        let s = smooth_wrr_schedule(&[5, 1, 1]);
+        assert_eq!(s.len(), 7);
+        assert_eq!(s.iter().filter(|&&i| i == 0).count(), 5);
+        // smooth: the heavy endpoint never runs more than 3 times in a row here
+        assert_eq!(s, vec![0, 0, 1, 0, 2, 0, 0]);
+    }
+
+    #[test]
+    fn endpoint_addresses() {
+        assert!(matches!(parse_endpoint_address("127.0.0.1:80"), Ok(EndpointAddr::Ip(_))));
+        assert!(matches!(parse_endpoint_address("[::1]:80"), Ok(EndpointAddr::Ip(_))));
+        assert!(matches!(parse_endpoint_address("svc.ns.local:8080"), Ok(EndpointAddr::Dns { .. })));
+        assert!(parse_endpoint_address("svc").is_err());
+        assert!(parse_endpoint_address("bad host:1").is_err());
+    }
+}

@@ -1,0 +1,473 @@
+//! The manifest: loading, validation and the error messages a user sees.
+//!
+//! Loading happens in two steps. [`parse`] turns the JSON text into [`Manifest`] (serde, with
+//! the path of the first syntax or type error). [`validate`] then checks everything serde
+//! cannot — references between sections, mutually exclusive fields, regexes, addresses — and
+//! returns *every* problem it finds, each naming the file, the path inside it and the
+//! problem. The runtime (`crate::server`) only ever builds from a manifest that passed both.
+
+pub mod spec;
+
+pub use spec::*;
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+/// One problem in a manifest, with where it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    /// Path inside the document, e.g. `listeners[0].routes[2].match.prefix`.
+    pub path: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.path.is_empty() || self.path == "." {
+            write!(f, "{}: {}", self.file.display(), self.message)
+        } else {
+            write!(f, "{}: {}: {}", self.file.display(), self.path, self.message)
+        }
+    }
+}
+
+/// Every problem found in one manifest.
+#[derive(Debug, Clone, thiserror::Error)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Read, parse and validate a manifest file.
+pub fn load(file: &Path) -> Result<Manifest, ConfigErrors> {
+    let text = std::fs::read_to_string(file).map_err(|e| {
+        ConfigErrors(vec![ConfigError {
+            file: file.to_path_buf(),
+            path: String::new(),
+            message: format!("cannot read the manifest: {e}"),
+        }])
+    })?;
+    let manifest = parse(file, &text).map_err(|e| ConfigErrors(vec![e]))?;
+    let errors = validate(file, &manifest);
+    if errors.is_empty() {
+        Ok(manifest)
+    } else {
+        Err(ConfigErrors(errors))
+    }
+}
+
+/// Parse JSON text into a [`Manifest`]; the error carries the field path serde was at.
+pub fn parse(file: &Path, text: &str) -> Result<Manifest, ConfigError> {
+    let de = &mut serde_json::Deserializer::from_str(text);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        let message = if inner.is_syntax() || inner.is_eof() {
+            format!("invalid JSON at line {} column {}: {inner}", inner.line(), inner.column())
+        } else {
+            // serde_json appends " at line X column Y"; keep it, it helps in long files.
+            inner.to_string()
+        };
+        ConfigError {
+            file: file.to_path_buf(),
+            path,
+            message,
+        }
+    })
+}
+
+/// Collects errors with their paths while walking the manifest.
+struct Checker<'a> {
+    file: &'a Path,
+    errors: Vec<ConfigError>,
+}
+
+impl Checker<'_> {
+    fn err(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.errors.push(ConfigError {
+            file: self.file.to_path_buf(),
+            path: path.into(),
+            message: message.into(),
+        });
+    }
+
+    fn regex(&mut self, path: String, re: &str) {
+        if let Err(e) = regex::Regex::new(re) {
+            self.err(path, format!("invalid regex: {e}"));
+        }
+    }
+
+    fn header_name(&mut self, path: String, name: &str) {
+        if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+            self.err(path, format!("`{name}` is not a valid header name"));
+        }
+    }
+
+    fn header_value(&mut self, path: String, value: &str) {
+        if http::HeaderValue::from_str(value).is_err() {
+            self.err(path, "not a valid header value");
+        }
+    }
+}
+
+/// Check everything the types cannot say. Returns every problem found.
+pub fn validate(file: &Path, m: &Manifest) -> Vec<ConfigError> {
+    let mut c = Checker {
+        file,
+        errors: Vec::new(),
+    };
+
+    if m.workers == Some(0) {
+        c.err("workers", "must be at least 1");
+    }
+    if m.admin.address.parse::<SocketAddr>().is_err() {
+        c.err("admin.address", format!("`{}` is not an IP:PORT address", m.admin.address));
+    }
+    if m.access_log.buffer_lines == 0 {
+        c.err("access_log.buffer_lines", "must be at least 1");
+    }
+
+    // Clusters first, so routes can be checked against their names.
+    let mut clusters = HashSet::new();
+    for (i, cl) in m.clusters.iter().enumerate() {
+        let p = format!("clusters[{i}]");
+        check_name(&mut c, format!("{p}.name"), &cl.name);
+        if !clusters.insert(cl.name.as_str()) {
+            c.err(format!("{p}.name"), format!("duplicate cluster name `{}`", cl.name));
+        }
+        if cl.endpoints.is_empty() {
+            c.err(format!("{p}.endpoints"), "a cluster needs at least one endpoint");
+        }
+        for (j, ep) in cl.endpoints.iter().enumerate() {
+            if let Err(msg) = crate::cluster::parse_endpoint_address(&ep.address) {
+                c.err(format!("{p}.endpoints[{j}].address"), msg);
+            }
+            if ep.weight == 0 {
+                c.err(format!("{p}.endpoints[{j}].weight"), "must be at least 1");
+            }
+        }
+        if cl.max_connections == 0 {
+            c.err(format!("{p}.max_connections"), "must be at least 1");
+        }
+        if cl.connect_timeout.is_zero() {
+            c.err(format!("{p}.connect_timeout"), "must be more than 0s");
+        }
+    }
+
+    let mut filters = HashSet::new();
+    for (i, f) in m.filters.iter().enumerate() {
+        let p = format!("filters[{i}]");
+        check_name(&mut c, format!("{p}.name"), &f.name);
+        if !filters.insert(f.name.as_str()) {
+            c.err(format!("{p}.name"), format!("duplicate filter name `{}`", f.name));
+        }
+        if f.file.is_relative() && m.filter_dir.is_none() {
+            c.err(format!("{p}.file"), "a relative path needs `filter_dir`");
+        }
+        if let Some(h) = &f.sha256 {
+            if h.len() != 64 || !h.chars().all(|ch| ch.is_ascii_hexdigit()) {
+                c.err(format!("{p}.sha256"), "must be 64 hex digits");
+            }
+        }
+        for (j, cl) in f.clusters.iter().enumerate() {
+            if !clusters.contains(cl.as_str()) {
+                c.err(format!("{p}.clusters[{j}]"), format!("unknown cluster `{cl}`"));
+            }
+        }
+    }
+    if m.filter_engine.call_deadline.is_zero() {
+        c.err("filter_engine.call_deadline", "must be more than 0s");
+    }
+    if m.filter_engine.max_instance_memory_mib == 0 {
+        c.err("filter_engine.max_instance_memory_mib", "must be at least 1");
+    }
+
+    if m.listeners.is_empty() {
+        c.err("listeners", "at least one listener is needed");
+    }
+    let mut names = HashSet::new();
+    let mut addrs = HashSet::new();
+    for (i, l) in m.listeners.iter().enumerate() {
+        let p = format!("listeners[{i}]");
+        check_name(&mut c, format!("{p}.name"), &l.name);
+        if !names.insert(l.name.as_str()) {
+            c.err(format!("{p}.name"), format!("duplicate listener name `{}`", l.name));
+        }
+        match l.address.parse::<SocketAddr>() {
+            Ok(a) => {
+                if a.port() != 0 && !addrs.insert(a) {
+                    c.err(format!("{p}.address"), format!("address {a} is used by another listener"));
+                }
+            }
+            Err(_) => c.err(format!("{p}.address"), format!("`{}` is not an IP:PORT address", l.address)),
+        }
+        for (j, f) in l.filters.iter().enumerate() {
+            if !filters.contains(f.as_str()) {
+                c.err(format!("{p}.filters[{j}]"), format!("unknown filter `{f}`"));
+            }
+        }
+        check_limits(&mut c, &p, &l.limits);
+        match l.protocol {
+            ListenerProtocol::Tcp => {
+                match &l.cluster {
+                    None => c.err(format!("{p}.cluster"), "a tcp listener needs a cluster"),
+                    Some(cl) if !clusters.contains(cl.as_str()) => {
+                        c.err(format!("{p}.cluster"), format!("unknown cluster `{cl}`"))
+                    }
+                    Some(_) => {}
+                }
+                if !l.routes.is_empty() {
+                    c.err(format!("{p}.routes"), "a tcp listener has no routes");
+                }
+            }
+            ListenerProtocol::Http => {
+                if l.cluster.is_some() {
+                    c.err(format!("{p}.cluster"), "only tcp listeners take a cluster; use routes");
+                }
+                if l.routes.is_empty() {
+                    c.err(format!("{p}.routes"), "an http listener needs at least one route");
+                }
+                for (j, r) in l.routes.iter().enumerate() {
+                    check_route(&mut c, &format!("{p}.routes[{j}]"), r, &clusters, &filters);
+                }
+            }
+        }
+    }
+    c.errors
+}
+
+fn check_name(c: &mut Checker<'_>, path: String, name: &str) {
+    if name.is_empty() {
+        c.err(path, "must not be empty");
+    } else if !name
+        .chars()
+        .all(|ch| ch.is_ascii_alphanumeric() || matches!(ch, '-' | '_' | '.'))
+    {
+        c.err(path, format!("`{name}` may only hold letters, digits, '-', '_' and '.'"));
+    }
+}
+
+fn check_limits(c: &mut Checker<'_>, p: &str, l: &ListenerLimits) {
+    if l.max_connections == 0 {
+        c.err(format!("{p}.limits.max_connections"), "must be at least 1");
+    }
+    if l.max_request_headers_kb == 0 || l.max_request_headers_kb > 8192 {
+        c.err(format!("{p}.limits.max_request_headers_kb"), "must be between 1 and 8192");
+    }
+    if l.max_headers_count == 0 {
+        c.err(format!("{p}.limits.max_headers_count"), "must be at least 1");
+    }
+    if l.http2_max_concurrent_streams == 0 {
+        c.err(format!("{p}.limits.http2_max_concurrent_streams"), "must be at least 1");
+    }
+    if l.request_headers_timeout.is_zero() {
+        c.err(format!("{p}.limits.request_headers_timeout"), "must be more than 0s");
+    }
+}
+
+fn check_route(
+    c: &mut Checker<'_>,
+    p: &str,
+    r: &RouteSpec,
+    clusters: &HashSet<&str>,
+    filters: &HashSet<&str>,
+) {
+    if let Some(n) = &r.name {
+        check_name(c, format!("{p}.name"), n);
+    }
+    let m = &r.matcher;
+    let path_kinds = [m.path.is_some(), m.prefix.is_some(), m.regex.is_some()]
+        .iter()
+        .filter(|b| **b)
+        .count();
+    if path_kinds > 1 {
+        c.err(format!("{p}.match"), "use at most one of `path`, `prefix` and `regex`");
+    }
+    if let Some(a) = &m.authority {
+        let bare = a.strip_prefix("*.").unwrap_or(a);
+        if bare.is_empty() || bare.contains('*') || bare.contains('/') {
+            c.err(format!("{p}.match.authority"), "use an exact host or `*.suffix`");
+        }
+    }
+    for (k, v) in [("path", &m.path), ("prefix", &m.prefix)] {
+        if let Some(v) = v {
+            if !v.starts_with('/') {
+                c.err(format!("{p}.match.{k}"), "must start with '/'");
+            }
+        }
+    }
+    if let Some(re) = &m.regex {
+        c.regex(format!("{p}.match.regex"), re);
+    }
+    for (j, meth) in m.methods.iter().enumerate() {
+        if http::Method::from_bytes(meth.as_bytes()).is_err() {
+            c.err(format!("{p}.match.methods[{j}]"), format!("`{meth}` is not a method"));
+        }
+    }
+    for (j, h) in m.headers.iter().enumerate() {
+        let hp = format!("{p}.match.headers[{j}]");
+        c.header_name(format!("{hp}.name"), &h.name);
+        check_value_match(c, &hp, h.exact.as_deref(), h.regex.as_deref(), h.present);
+    }
+    for (j, q) in m.query.iter().enumerate() {
+        let qp = format!("{p}.match.query[{j}]");
+        if q.name.is_empty() {
+            c.err(format!("{qp}.name"), "must not be empty");
+        }
+        check_value_match(c, &qp, q.exact.as_deref(), q.regex.as_deref(), q.present);
+    }
+
+    let actions = [
+        r.cluster.is_some(),
+        r.weighted_clusters.is_some(),
+        r.redirect.is_some(),
+        r.direct_response.is_some(),
+    ]
+    .iter()
+    .filter(|b| **b)
+    .count();
+    if actions != 1 {
+        c.err(
+            p.to_string(),
+            "a route needs exactly one of `cluster`, `weighted_clusters`, `redirect` and `direct_response`",
+        );
+    }
+    if let Some(cl) = &r.cluster {
+        if !clusters.contains(cl.as_str()) {
+            c.err(format!("{p}.cluster"), format!("unknown cluster `{cl}`"));
+        }
+    }
+    if let Some(wc) = &r.weighted_clusters {
+        if wc.is_empty() {
+            c.err(format!("{p}.weighted_clusters"), "needs at least one cluster");
+        }
+        if !wc.is_empty() && wc.iter().all(|w| w.weight == 0) {
+            c.err(format!("{p}.weighted_clusters"), "weights must not all be 0");
+        }
+        for (j, w) in wc.iter().enumerate() {
+            if !clusters.contains(w.name.as_str()) {
+                c.err(format!("{p}.weighted_clusters[{j}].name"), format!("unknown cluster `{}`", w.name));
+            }
+        }
+    }
+    if let Some(rd) = &r.redirect {
+        if ![301, 302, 303, 307, 308].contains(&rd.status) {
+            c.err(format!("{p}.redirect.status"), "must be 301, 302, 303, 307 or 308");
+        }
+        if let Some(s) = &rd.scheme {
+            if s != "http" && s != "https" {
+                c.err(format!("{p}.redirect.scheme"), "must be `http` or `https`");
+            }
+        }
+        if let Some(path) = &rd.path {
+            if !path.starts_with('/') {
+                c.err(format!("{p}.redirect.path"), "must start with '/'");
+            }
+        }
+    }
+    if let Some(d) = &r.direct_response {
+        if !(200..=599).contains(&d.status) {
+            c.err(format!("{p}.direct_response.status"), "must be between 200 and 599");
+        }
+        for (k, v) in &d.headers {
+            c.header_name(format!("{p}.direct_response.headers.{k}"), k);
+            c.header_value(format!("{p}.direct_response.headers.{k}"), v);
+        }
+    }
+    if r.prefix_rewrite.is_some() && m.prefix.is_none() {
+        c.err(format!("{p}.prefix_rewrite"), "needs a `match.prefix`");
+    }
+    if let Some(h) = &r.host_rewrite {
+        if http::uri::Authority::try_from(h.as_str()).is_err() {
+            c.err(format!("{p}.host_rewrite"), format!("`{h}` is not a valid host"));
+        }
+    }
+    for (side, hm) in [("request_headers", &r.request_headers), ("response_headers", &r.response_headers)] {
+        for (k, v) in hm.add.iter().chain(hm.set.iter()) {
+            c.header_name(format!("{p}.{side}.{k}"), k);
+            c.header_value(format!("{p}.{side}.{k}"), v);
+        }
+        for (j, k) in hm.remove.iter().enumerate() {
+            c.header_name(format!("{p}.{side}.remove[{j}]"), k);
+        }
+    }
+    if let Some(chain) = &r.filters {
+        for (j, f) in chain.iter().enumerate() {
+            if !filters.contains(f.as_str()) {
+                c.err(format!("{p}.filters[{j}]"), format!("unknown filter `{f}`"));
+            }
+        }
+    }
+}
+
+fn check_value_match(
+    c: &mut Checker<'_>,
+    p: &str,
+    exact: Option<&str>,
+    re: Option<&str>,
+    present: Option<bool>,
+) {
+    let n = [exact.is_some(), re.is_some(), present.is_some()]
+        .iter()
+        .filter(|b| **b)
+        .count();
+    if n != 1 {
+        c.err(p.to_string(), "needs exactly one of `exact`, `regex` and `present`");
+    }
+    if let Some(re) = re {
+        c.regex(format!("{p}.regex"), re);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn errors(json: &str) -> Vec<String> {
+        let file = Path::new("m.json");
+        match parse(file, json) {
+            Err(e) => vec![e.to_string()],
+            Ok(m) => validate(file, &m).iter().map(|e| e.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn unknown_field_names_its_path() {
+        let e = errors(r#"{"listeners":[{"name":"a","address":"127.0.0.1:1","routes":[{"match":{"prefx":"/"}}]}]}"#);
+        assert_eq!(e.len(), 1);
+        assert!(e[0].starts_with("m.json: listeners[0].routes[0].match.prefx: unknown field `prefx`"), "{e:?}");
+    }
+
+    #[test]
+    fn every_semantic_error_is_listed() {
+        let e = errors(
+            r#"{"listeners":[{"name":"a","address":"nope","routes":[
+                {"match":{"prefix":"x"},"cluster":"missing"},
+                {"match":{"regex":"("},"direct_response":{"status":200}}]}],
+                "clusters":[{"name":"c","endpoints":[]}]}"#,
+        );
+        let want = [
+            "m.json: clusters[0].endpoints: a cluster needs at least one endpoint",
+            "m.json: listeners[0].address: `nope` is not an IP:PORT address",
+            "m.json: listeners[0].routes[0].match.prefix: must start with '/'",
+            "m.json: listeners[0].routes[0].cluster: unknown cluster `missing`",
+            "m.json: listeners[0].routes[1].match.regex: invalid regex",
+        ];
+        for w in want {
+            assert!(e.iter().any(|x| x.starts_with(w)), "missing {w:?} in {e:#?}");
+        }
+        assert_eq!(e.len(), want.len(), "{e:#?}");
+    }
+}

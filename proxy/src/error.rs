@@ -1,0 +1,50 @@
+//! Every way the proxy answers a request itself, in one place: status, Envoy response flag,
+//! and the short reason sent as the body and written to the access log.
+
+use http::StatusCode;
+
+/// Why the proxy answered instead of the upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ProxyError {
+    #[error("no route matched")]
+    NoRoute,
+    #[error("no healthy upstream")]
+    NoHealthyUpstream,
+    #[error("upstream connect failure")]
+    ConnectFailure,
+    #[error("upstream overflow: circuit breaker open")]
+    Overflow,
+    #[error("upstream reset before response")]
+    UpstreamReset,
+    #[error("upstream request timeout")]
+    UpstreamTimeout,
+    #[error("invalid request: {0}")]
+    BadRequest(&'static str),
+    #[error("request body too large")]
+    RequestBodyTooLarge,
+    #[error("response body too large for the filter buffer")]
+    ResponseBodyTooLarge,
+    #[error("downstream request failed: {0}")]
+    DownstreamBody(&'static str),
+    #[error("proxy is draining")]
+    Draining,
+}
+
+impl ProxyError {
+    /// HTTP status, and Envoy's response flag for the access log and metrics.
+    pub fn status_and_flag(self) -> (StatusCode, &'static str) {
+        match self {
+            ProxyError::NoRoute => (StatusCode::NOT_FOUND, "NR"),
+            ProxyError::NoHealthyUpstream => (StatusCode::SERVICE_UNAVAILABLE, "UH"),
+            ProxyError::ConnectFailure => (StatusCode::SERVICE_UNAVAILABLE, "UF"),
+            ProxyError::Overflow => (StatusCode::SERVICE_UNAVAILABLE, "UO"),
+            ProxyError::UpstreamReset => (StatusCode::SERVICE_UNAVAILABLE, "UR"),
+            ProxyError::UpstreamTimeout => (StatusCode::GATEWAY_TIMEOUT, "UT"),
+            ProxyError::BadRequest(_) => (StatusCode::BAD_REQUEST, "DPE"),
+            ProxyError::RequestBodyTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "DPE"),
+            ProxyError::ResponseBodyTooLarge => (StatusCode::BAD_GATEWAY, "UPE"),
+            ProxyError::DownstreamBody(_) => (StatusCode::BAD_REQUEST, "DPE"),
+            ProxyError::Draining => (StatusCode::SERVICE_UNAVAILABLE, "DR"),
+        }
+    }
+}

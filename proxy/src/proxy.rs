@@ -1,0 +1,852 @@
+//! The HTTP request path, top to bottom in [`handle`]:
+//! checks → route → request-side filters → cluster and endpoint → upstream call →
+//! response-side filters → log. Each step is a call into its own module; this file only
+//! strings them together and turns every failure into an answer (see `crate::error`).
+
+use crate::cluster::{find_connect_error, Body, BoxError, Cluster, ConnectError, Endpoint};
+use crate::config::Direction;
+use crate::error::ProxyError;
+use crate::filters::{ChainRun, LocalResponse, Outcome, RequestInfo, Verdict};
+use crate::routing::{normalize_path, RequestView, Route, RouteAction};
+use crate::server::{ListenerRuntime, Shared};
+use crate::telemetry::access_log::{now_rfc3339, Entry};
+use crate::telemetry::metrics::RequestLabels;
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode, Uri, Version};
+use http_body::{Body as _, Frame, SizeHint};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+/// What the connection knows about the client.
+#[derive(Clone)]
+pub struct ConnInfo {
+    pub peer: SocketAddr,
+    pub local: SocketAddr,
+    /// SPIFFE ID of an mTLS peer.
+    pub peer_identity: Option<Arc<str>>,
+}
+
+/// Request-scoped facts collected along the path, for the log and metrics.
+struct Exchange {
+    start: Instant,
+    method: http::Method,
+    authority: String,
+    original_path: String,
+    protocol: &'static str,
+    request_id: String,
+    client: SocketAddr,
+    user_agent: Option<String>,
+    route: Option<Arc<str>>,
+    cluster: Option<Arc<Cluster>>,
+    endpoint: Option<Arc<Endpoint>>,
+    flags: Vec<String>,
+    reason: Option<String>,
+    bytes_in: Arc<AtomicU64>,
+}
+
+/// Headers only the proxy may set; stripped from client requests so no one can forge them.
+const INTERNAL_PREFIX: &str = "x-wasmesh-";
+
+static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+fn protocol_name(v: Version) -> &'static str {
+    match v {
+        Version::HTTP_10 => "HTTP/1.0",
+        Version::HTTP_11 => "HTTP/1.1",
+        Version::HTTP_2 => "HTTP/2",
+        _ => "HTTP/?",
+    }
+}
+
+/// Serve one request. Never fails: every error becomes a response.
+pub async fn handle(
+    shared: Arc<Shared>,
+    listener: Arc<ListenerRuntime>,
+    conn: ConnInfo,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, std::convert::Infallible> {
+    let (parts, body) = req.into_parts();
+    let bytes_in = Arc::new(AtomicU64::new(0));
+    let mut x = Exchange {
+        start: Instant::now(),
+        method: parts.method.clone(),
+        authority: request_authority(&parts).unwrap_or_default().to_string(),
+        original_path: parts
+            .uri
+            .path_and_query()
+            .map(|p| p.as_str().to_string())
+            .unwrap_or_else(|| "/".into()),
+        protocol: protocol_name(parts.version),
+        request_id: String::new(),
+        client: conn.peer,
+        user_agent: parts
+            .headers
+            .get(header::USER_AGENT)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string),
+        route: None,
+        cluster: None,
+        endpoint: None,
+        flags: Vec::new(),
+        reason: None,
+        bytes_in: bytes_in.clone(),
+    };
+    let body: Body = CountingBody::new(body.map_err(|e| Box::new(e) as BoxError).boxed_unsync(), bytes_in, None).boxed_unsync();
+    let req = Request::from_parts(parts, body);
+    let (resp, chain) = match serve(&shared, &listener, &conn, req, &mut x).await {
+        Ok((resp, chain)) => (resp, chain),
+        Err((e, chain)) => (local_error(e, &mut x), chain),
+    };
+    Ok(finish(shared, listener, x, resp, chain))
+}
+
+/// The request path proper. On error, the chain (if started) is handed back so its done
+/// hooks still run.
+async fn serve(
+    shared: &Arc<Shared>,
+    listener: &Arc<ListenerRuntime>,
+    conn: &ConnInfo,
+    req: Request<Body>,
+    x: &mut Exchange,
+) -> Result<(Response<Body>, Option<ChainRun>), (ProxyError, Option<ChainRun>)> {
+    let (mut parts, body) = req.into_parts();
+    // One consistent view of the listener's config for the whole request, even across a reload.
+    let lc = listener.current.load_full();
+
+    // 1. Reject what must never reach an upstream (request smuggling, bad paths).
+    check_framing(&parts.headers).map_err(|e| (e, None))?;
+    strip_internal_headers(&mut parts.headers);
+    x.request_id = ensure_request_id(&mut parts.headers);
+    x.client = client_address(&parts.headers, conn.peer, lc.spec.xff_num_trusted_hops);
+    let (path, query) = split_path(&parts.uri);
+    let normalized = match normalize_path(path, &lc.spec.path_normalization) {
+        Ok(n) => n,
+        Err(crate::routing::PathError::EscapedSlash) => {
+            return Err((ProxyError::BadRequest("encoded slash in path"), None))
+        }
+        Err(crate::routing::PathError::Invalid) => return Err((ProxyError::BadRequest("invalid path"), None)),
+    };
+    let path = normalized.as_deref().unwrap_or(path).to_string();
+    let query = query.map(str::to_string);
+
+    // 2. Route.
+    let host = host_without_port(&x.authority);
+    let routes = &lc.routes;
+    let view = RequestView {
+        host,
+        path: &path,
+        query: query.as_deref(),
+        method: &parts.method,
+        headers: &parts.headers,
+    };
+    let route: &Route = routes.find(&view).ok_or((ProxyError::NoRoute, None))?;
+    x.route = Some(route.name.clone());
+
+    match &route.action {
+        RouteAction::Redirect { scheme, host: rhost, path: rpath, status } => {
+            let location = format!(
+                "{}://{}{}{}",
+                scheme.as_deref().unwrap_or("http"),
+                rhost.as_deref().unwrap_or(x.authority.as_str()),
+                rpath.as_deref().unwrap_or(path.as_str()),
+                query.as_deref().map(|q| format!("?{q}")).unwrap_or_default()
+            );
+            let mut resp = Response::new(empty());
+            *resp.status_mut() = *status;
+            if let Ok(v) = HeaderValue::from_str(&location) {
+                resp.headers_mut().insert(header::LOCATION, v);
+            }
+            return Ok((resp, None));
+        }
+        RouteAction::Direct { status, body, headers } => {
+            let mut resp = Response::new(full(body.clone()));
+            *resp.status_mut() = *status;
+            resp.headers_mut().extend(headers.clone());
+            route.response_headers.apply(resp.headers_mut());
+            return Ok((resp, None));
+        }
+        RouteAction::Cluster(_) | RouteAction::Weighted { .. } => {}
+    }
+
+    // 3. Request-side filters. From here on the chain goes back with any error.
+    let mut chain = if route.chain.is_empty() {
+        None
+    } else {
+        Some(route.chain.start(RequestInfo {
+            request_id: x.request_id.clone(),
+            source_addr: x.client,
+            peer_identity: conn.peer_identity.as_ref().map(|s| s.to_string()),
+            route: route.name.clone(),
+            scheme: "http",
+            trace_id: None,
+            span_id: None,
+        }))
+    };
+    let mut body = body;
+    if let Some(run) = chain.as_mut() {
+        // The filters see the normalized path.
+        if normalized.is_some() {
+            set_path(&mut parts.uri, &path, query.as_deref());
+        }
+        match run.request_headers(&mut parts).await {
+            Verdict::Continue => {}
+            Verdict::Respond(local) => return Ok((local_response(local, x), chain)),
+        }
+        if run.wants_request_body() {
+            let limit = lc.spec.limits.max_body_buffer_bytes;
+            let buffered = match buffer_body(body, limit).await {
+                Ok(b) => b,
+                Err(e) => return Err((e, chain)),
+            };
+            match run.request_body(&mut parts, buffered).await {
+                Ok(new) => {
+                    parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(new.len()));
+                    parts.headers.remove(header::TRANSFER_ENCODING);
+                    body = full(new);
+                }
+                Err(Verdict::Respond(local)) => return Ok((local_response(local, x), chain)),
+                Err(Verdict::Continue) => body = empty(),
+            }
+        }
+    }
+
+    // 4. Cluster and endpoint. A filter's choice overrides the route's (weighted) cluster.
+    let cluster = match chain.as_ref().and_then(|c| c.cluster_override()) {
+        Some(name) => match shared.snapshot().clusters.get(name) {
+            Some(c) => c.clone(),
+            None => return Err((ProxyError::NoHealthyUpstream, chain)),
+        },
+        None => match route.action.pick_cluster() {
+            Some(c) => c.clone(),
+            None => return Err((ProxyError::NoRoute, chain)),
+        },
+    };
+    x.cluster = Some(cluster.clone());
+    let endpoint = match cluster.pick() {
+        Some(e) => e,
+        None => return Err((ProxyError::NoHealthyUpstream, chain)),
+    };
+    x.endpoint = Some(endpoint.clone());
+
+    // 5. The upstream request.
+    let upgrade = is_upgrade(&parts.headers);
+    let downstream_upgrade = if upgrade {
+        // The client's connection must be taken over once the upstream agrees (101).
+        Some(hyper::upgrade::on(Request::from_parts(parts.clone(), ())))
+    } else {
+        None
+    };
+    prepare_upstream_request(&mut parts, route, &cluster, &endpoint, &path, query.as_deref(), x, upgrade);
+    let upstream_req = Request::from_parts(parts, body);
+
+    endpoint.active.fetch_add(1, Ordering::Relaxed);
+    endpoint.total.fetch_add(1, Ordering::Relaxed);
+    let active = cluster.metrics().upstream_rq_active.get_or_create(cluster.label()).clone();
+    active.inc();
+    let sent = cluster.client().request(upstream_req);
+    let result = match route.timeout {
+        Some(t) => match tokio::time::timeout(t, sent).await {
+            Ok(r) => r.map_err(classify_upstream_error),
+            Err(_) => {
+                cluster.metrics().upstream_rq_timeout.get_or_create(cluster.label()).inc();
+                Err(ProxyError::UpstreamTimeout)
+            }
+        },
+        None => sent.await.map_err(classify_upstream_error),
+    };
+    endpoint.active.fetch_sub(1, Ordering::Relaxed);
+    active.dec();
+    let mut resp = match result {
+        Ok(r) => r,
+        Err(e) => return Err((e, chain)),
+    };
+
+    // 6. Upgrades (WebSocket): splice the two connections once both sides have switched.
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        if let Some(down) = downstream_upgrade {
+            let up = hyper::upgrade::on(&mut resp);
+            tokio::task::spawn_local(async move {
+                if let (Ok(down), Ok(up)) = (down.await, up.await) {
+                    let mut down = hyper_util::rt::TokioIo::new(down);
+                    let mut up = hyper_util::rt::TokioIo::new(up);
+                    let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+                }
+            });
+        }
+        let (mut rp, _) = resp.into_parts();
+        rp.headers.remove(header::TRANSFER_ENCODING);
+        return Ok((Response::from_parts(rp, empty()), chain));
+    }
+
+    // 7. Response side: hop-by-hop headers, route mutations, filters in reverse order.
+    let (mut rparts, rbody) = resp.into_parts();
+    strip_hop_by_hop(&mut rparts.headers, false);
+    route.response_headers.apply(&mut rparts.headers);
+    let mut rbody: Body = rbody.map_err(|e| Box::new(e) as BoxError).boxed_unsync();
+    if let Some(run) = chain.as_mut() {
+        match run.response_headers(&mut rparts).await {
+            Verdict::Continue => {}
+            Verdict::Respond(local) => return Ok((local_response(local, x), chain)),
+        }
+        if run.wants_response_body() {
+            let limit = lc.spec.limits.max_body_buffer_bytes;
+            let buffered = match buffer_body(rbody, limit).await {
+                Ok(b) => b,
+                Err(ProxyError::RequestBodyTooLarge) => return Err((ProxyError::ResponseBodyTooLarge, chain)),
+                Err(_) => return Err((ProxyError::UpstreamReset, chain)),
+            };
+            match run.response_body(&mut rparts, buffered).await {
+                Ok(new) => {
+                    rparts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(new.len()));
+                    rbody = full(new);
+                }
+                Err(Verdict::Respond(local)) => return Ok((local_response(local, x), chain)),
+                Err(Verdict::Continue) => rbody = empty(),
+            }
+        }
+    }
+    Ok((Response::from_parts(rparts, rbody), chain))
+}
+
+/// Wrap the response so the access log and metrics are written when its body ends.
+fn finish(
+    shared: Arc<Shared>,
+    listener: Arc<ListenerRuntime>,
+    x: Exchange,
+    resp: Response<Body>,
+    chain: Option<ChainRun>,
+) -> Response<Body> {
+    let (parts, body) = resp.into_parts();
+    let status = parts.status.as_u16();
+    let done = Done {
+        shared,
+        listener,
+        x,
+        status,
+        chain,
+    };
+    let bytes_out = Arc::new(AtomicU64::new(0));
+    let body = CountingBody::new(body, bytes_out, Some(done)).boxed_unsync();
+    Response::from_parts(parts, body)
+}
+
+/// Everything needed to log a request once its response body has been sent (or abandoned).
+struct Done {
+    shared: Arc<Shared>,
+    listener: Arc<ListenerRuntime>,
+    x: Exchange,
+    status: u16,
+    chain: Option<ChainRun>,
+}
+
+impl Done {
+    fn complete(mut self, bytes_out: u64, end: BodyEnd) {
+        match end {
+            BodyEnd::Complete => {}
+            // The upstream broke off mid-response: the client sees a reset stream/closed connection.
+            BodyEnd::Error => self.x.flags.push("UR".into()),
+            BodyEnd::Abandoned => self.x.flags.push("DC".into()),
+        }
+        let duration = self.x.start.elapsed();
+        let mut flags: Vec<String> = std::mem::take(&mut self.x.flags);
+        let mut filters_ran = Vec::new();
+        let mut attributes = Vec::new();
+        if let Some(chain) = self.chain.take() {
+            flags.extend(chain.response_flags().iter().cloned());
+            filters_ran = chain.filters_ran().to_vec();
+            attributes = chain.attributes().to_vec();
+            chain.done(&Outcome {
+                status: self.status,
+                response_flags: flags.join(","),
+                duration,
+                cluster: self.x.cluster.as_ref().map(|c| c.name.to_string()),
+                upstream: self.x.endpoint.as_ref().map(|e| e.addr.to_string()),
+            });
+        }
+        flags.dedup();
+        let flags_str = if flags.is_empty() { "-".to_string() } else { flags.join(",") };
+        let x = &self.x;
+        let shared = &self.shared;
+        let route: Arc<str> = x.route.clone().unwrap_or_else(|| Arc::from("-"));
+        let cluster: Arc<str> = x.cluster.as_ref().map(|c| c.name.clone()).unwrap_or_else(|| Arc::from("-"));
+        let (reporter, dest_service) = match self.listener.direction {
+            Direction::Inbound => ("destination", shared.node.workload.clone()),
+            Direction::Outbound => ("source", cluster.clone()),
+        };
+        let labels = RequestLabels {
+            reporter,
+            source_workload: match self.listener.direction {
+                Direction::Outbound => shared.node.workload.clone(),
+                Direction::Inbound => shared.unknown.clone(),
+            },
+            source_principal: shared.unknown.clone(),
+            destination_workload: match self.listener.direction {
+                Direction::Inbound => shared.node.workload.clone(),
+                Direction::Outbound => shared.unknown.clone(),
+            },
+            destination_principal: shared.unknown.clone(),
+            destination_service: dest_service,
+            request_protocol: if x.protocol == "HTTP/2" { "http2" } else { "http" },
+            response_code: self.status,
+            response_flags: Arc::from(flags_str.as_str()),
+            route: route.clone(),
+            cluster: cluster.clone(),
+        };
+        let m = &shared.metrics;
+        m.requests.get_or_create(&labels).inc();
+        m.request_duration
+            .get_or_create(&labels)
+            .observe(duration.as_secs_f64() * 1000.0);
+        m.request_bytes
+            .get_or_create(&labels)
+            .observe(x.bytes_in.load(Ordering::Relaxed) as f64);
+        m.response_bytes.get_or_create(&labels).observe(bytes_out as f64);
+
+        if shared.access_log.enabled() {
+            shared.access_log.log(&Entry {
+                time: now_rfc3339(),
+                listener: &self.listener.name,
+                method: x.method.as_str(),
+                authority: &x.authority,
+                path: &x.original_path,
+                protocol: x.protocol,
+                status: self.status,
+                response_flags: &flags_str,
+                bytes_received: x.bytes_in.load(Ordering::Relaxed),
+                bytes_sent: bytes_out,
+                duration_ms: (duration.as_secs_f64() * 1e6).round() / 1e3,
+                upstream: x.endpoint.as_ref().map(|e| e.addr.to_string()),
+                route: x.route.as_deref(),
+                cluster: x.cluster.as_ref().map(|c| &*c.name),
+                request_id: &x.request_id,
+                client_address: x.client.ip().to_string(),
+                user_agent: x.user_agent.as_deref(),
+                reason: x.reason.as_deref(),
+                filters: &filters_ran,
+                attributes: &attributes,
+            });
+        }
+    }
+}
+
+/// Turn a proxy error into its answer, and note flag and reason for the log.
+fn local_error(e: ProxyError, x: &mut Exchange) -> Response<Body> {
+    let (status, flag) = e.status_and_flag();
+    x.flags.push(flag.to_string());
+    let reason = e.to_string();
+    let mut resp = Response::new(full(Bytes::from(format!("{reason}\n"))));
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    if matches!(e, ProxyError::BadRequest(_) | ProxyError::DownstreamBody(_)) {
+        // The connection's framing may be unreliable after a bad request.
+        resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    x.reason = Some(reason);
+    resp
+}
+
+/// A filter's local answer.
+fn local_response(local: LocalResponse, x: &mut Exchange) -> Response<Body> {
+    if let Some(flag) = &local.flag {
+        x.flags.push(flag.clone());
+    }
+    let mut resp = Response::new(full(local.body));
+    *resp.status_mut() = local.status;
+    *resp.headers_mut() = local.headers;
+    resp
+}
+
+fn classify_upstream_error(e: hyper_util::client::legacy::Error) -> ProxyError {
+    if let Some(c) = find_connect_error(&e) {
+        return match c {
+            ConnectError::Overflow => ProxyError::Overflow,
+            _ => ProxyError::ConnectFailure,
+        };
+    }
+    if e.is_connect() {
+        return ProxyError::ConnectFailure;
+    }
+    tracing::debug!(error = %e, source = ?std::error::Error::source(&e), "upstream request failed");
+    ProxyError::UpstreamReset
+}
+
+/// Conflicting framing is how request smuggling starts: refuse it (RFC 9112 §6.1, §6.3).
+fn check_framing(h: &HeaderMap) -> Result<(), ProxyError> {
+    let te = h.contains_key(header::TRANSFER_ENCODING);
+    if te && h.contains_key(header::CONTENT_LENGTH) {
+        return Err(ProxyError::BadRequest("both Content-Length and Transfer-Encoding"));
+    }
+    if te {
+        // hyper only accepts `chunked` last; anything else has ambiguous framing.
+        for v in h.get_all(header::TRANSFER_ENCODING) {
+            let v = v.to_str().map_err(|_| ProxyError::BadRequest("bad Transfer-Encoding"))?;
+            if !v.split(',').all(|t| t.trim().eq_ignore_ascii_case("chunked")) {
+                return Err(ProxyError::BadRequest("unsupported Transfer-Encoding"));
+            }
+        }
+    }
+    let mut cls = h.get_all(header::CONTENT_LENGTH).iter();
+    if let (Some(a), Some(b)) = (cls.next(), cls.next()) {
+        if a != b {
+            return Err(ProxyError::BadRequest("conflicting Content-Length"));
+        }
+    }
+    Ok(())
+}
+
+fn strip_internal_headers(h: &mut HeaderMap) {
+    let internal: Vec<HeaderName> = h
+        .keys()
+        .filter(|n| n.as_str().starts_with(INTERNAL_PREFIX))
+        .cloned()
+        .collect();
+    for n in internal {
+        h.remove(n);
+    }
+}
+
+fn ensure_request_id(h: &mut HeaderMap) -> String {
+    if let Some(id) = h.get(&X_REQUEST_ID).and_then(|v| v.to_str().ok()) {
+        if !id.is_empty() && id.len() <= 128 {
+            return id.to_string();
+        }
+    }
+    let id = uuid::Uuid::new_v4().to_string();
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        h.insert(X_REQUEST_ID.clone(), v);
+    }
+    id
+}
+
+/// The client address policy uses: the connection's peer, or, when the listener trusts N
+/// proxies in front of it, the address N hops from the right of `x-forwarded-for`.
+fn client_address(h: &HeaderMap, peer: SocketAddr, trusted_hops: u32) -> SocketAddr {
+    if trusted_hops == 0 {
+        return peer;
+    }
+    let all: Vec<&str> = h
+        .get_all(&X_FORWARDED_FOR)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .collect();
+    let idx = all.len().checked_sub(trusted_hops as usize);
+    match idx.and_then(|i| all.get(i)).and_then(|s| s.parse::<std::net::IpAddr>().ok()) {
+        Some(ip) => SocketAddr::new(ip, 0),
+        None => peer,
+    }
+}
+
+/// `host:port`, `[v6]:port` or a bare host → the host part.
+fn host_without_port(authority: &str) -> &str {
+    if let Some(rest) = authority.strip_prefix('[') {
+        return rest.split(']').next().unwrap_or(rest);
+    }
+    match authority.rsplit_once(':') {
+        Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => authority,
+    }
+}
+
+fn request_authority(parts: &http::request::Parts) -> Option<&str> {
+    parts
+        .uri
+        .authority()
+        .map(|a| a.as_str())
+        .or_else(|| parts.headers.get(header::HOST).and_then(|v| v.to_str().ok()))
+}
+
+fn split_path(uri: &Uri) -> (&str, Option<&str>) {
+    match uri.path_and_query() {
+        Some(pq) => (pq.path(), pq.query()),
+        None => ("/", None),
+    }
+}
+
+fn set_path(uri: &mut Uri, path: &str, query: Option<&str>) {
+    let pq = match query {
+        Some(q) => format!("{path}?{q}"),
+        None => path.to_string(),
+    };
+    let mut p = std::mem::take(uri).into_parts();
+    if let Ok(pq) = http::uri::PathAndQuery::try_from(pq) {
+        p.path_and_query = Some(pq);
+    }
+    *uri = Uri::from_parts(p).unwrap_or_default();
+}
+
+fn is_upgrade(h: &HeaderMap) -> bool {
+    h.contains_key(header::UPGRADE)
+        && h.get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .any(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade")))
+}
+
+/// Remove hop-by-hop headers (RFC 9110 §7.6.1), including those named in `Connection`.
+/// `keep_upgrade` leaves `Connection: upgrade` and `Upgrade` for a protocol switch.
+fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
+    let named: Vec<HeaderName> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .filter(|n| !(keep_upgrade && n == header::UPGRADE))
+        .collect();
+    for n in named {
+        h.remove(n);
+    }
+    if !keep_upgrade {
+        h.remove(header::CONNECTION);
+        h.remove(header::UPGRADE);
+    }
+    h.remove(&KEEP_ALIVE);
+    h.remove(&PROXY_CONNECTION);
+    h.remove(header::TRANSFER_ENCODING);
+    h.remove(header::TRAILER);
+    h.remove(header::PROXY_AUTHENTICATE);
+    h.remove(header::PROXY_AUTHORIZATION);
+    // `TE: trailers` is the one TE value that must pass (gRPC needs it).
+    let te_trailers = h
+        .get_all(header::TE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("trailers")));
+    h.remove(header::TE);
+    if te_trailers {
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn prepare_upstream_request(
+    parts: &mut http::request::Parts,
+    route: &Route,
+    cluster: &Cluster,
+    endpoint: &Endpoint,
+    path: &str,
+    query: Option<&str>,
+    x: &Exchange,
+    upgrade: bool,
+) {
+    let h = &mut parts.headers;
+    strip_hop_by_hop(h, upgrade);
+    if upgrade {
+        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+    // Forwarding headers: append the peer to x-forwarded-for; say how the client came in.
+    let peer = x.client.ip().to_string();
+    let xff = match h.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        Some(prev) if !prev.is_empty() => format!("{prev}, {peer}"),
+        _ => peer,
+    };
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        h.insert(X_FORWARDED_FOR.clone(), v);
+    }
+    if !h.contains_key(&X_FORWARDED_PROTO) {
+        h.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+    }
+    // The Host header: rewritten, or the client's (HTTP/2 clients send :authority only).
+    if let Some(host) = &route.host_rewrite {
+        h.insert(header::HOST, host.clone());
+    } else if !h.contains_key(header::HOST) {
+        if let Ok(v) = HeaderValue::from_str(&x.authority) {
+            h.insert(header::HOST, v);
+        }
+    }
+    route.request_headers.apply(h);
+
+    let path = match &route.prefix_rewrite {
+        Some((old, new)) => match path.strip_prefix(old.as_str()) {
+            Some(rest) => {
+                let mut p = format!("{new}{rest}");
+                if !p.starts_with('/') {
+                    p.insert(0, '/');
+                }
+                p
+            }
+            None => path.to_string(),
+        },
+        None => path.to_string(),
+    };
+    let pq = match query {
+        Some(q) => format!("{path}?{q}"),
+        None => path,
+    };
+    parts.uri = Uri::builder()
+        .scheme("http")
+        .authority(endpoint.authority.clone())
+        .path_and_query(pq)
+        .build()
+        .unwrap_or_default();
+    parts.version = match cluster.spec.protocol {
+        crate::config::UpstreamProtocol::Http1 => Version::HTTP_11,
+        crate::config::UpstreamProtocol::Http2 => Version::HTTP_2,
+    };
+}
+
+/// Read a whole body into memory, up to `limit` bytes (filters asked to see it).
+async fn buffer_body(body: Body, limit: usize) -> Result<Bytes, ProxyError> {
+    match http_body_util::Limited::new(body, limit).collect().await {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e) => {
+            if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
+                Err(ProxyError::RequestBodyTooLarge)
+            } else {
+                Err(ProxyError::DownstreamBody("request body read failed"))
+            }
+        }
+    }
+}
+
+pub fn full(b: impl Into<Bytes>) -> Body {
+    Full::new(b.into()).map_err(|never| match never {}).boxed_unsync()
+}
+
+pub fn empty() -> Body {
+    http_body_util::Empty::new().map_err(|never| match never {}).boxed_unsync()
+}
+
+enum BodyEnd {
+    Complete,
+    Error,
+    Abandoned,
+}
+
+pin_project_lite::pin_project! {
+    /// Counts the bytes of a body as they stream; on the end of the body (or its drop,
+    /// when the peer goes away) runs the request's completion: log and metrics.
+    struct CountingBody {
+        #[pin]
+        inner: Body,
+        count: Arc<AtomicU64>,
+        done: Option<Done>,
+        errored: bool,
+    }
+    impl PinnedDrop for CountingBody {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            if let Some(done) = this.done.take() {
+                // hyper stops polling a body of known length after its last byte, so "at
+                // its end" counts as complete even if `None` was never seen.
+                let end = if *this.errored {
+                    BodyEnd::Error
+                } else if this.inner.is_end_stream() {
+                    BodyEnd::Complete
+                } else {
+                    BodyEnd::Abandoned
+                };
+                done.complete(this.count.load(Ordering::Relaxed), end);
+            }
+        }
+    }
+}
+
+impl CountingBody {
+    fn new(inner: Body, count: Arc<AtomicU64>, done: Option<Done>) -> Self {
+        let mut b = Self {
+            inner,
+            count,
+            done,
+            errored: false,
+        };
+        // An empty body is never polled to its end: complete right away.
+        if b.inner.is_end_stream() {
+            if let Some(done) = b.done.take() {
+                done.complete(0, BodyEnd::Complete);
+            }
+        }
+        b
+    }
+}
+
+impl http_body::Body for CountingBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.project();
+        let r = this.inner.poll_frame(cx);
+        match &r {
+            Poll::Ready(Some(Ok(f))) => {
+                if let Some(d) = f.data_ref() {
+                    this.count.fetch_add(d.len() as u64, Ordering::Relaxed);
+                }
+            }
+            Poll::Ready(Some(Err(_))) => *this.errored = true,
+            Poll::Ready(None) => {
+                if let Some(done) = this.done.take() {
+                    done.complete(this.count.load(Ordering::Relaxed), BodyEnd::Complete);
+                }
+            }
+            Poll::Pending => {}
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_removed_te_trailers_kept() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-secret"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(header::TE, HeaderValue::from_static("trailers, deflate"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h, false);
+        assert!(h.get("x-secret").is_none());
+        assert!(h.get("keep-alive").is_none());
+        assert!(h.get(header::CONNECTION).is_none());
+        assert_eq!(h.get(header::TE).map(|v| v.as_bytes()), Some(&b"trailers"[..]));
+        assert!(h.get("x-kept").is_some());
+    }
+
+    #[test]
+    fn xff_trusted_hops() {
+        let mut h = HeaderMap::new();
+        h.insert(&X_FORWARDED_FOR, HeaderValue::from_static("1.1.1.1, 10.0.0.1, 10.0.0.2"));
+        let peer: SocketAddr = "127.0.0.1:5000".parse().expect("addr");
+        assert_eq!(client_address(&h, peer, 0), peer);
+        assert_eq!(client_address(&h, peer, 1).ip().to_string(), "10.0.0.2");
+        assert_eq!(client_address(&h, peer, 3).ip().to_string(), "1.1.1.1");
+        assert_eq!(client_address(&h, peer, 4), peer);
+    }
+
+    #[test]
+    fn smuggling_framing_refused() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("5"));
+        h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        assert!(check_framing(&h).is_err());
+        let mut h = HeaderMap::new();
+        h.append(header::CONTENT_LENGTH, HeaderValue::from_static("5"));
+        h.append(header::CONTENT_LENGTH, HeaderValue::from_static("6"));
+        assert!(check_framing(&h).is_err());
+    }
+}

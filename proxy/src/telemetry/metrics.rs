@@ -1,0 +1,181 @@
+//! Every metric the host exports, declared in one place.
+//!
+//! Request metrics mirror Istio's standard metrics (`*_requests_total`,
+//! `*_request_duration_milliseconds`, `*_request_bytes`, `*_response_bytes`) with Istio's label
+//! names, so existing dashboards work; the rest follows Envoy's vocabulary (upstream
+//! connections, overflow, reloads). Rendered as Prometheus text on the admin endpoint.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use std::sync::{Arc, Mutex};
+
+/// Labels of the request metrics (Istio's names, plus `route` and `cluster`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub reporter: &'static str,
+    pub source_workload: Arc<str>,
+    pub source_principal: Arc<str>,
+    pub destination_workload: Arc<str>,
+    pub destination_principal: Arc<str>,
+    pub destination_service: Arc<str>,
+    pub request_protocol: &'static str,
+    pub response_code: u16,
+    pub response_flags: Arc<str>,
+    pub route: Arc<str>,
+    pub cluster: Arc<str>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClusterLabel {
+    pub cluster: Arc<str>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerLabel {
+    pub listener: Arc<str>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub listener: Arc<str>,
+    pub reason: &'static str,
+}
+
+fn duration_buckets() -> Histogram {
+    // Istio's default duration buckets, in milliseconds.
+    Histogram::new([
+        0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0,
+        60000.0, 300000.0, 600000.0, 1800000.0, 3600000.0,
+    ])
+}
+
+fn size_buckets() -> Histogram {
+    // Istio's default size buckets: 1 byte to 1 GB by powers of ten.
+    Histogram::new((0..10).map(|e| 10f64.powi(e)))
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+/// The host's metrics. Cheap to clone handles out of; shared by every worker.
+pub struct Metrics {
+    pub registry: Mutex<Registry>,
+    pub requests: Family<RequestLabels, Counter>,
+    pub request_duration: HistogramFamily<RequestLabels>,
+    pub request_bytes: HistogramFamily<RequestLabels>,
+    pub response_bytes: HistogramFamily<RequestLabels>,
+    pub downstream_cx_active: Family<ListenerLabel, Gauge>,
+    pub downstream_cx_total: Family<ListenerLabel, Counter>,
+    pub downstream_rq_rejected: Family<ReasonLabel, Counter>,
+    pub upstream_cx_active: Family<ClusterLabel, Gauge>,
+    pub upstream_cx_total: Family<ClusterLabel, Counter>,
+    pub upstream_cx_connect_fail: Family<ClusterLabel, Counter>,
+    pub upstream_cx_overflow: Family<ClusterLabel, Counter>,
+    pub upstream_rq_active: Family<ClusterLabel, Gauge>,
+    pub upstream_rq_timeout: Family<ClusterLabel, Counter>,
+    pub tcp_cx_total: Family<ListenerLabel, Counter>,
+    pub reloads: Family<ResultLabel, Counter>,
+    pub access_log_dropped: Counter,
+}
+
+impl Metrics {
+    /// `istio_prefix`: export the request metrics as `istio_*` instead of `wasmesh_*`.
+    pub fn new(istio_prefix: bool) -> Arc<Self> {
+        let mut root = Registry::default();
+        let requests = Family::default();
+        let request_duration: HistogramFamily<RequestLabels> = Family::new_with_constructor(duration_buckets);
+        let request_bytes: HistogramFamily<RequestLabels> = Family::new_with_constructor(size_buckets);
+        let response_bytes: HistogramFamily<RequestLabels> = Family::new_with_constructor(size_buckets);
+        {
+            let reg = root.sub_registry_with_prefix(if istio_prefix { "istio" } else { "wasmesh" });
+            reg.register("requests", "Requests completed, by Istio's standard labels", requests.clone());
+            reg.register(
+                "request_duration_milliseconds",
+                "Time from the first request byte to the last response byte",
+                request_duration.clone(),
+            );
+            reg.register("request_bytes", "Request body size", request_bytes.clone());
+            reg.register("response_bytes", "Response body size", response_bytes.clone());
+        }
+        let m = Metrics {
+            requests,
+            request_duration,
+            request_bytes,
+            response_bytes,
+            downstream_cx_active: Family::default(),
+            downstream_cx_total: Family::default(),
+            downstream_rq_rejected: Family::default(),
+            upstream_cx_active: Family::default(),
+            upstream_cx_total: Family::default(),
+            upstream_cx_connect_fail: Family::default(),
+            upstream_cx_overflow: Family::default(),
+            upstream_rq_active: Family::default(),
+            upstream_rq_timeout: Family::default(),
+            tcp_cx_total: Family::default(),
+            reloads: Family::default(),
+            access_log_dropped: Counter::default(),
+            registry: Mutex::new(Registry::default()),
+        };
+        {
+            let reg = root.sub_registry_with_prefix("wasmesh");
+            reg.register("downstream_cx_active", "Downstream connections open", m.downstream_cx_active.clone());
+            reg.register("downstream_cx", "Downstream connections accepted", m.downstream_cx_total.clone());
+            reg.register(
+                "downstream_rq_rejected",
+                "Requests refused before routing, by reason",
+                m.downstream_rq_rejected.clone(),
+            );
+            reg.register("upstream_cx_active", "Upstream connections open", m.upstream_cx_active.clone());
+            reg.register("upstream_cx", "Upstream connections opened", m.upstream_cx_total.clone());
+            reg.register(
+                "upstream_cx_connect_fail",
+                "Upstream connection attempts that failed or timed out",
+                m.upstream_cx_connect_fail.clone(),
+            );
+            reg.register(
+                "upstream_cx_overflow",
+                "Upstream connections refused by the cluster's max_connections",
+                m.upstream_cx_overflow.clone(),
+            );
+            reg.register("upstream_rq_active", "Upstream requests in flight", m.upstream_rq_active.clone());
+            reg.register("upstream_rq_timeout", "Upstream requests that timed out", m.upstream_rq_timeout.clone());
+            reg.register("tcp_cx", "Connections proxied by TCP listeners", m.tcp_cx_total.clone());
+            reg.register("config_reloads", "Manifest reloads, by result", m.reloads.clone());
+            reg.register(
+                "access_log_dropped",
+                "Access-log lines dropped because the writer fell behind",
+                m.access_log_dropped.clone(),
+            );
+        }
+        let m = Metrics {
+            registry: Mutex::new(root),
+            ..m
+        };
+        Arc::new(m)
+    }
+
+    /// Render every registered metric as Prometheus/OpenMetrics text.
+    pub fn encode(&self) -> String {
+        let mut out = String::with_capacity(16 * 1024);
+        let reg = match self.registry.lock() {
+            Ok(r) => r,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &reg) {
+            tracing::error!(error = %e, "encoding metrics failed");
+        }
+        out
+    }
+
+    pub fn cluster_label(name: &Arc<str>) -> ClusterLabel {
+        ClusterLabel { cluster: name.clone() }
+    }
+}
