@@ -42,6 +42,8 @@ struct Exchange {
     protocol: &'static str,
     request_id: String,
     client: SocketAddr,
+    /// The connection's peer: the hop appended to `x-forwarded-for`.
+    peer: SocketAddr,
     user_agent: Option<String>,
     route: Option<Arc<str>>,
     cluster: Option<Arc<Cluster>>,
@@ -90,6 +92,7 @@ pub async fn handle(
         protocol: protocol_name(parts.version),
         request_id: String::new(),
         client: conn.peer,
+        peer: conn.peer,
         user_agent: parts
             .headers
             .get(header::USER_AGENT)
@@ -129,6 +132,11 @@ async fn serve(
     strip_internal_headers(&mut parts.headers);
     x.request_id = ensure_request_id(&mut parts.headers);
     x.client = client_address(&parts.headers, conn.peer, lc.spec.xff_num_trusted_hops);
+    if lc.spec.xff_num_trusted_hops == 0 {
+        // An edge listener: the client cannot tell the upstream it came over TLS (Envoy
+        // overwrites x-forwarded-proto when it trusts no hop).
+        parts.headers.remove(&X_FORWARDED_PROTO);
+    }
     let (path, query) = split_path(&parts.uri);
     let normalized = match normalize_path(path, &lc.spec.path_normalization) {
         Ok(n) => n,
@@ -523,7 +531,8 @@ fn ensure_request_id(h: &mut HeaderMap) -> String {
             return id.to_string();
         }
     }
-    let id = uuid::Uuid::new_v4().to_string();
+    // A v4 UUID from the thread-local generator: no syscall per request.
+    let id = uuid::Builder::from_random_bytes(rand::random()).into_uuid().to_string();
     if let Ok(v) = HeaderValue::from_str(&id) {
         h.insert(X_REQUEST_ID.clone(), v);
     }
@@ -649,7 +658,8 @@ fn prepare_upstream_request(
         h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     }
     // Forwarding headers: append the peer to x-forwarded-for; say how the client came in.
-    let peer = x.client.ip().to_string();
+    // The hop that connected to us, not the client chosen from x-forwarded-for (Envoy's rule).
+    let peer = x.peer.ip().to_string();
     let xff = match h.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
         Some(prev) if !prev.is_empty() => format!("{prev}, {peer}"),
         _ => peer,
