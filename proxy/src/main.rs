@@ -27,6 +27,7 @@ fn run(manifest: std::path::PathBuf) -> std::process::ExitCode {
             tracing_subscriber::EnvFilter::try_from_env("WASMESH_LOG").unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     // The control plane (admin, reloads, DNS, filter compilation) gets its own small runtime;
     // the data plane runs on the worker threads the server starts.
