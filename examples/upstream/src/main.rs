@@ -38,7 +38,10 @@ const MAX_DELAY_MS: u64 = 60_000;
 
 /// Command-line flags.
 #[derive(Parser, Debug)]
-#[command(version, about = "Demo/bench upstream server: HTTP/1.1 and h2c on one port")]
+#[command(
+    version,
+    about = "Demo/bench upstream server: HTTP/1.1 and h2c on one port"
+)]
 struct Args {
     /// Address to listen on (port 0 picks a free port).
     #[arg(long, default_value = "127.0.0.1:3000")]
@@ -145,7 +148,10 @@ async fn shutdown_signal() {
     }
 }
 
-async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+async fn handle(
+    state: Arc<State>,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
     if let Some(body) = &state.bench_body {
         // Drain the request body so HTTP/1.1 connections stay reusable.
         if count_body(req.into_body()).await.is_err() {
@@ -180,7 +186,11 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Fu
     }
 
     let status = if let Some(code) = path.strip_prefix("/status/") {
-        match code.parse::<u16>().ok().and_then(|c| StatusCode::from_u16(c).ok()) {
+        match code
+            .parse::<u16>()
+            .ok()
+            .and_then(|c| StatusCode::from_u16(c).ok())
+        {
             Some(status) => status,
             None => return Ok(plain(StatusCode::BAD_REQUEST, "bad status code\n")),
         }
