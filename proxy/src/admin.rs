@@ -24,6 +24,7 @@ use tokio::sync::watch;
 type Resp = Response<crate::cluster::Body>;
 
 pub async fn serve(shared: Arc<Shared>, listener: TcpListener, mut stop: watch::Receiver<bool>) {
+    let mut draining = false;
     loop {
         let (stream, _) = tokio::select! {
             r = listener.accept() => match r {
@@ -34,8 +35,9 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener, mut stop: watch::
                     continue;
                 }
             },
-            // Keep answering during the drain so /ready can say 503.
-            _ = stop.changed() => { std::future::pending::<()>().await; unreachable!() }
+            // Keep accepting during the drain so /ready can say 503 (the task ends with the
+            // process).
+            _ = stop.changed(), if !draining => { draining = true; continue; }
         };
         let shared = shared.clone();
         tokio::spawn(async move {

@@ -15,9 +15,6 @@ pub mod cli;
 pub mod cluster;
 pub mod config;
 pub mod error;
-// TEMPORARY: the stub lets the core build until proxy/src/filters/mod.rs exists.
-// Filter-host engineer: replace these two lines with `pub mod filters;` and delete filters_stub.rs.
-#[path = "filters_stub.rs"]
 pub mod filters;
 pub mod listener;
 pub mod proxy;

@@ -129,6 +129,7 @@ async fn serve(
 
     // 1. Reject what must never reach an upstream (request smuggling, bad paths).
     check_framing(&parts.headers).map_err(|e| (e, None))?;
+    check_host(&parts).map_err(|e| (e, None))?;
     strip_internal_headers(&mut parts.headers);
     x.request_id = ensure_request_id(&mut parts.headers);
     x.client = client_address(&parts.headers, conn.peer, lc.spec.xff_num_trusted_hops);
@@ -407,19 +408,20 @@ impl Done {
             destination_service: dest_service,
             request_protocol: if x.protocol == "HTTP/2" { "http2" } else { "http" },
             response_code: self.status,
-            response_flags: Arc::from(flags_str.as_str()),
+            response_flags: if flags.is_empty() {
+                shared.no_flags.clone()
+            } else {
+                Arc::from(flags_str.as_str())
+            },
             route: route.clone(),
             cluster: cluster.clone(),
         };
-        let m = &shared.metrics;
-        m.requests.get_or_create(&labels).inc();
-        m.request_duration
-            .get_or_create(&labels)
-            .observe(duration.as_secs_f64() * 1000.0);
-        m.request_bytes
-            .get_or_create(&labels)
-            .observe(x.bytes_in.load(Ordering::Relaxed) as f64);
-        m.response_bytes.get_or_create(&labels).observe(bytes_out as f64);
+        shared.metrics.record_request(
+            labels,
+            duration.as_secs_f64() * 1000.0,
+            x.bytes_in.load(Ordering::Relaxed),
+            bytes_out,
+        );
 
         if shared.access_log.enabled() {
             shared.access_log.log(&Entry {
@@ -486,8 +488,28 @@ fn classify_upstream_error(e: hyper_util::client::legacy::Error) -> ProxyError {
     if e.is_connect() {
         return ProxyError::ConnectFailure;
     }
+    if request_body_failed(&e) {
+        // The client's body broke (bad chunked encoding, client gone): not the upstream's fault.
+        return ProxyError::DownstreamBody("request body read failed");
+    }
     tracing::debug!(error = %e, source = ?std::error::Error::source(&e), "upstream request failed");
     ProxyError::UpstreamReset
+}
+
+/// Whether the upstream call failed because the request body we were streaming (the
+/// downstream's) returned an error: hyper reports a failing user body as a "user" error
+/// that carries the body's error as its source.
+fn request_body_failed(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if let Some(h) = err.downcast_ref::<hyper::Error>() {
+            if h.is_user() && std::error::Error::source(h).is_some() {
+                return true;
+            }
+        }
+        cur = err.source();
+    }
+    false
 }
 
 /// Conflicting framing is how request smuggling starts: refuse it (RFC 9112 §6.1, §6.3).
@@ -512,6 +534,19 @@ fn check_framing(h: &HeaderMap) -> Result<(), ProxyError> {
         }
     }
     Ok(())
+}
+
+/// One host per request (RFC 9112 §3.2): several Host lines, or none in HTTP/1.1, is a 400,
+/// since routing and the upstream could otherwise disagree on which host was meant.
+fn check_host(parts: &http::request::Parts) -> Result<(), ProxyError> {
+    let mut hosts = parts.headers.get_all(header::HOST).iter();
+    match (hosts.next(), hosts.next()) {
+        (_, Some(_)) => Err(ProxyError::BadRequest("multiple Host headers")),
+        (None, None) if parts.version == Version::HTTP_11 && parts.uri.authority().is_none() => {
+            Err(ProxyError::BadRequest("missing Host header"))
+        }
+        _ => Ok(()),
+    }
 }
 
 fn strip_internal_headers(h: &mut HeaderMap) {
@@ -608,6 +643,22 @@ fn is_upgrade(h: &HeaderMap) -> bool {
 /// Remove hop-by-hop headers (RFC 9110 §7.6.1), including those named in `Connection`.
 /// `keep_upgrade` leaves `Connection: upgrade` and `Upgrade` for a protocol switch.
 fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
+    // Most messages carry none of these: one pass over the names (cheap comparisons of
+    // standard headers) saves a dozen hashed removals per message.
+    let any = h.keys().any(|n| {
+        n == header::CONNECTION
+            || n == header::TE
+            || n == header::TRANSFER_ENCODING
+            || n == header::UPGRADE
+            || n == header::TRAILER
+            || n == header::PROXY_AUTHENTICATE
+            || n == header::PROXY_AUTHORIZATION
+            || n == KEEP_ALIVE
+            || n == PROXY_CONNECTION
+    });
+    if !any {
+        return;
+    }
     let named: Vec<HeaderName> = h
         .get_all(header::CONNECTION)
         .iter()
@@ -670,10 +721,12 @@ fn prepare_upstream_request(
     if !h.contains_key(&X_FORWARDED_PROTO) {
         h.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
     }
-    // The Host header: rewritten, or the client's (HTTP/2 clients send :authority only).
+    // The Host header: rewritten, or the authority we routed on (HTTP/2 clients send
+    // :authority only; an absolute-form URI's authority wins over Host, RFC 9112 §3.2.2), so
+    // the upstream never sees a different host than routing did.
     if let Some(host) = &route.host_rewrite {
         h.insert(header::HOST, host.clone());
-    } else if !h.contains_key(header::HOST) {
+    } else if !x.authority.is_empty() {
         if let Ok(v) = HeaderValue::from_str(&x.authority) {
             h.insert(header::HOST, v);
         }

@@ -21,9 +21,12 @@ pub async fn watch(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
         .unwrap_or(std::path::Path::new("."))
         .to_path_buf();
     let fs_tx = tx.clone();
+    let manifest_name = shared.manifest_path.file_name().map(|n| n.to_os_string());
     let watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
         if let Ok(ev) = ev {
-            if !ev.kind.is_access() {
+            // Only the manifest's own events: other files in the directory (an access log
+            // written next to it) would otherwise keep the debounce from ever settling.
+            if !ev.kind.is_access() && ev.paths.iter().any(|p| concerns_manifest(p, manifest_name.as_deref())) {
                 let _ = fs_tx.send(());
             }
         }
@@ -65,5 +68,14 @@ pub async fn watch(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
             }
         }
         let _ = reload(&shared).await;
+    }
+}
+
+/// Whether a change to `path` may change the manifest: the file itself, or the `..data`
+/// symlink swap (and its `..`-prefixed temporaries) Kubernetes uses for ConfigMap volumes.
+fn concerns_manifest(path: &std::path::Path, manifest_name: Option<&std::ffi::OsStr>) -> bool {
+    match path.file_name() {
+        Some(f) => Some(f) == manifest_name || f.to_string_lossy().starts_with(".."),
+        None => true,
     }
 }

@@ -81,6 +81,8 @@ pub struct Shared {
     pub node: Node,
     /// The label value for unknown peers and workloads.
     pub unknown: Arc<str>,
+    /// The `response_flags` label value of a request without flags.
+    pub no_flags: Arc<str>,
     pub filters: Arc<FilterHost>,
     pub manifest_path: PathBuf,
     pub workers: usize,
@@ -176,6 +178,7 @@ pub async fn run(
         metrics,
         access_log,
         unknown: Arc::from("unknown"),
+        no_flags: Arc::from("-"),
         filters: filters.clone(),
         manifest_path: manifest_path.to_path_buf(),
         workers,

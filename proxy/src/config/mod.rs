@@ -395,9 +395,11 @@ fn check_route(
         }
     }
     for (side, hm) in [("request_headers", &r.request_headers), ("response_headers", &r.response_headers)] {
-        for (k, v) in hm.add.iter().chain(hm.set.iter()) {
-            c.header_name(format!("{p}.{side}.{k}"), k);
-            c.header_value(format!("{p}.{side}.{k}"), v);
+        for (kind, map) in [("add", &hm.add), ("set", &hm.set)] {
+            for (k, v) in map {
+                c.header_name(format!("{p}.{side}.{kind}.{k}"), k);
+                c.header_value(format!("{p}.{side}.{kind}.{k}"), v);
+            }
         }
         for (j, k) in hm.remove.iter().enumerate() {
             c.header_name(format!("{p}.{side}.remove[{j}]"), k);

@@ -175,7 +175,95 @@ impl Metrics {
         out
     }
 
+    /// Count one finished request. The four families are looked up once per distinct label
+    /// set and thread (a per-worker cache), not on every request: hashing eleven label strings
+    /// four times per request was the largest single cost on the request path.
+    pub fn record_request(&self, labels: RequestLabels, duration_ms: f64, bytes_in: u64, bytes_out: u64) {
+        thread_local! {
+            static CACHE: std::cell::RefCell<rustc_hash::FxHashMap<LabelKey, RequestHandles>> =
+                std::cell::RefCell::new(Default::default());
+        }
+        let key = LabelKey(labels);
+        CACHE.with(|c| {
+            let mut cache = c.borrow_mut();
+            if !cache.contains_key(&key) {
+                // Bounded: label sets that come and go (reloads, rare flags) cannot pile up.
+                if cache.len() >= 4096 {
+                    cache.clear();
+                }
+                let h = RequestHandles {
+                    requests: self.requests.get_or_create(&key.0).clone(),
+                    duration: self.request_duration.get_or_create(&key.0).clone(),
+                    request_bytes: self.request_bytes.get_or_create(&key.0).clone(),
+                    response_bytes: self.response_bytes.get_or_create(&key.0).clone(),
+                };
+                cache.insert(LabelKey(key.0.clone()), h);
+            }
+            if let Some(h) = cache.get(&key) {
+                h.requests.inc();
+                h.duration.observe(duration_ms);
+                h.request_bytes.observe(bytes_in as f64);
+                h.response_bytes.observe(bytes_out as f64);
+            }
+        });
+    }
+
     pub fn cluster_label(name: &Arc<str>) -> ClusterLabel {
         ClusterLabel { cluster: name.clone() }
     }
 }
+
+struct RequestHandles {
+    requests: Counter,
+    duration: Histogram,
+    request_bytes: Histogram,
+    response_bytes: Histogram,
+}
+
+/// A label set compared by the identity of its shared strings (which the cache entry keeps
+/// alive, so an address cannot be reused while it is a key) and by the value of the rest.
+struct LabelKey(RequestLabels);
+
+fn ptr(s: &Arc<str>) -> usize {
+    Arc::as_ptr(s) as *const u8 as usize
+}
+
+impl std::hash::Hash for LabelKey {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        let l = &self.0;
+        for p in [
+            ptr(&l.source_workload),
+            ptr(&l.source_principal),
+            ptr(&l.destination_workload),
+            ptr(&l.destination_principal),
+            ptr(&l.destination_service),
+            ptr(&l.route),
+            ptr(&l.cluster),
+            l.reporter.as_ptr() as usize,
+            l.request_protocol.as_ptr() as usize,
+        ] {
+            h.write_usize(p);
+        }
+        h.write_u16(l.response_code);
+        l.response_flags.hash(h);
+    }
+}
+
+impl PartialEq for LabelKey {
+    fn eq(&self, o: &Self) -> bool {
+        let (a, b) = (&self.0, &o.0);
+        ptr(&a.source_workload) == ptr(&b.source_workload)
+            && ptr(&a.source_principal) == ptr(&b.source_principal)
+            && ptr(&a.destination_workload) == ptr(&b.destination_workload)
+            && ptr(&a.destination_principal) == ptr(&b.destination_principal)
+            && ptr(&a.destination_service) == ptr(&b.destination_service)
+            && ptr(&a.route) == ptr(&b.route)
+            && ptr(&a.cluster) == ptr(&b.cluster)
+            && std::ptr::eq(a.reporter, b.reporter)
+            && std::ptr::eq(a.request_protocol, b.request_protocol)
+            && a.response_code == b.response_code
+            && a.response_flags == b.response_flags
+    }
+}
+
+impl Eq for LabelKey {}

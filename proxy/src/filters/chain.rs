@@ -1,0 +1,600 @@
+//! Running a request through its filters.
+//!
+//! [`Chain`] is the list of filter slots a route uses, resolved at load. [`Chain::start`]
+//! snapshots the version each slot serves, and the resulting [`ChainRun`] carries the
+//! request's context along the phases: request side in chain order, response side and
+//! `done` in reverse order. Between hook calls the run performs what hooks asked:
+//! delays and callouts (no instance is held while waiting).
+//!
+//! Failures (trap, deadline, memory, an invalid answer, lost per-request state) follow
+//! the filter's `failure_mode`: `fail_closed` answers 500 with flag `FE`, `fail_open`
+//! skips the filter for the rest of the request.
+
+use super::bindings::wasmesh::filter::types::{self as wt, Action};
+use super::bindings::Hooks;
+use super::host::{CallData, Phase, RequestCtx, RequestSnapshot};
+use super::instance::{self, CallFailure};
+use super::slot::{FilterSlot, FilterVersion};
+use super::{LocalResponse, Outcome, RequestInfo, Verdict};
+use crate::config::FailureMode;
+use bytes::Bytes;
+use http::header::{HeaderName, HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
+use http::{HeaderMap, StatusCode};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use wasmtime::component::Resource;
+
+/// Callouts (and their follow-ups) one hook may chain before it counts as a failure.
+const MAX_ROUNDS: usize = 8;
+/// Longest delay a filter may ask for.
+const MAX_DELAY: Duration = Duration::from_secs(300);
+/// Callout timeout when the filter gives none, and the longest it may give.
+const DEFAULT_CALLOUT_TIMEOUT: Duration = Duration::from_secs(1);
+const MAX_CALLOUT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A route's filters, in order.
+#[derive(Clone, Default)]
+pub struct Chain {
+    pub(crate) slots: Vec<Arc<FilterSlot>>,
+}
+
+impl Chain {
+    /// No filters: the core may skip every filter step.
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+
+    /// Names of the filters, in order.
+    pub fn names(&self) -> Vec<String> {
+        self.slots.iter().map(|s| s.name.clone()).collect()
+    }
+
+    /// Begin a request: snapshot the version each filter serves now.
+    pub fn start(&self, info: RequestInfo) -> ChainRun {
+        instance::sweep();
+        let entries: Vec<RunEntry> = self
+            .slots
+            .iter()
+            .map(|s| RunEntry {
+                version: s.current.load_full(),
+                generation: None,
+                disabled: false,
+                ran: false,
+            })
+            .collect();
+        let any = |h: Hooks| entries.iter().any(|e| e.version.hooks.contains(h));
+        let wants_req_body = any(Hooks::REQUEST_BODY);
+        let wants_resp_body = any(Hooks::RESPONSE_BODY);
+        let wants_snapshot =
+            any(Hooks::RESPONSE_HEADERS) || any(Hooks::RESPONSE_BODY) || any(Hooks::DONE);
+        ChainRun {
+            entries,
+            ctx: Some(Box::new(RequestCtx::new(info))),
+            wants_req_body,
+            wants_resp_body,
+            wants_snapshot,
+        }
+    }
+}
+
+struct RunEntry {
+    version: Arc<FilterVersion>,
+    /// Generation of the instance that served this request's first hook.
+    generation: Option<u64>,
+    /// Failed open: skipped for the rest of the request.
+    disabled: bool,
+    ran: bool,
+}
+
+/// Which export to call.
+enum Hook<'a> {
+    RequestHeaders,
+    RequestBody,
+    ResponseHeaders,
+    ResponseBody,
+    Done(&'a wt::Outcome),
+    Callout(Result<wt::CalloutResponse, String>),
+}
+
+/// What a hook may touch, lent by the caller of the phase.
+#[derive(Default)]
+struct Io<'a> {
+    req: Option<&'a mut http::request::Parts>,
+    resp: Option<&'a mut http::response::Parts>,
+    body: Option<&'a mut Bytes>,
+    body_replaced: bool,
+}
+
+enum Step {
+    Next,
+    Stop(Verdict),
+}
+
+fn empty_request_parts() -> http::request::Parts {
+    http::Request::new(()).into_parts().0
+}
+
+fn empty_response_parts() -> http::response::Parts {
+    http::Response::new(()).into_parts().0
+}
+
+/// One request's walk through its chain. `!Send`: it stays on its worker thread.
+pub struct ChainRun {
+    entries: Vec<RunEntry>,
+    /// Always `Some` outside a hook call (moved into the store during one).
+    ctx: Option<Box<RequestCtx>>,
+    wants_req_body: bool,
+    wants_resp_body: bool,
+    wants_snapshot: bool,
+}
+
+impl ChainRun {
+    /// Run `on-request-headers` of each filter, in chain order. A local answer stops
+    /// the chain and is returned.
+    pub async fn request_headers(&mut self, parts: &mut http::request::Parts) -> Verdict {
+        for idx in 0..self.entries.len() {
+            if !self.has(idx, Hooks::REQUEST_HEADERS) {
+                continue;
+            }
+            let mut io = Io {
+                req: Some(&mut *parts),
+                ..Io::default()
+            };
+            if let Step::Stop(v) = self.run_hook(idx, Phase::RequestHeaders, &mut io).await {
+                return v;
+            }
+        }
+        self.snapshot(parts);
+        Verdict::Continue
+    }
+
+    /// Some filter implements `on-request-body`: buffer the request body and call
+    /// [`ChainRun::request_body`] before sending the request on.
+    pub fn wants_request_body(&self) -> bool {
+        self.wants_req_body
+    }
+
+    /// Run `on-request-body` in chain order with the whole body; returns the (possibly
+    /// replaced) body, or a local answer. A replaced body gets a new `content-length`.
+    pub async fn request_body(
+        &mut self,
+        parts: &mut http::request::Parts,
+        mut body: Bytes,
+    ) -> Result<Bytes, Verdict> {
+        let mut replaced = false;
+        for idx in 0..self.entries.len() {
+            if !self.has(idx, Hooks::REQUEST_BODY) {
+                continue;
+            }
+            let mut io = Io {
+                req: Some(&mut *parts),
+                body: Some(&mut body),
+                ..Io::default()
+            };
+            let step = self.run_hook(idx, Phase::RequestBody, &mut io).await;
+            replaced |= io.body_replaced;
+            if let Step::Stop(v) = step {
+                return Err(v);
+            }
+        }
+        if replaced {
+            parts
+                .headers
+                .insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
+            parts.headers.remove(http::header::TRANSFER_ENCODING);
+        }
+        self.snapshot(parts);
+        Ok(body)
+    }
+
+    /// Run `on-response-headers` in reverse chain order. A local answer replaces the response.
+    pub async fn response_headers(&mut self, parts: &mut http::response::Parts) -> Verdict {
+        for idx in (0..self.entries.len()).rev() {
+            if !self.has(idx, Hooks::RESPONSE_HEADERS) {
+                continue;
+            }
+            let mut io = Io {
+                resp: Some(&mut *parts),
+                ..Io::default()
+            };
+            if let Step::Stop(v) = self.run_hook(idx, Phase::ResponseHeaders, &mut io).await {
+                return v;
+            }
+        }
+        Verdict::Continue
+    }
+
+    /// Some filter implements `on-response-body`: buffer the response body.
+    pub fn wants_response_body(&self) -> bool {
+        self.wants_resp_body
+    }
+
+    /// Run `on-response-body` in reverse chain order with the whole body.
+    pub async fn response_body(
+        &mut self,
+        parts: &mut http::response::Parts,
+        mut body: Bytes,
+    ) -> Result<Bytes, Verdict> {
+        let mut replaced = false;
+        for idx in (0..self.entries.len()).rev() {
+            if !self.has(idx, Hooks::RESPONSE_BODY) {
+                continue;
+            }
+            let mut io = Io {
+                resp: Some(&mut *parts),
+                body: Some(&mut body),
+                ..Io::default()
+            };
+            let step = self.run_hook(idx, Phase::ResponseBody, &mut io).await;
+            replaced |= io.body_replaced;
+            if let Step::Stop(v) = step {
+                return Err(v);
+            }
+        }
+        if replaced {
+            parts
+                .headers
+                .insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
+            parts.headers.remove(http::header::TRANSFER_ENCODING);
+        }
+        Ok(body)
+    }
+
+    /// The request is over: run `on-done` in reverse chain order. Failures are counted
+    /// and logged; nothing can change the answer any more.
+    pub fn done(mut self, outcome: &Outcome) {
+        let o = wt::Outcome {
+            status: outcome.status,
+            response_flags: outcome.response_flags.clone(),
+            duration_nanos: u64::try_from(outcome.duration.as_nanos()).unwrap_or(u64::MAX),
+            cluster: outcome.cluster.clone(),
+            upstream: outcome.upstream.clone(),
+        };
+        for idx in (0..self.entries.len()).rev() {
+            if !self.has(idx, Hooks::DONE) {
+                continue;
+            }
+            let mut io = Io::default();
+            if let Err(f) = self.invoke(idx, Phase::Done, Hook::Done(&o), &mut io) {
+                self.note_failure(idx, &f);
+            }
+        }
+    }
+
+    /// The cluster a filter chose with `set-cluster`, if any.
+    pub fn cluster_override(&self) -> Option<&str> {
+        self.ctx.as_ref()?.cluster.as_deref()
+    }
+
+    /// Response flags set by filters (e.g. "RL", "FI", "DI", "FE").
+    pub fn response_flags(&self) -> &[String] {
+        self.ctx.as_ref().map_or(&[], |c| c.flags.as_slice())
+    }
+
+    /// Span and access-log attributes set by filters.
+    pub fn attributes(&self) -> &[(String, String)] {
+        self.ctx.as_ref().map_or(&[], |c| c.attributes.as_slice())
+    }
+
+    /// `name@version` of each filter that ran, in the order they first ran.
+    pub fn filters_ran(&self) -> &[String] {
+        self.ctx.as_ref().map_or(&[], |c| c.filters_ran.as_slice())
+    }
+
+    /// A value of the request's bag (what filters passed along with `set-property`).
+    pub fn property(&self, key: &str) -> Option<&str> {
+        self.ctx
+            .as_ref()?
+            .bag
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn has(&self, idx: usize, hook: Hooks) -> bool {
+        self.entries
+            .get(idx)
+            .is_some_and(|e| !e.disabled && e.version.hooks.contains(hook))
+    }
+
+    fn snapshot(&mut self, parts: &http::request::Parts) {
+        if !self.wants_snapshot {
+            return;
+        }
+        if let Some(ctx) = self.ctx.as_mut() {
+            ctx.snapshot = Some(RequestSnapshot {
+                method: parts.method.clone(),
+                uri: parts.uri.clone(),
+                headers: parts.headers.clone(),
+            });
+        }
+    }
+
+    fn ctx_mut(&mut self) -> Option<&mut RequestCtx> {
+        self.ctx.as_deref_mut()
+    }
+
+    /// Call one hook, then carry out what it asks until it says continue or answers.
+    async fn run_hook(&mut self, idx: usize, phase: Phase, io: &mut Io<'_>) -> Step {
+        let first = match phase {
+            Phase::RequestHeaders => Hook::RequestHeaders,
+            Phase::RequestBody => Hook::RequestBody,
+            Phase::ResponseHeaders => Hook::ResponseHeaders,
+            _ => Hook::ResponseBody,
+        };
+        let mut action = match self.invoke(idx, phase, first, io) {
+            Ok(a) => a,
+            Err(f) => return self.fail(idx, f),
+        };
+        for _ in 0..MAX_ROUNDS {
+            match action {
+                Action::Continue => return Step::Next,
+                Action::Respond(r) => {
+                    return match to_local(r) {
+                        Ok(local) => {
+                            if let (Some(flag), Some(ctx)) =
+                                (local.flag.as_deref(), self.ctx.as_deref_mut())
+                            {
+                                ctx.add_flag(flag);
+                            }
+                            Step::Stop(Verdict::Respond(local))
+                        }
+                        Err(e) => self.fail(idx, CallFailure::new("invalid_action", e)),
+                    };
+                }
+                Action::Delay(d) => {
+                    if let (Some(flag), Some(ctx)) = (d.flag.as_deref(), self.ctx_mut()) {
+                        ctx.add_flag(flag);
+                    }
+                    let wait = Duration::from_millis(u64::from(d.millis)).min(MAX_DELAY);
+                    tokio::time::sleep(wait).await;
+                    return Step::Next;
+                }
+                Action::Callout(c) => {
+                    let answer = self.callout(idx, c).await;
+                    action = match self.invoke(idx, phase, Hook::Callout(answer), io) {
+                        Ok(a) => a,
+                        Err(f) => return self.fail(idx, f),
+                    };
+                }
+            }
+        }
+        self.fail(
+            idx,
+            CallFailure::new(
+                "invalid_action",
+                format!("more than {MAX_ROUNDS} callouts in one hook"),
+            ),
+        )
+    }
+
+    async fn callout(
+        &mut self,
+        idx: usize,
+        c: wt::CalloutRequest,
+    ) -> Result<wt::CalloutResponse, String> {
+        let Some(entry) = self.entries.get(idx) else {
+            return Err("no such filter".to_string());
+        };
+        let shared = entry.version.entry.clone();
+        if !shared.clusters.contains(&c.cluster) {
+            return Err(format!(
+                "cluster {:?} is not in filter {}'s clusters list",
+                c.cluster, shared.name
+            ));
+        }
+        let req = build_callout(&c)?;
+        let timeout = match c.timeout_millis {
+            0 => DEFAULT_CALLOUT_TIMEOUT,
+            ms => Duration::from_millis(u64::from(ms)).min(MAX_CALLOUT_TIMEOUT),
+        };
+        let fut = shared.rt.callout.call(&c.cluster, req, timeout);
+        let resp = match tokio::time::timeout(timeout, fut).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => return Err(e),
+            Err(_) => {
+                return Err(format!(
+                    "callout to {} timed out after {timeout:?}",
+                    c.cluster
+                ))
+            }
+        };
+        let (parts, body) = resp.into_parts();
+        Ok(wt::CalloutResponse {
+            status: parts.status.as_u16(),
+            headers: parts
+                .headers
+                .iter()
+                .map(|(n, v)| {
+                    (
+                        n.as_str().to_string(),
+                        String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                    )
+                })
+                .collect(),
+            body: body.to_vec(),
+        })
+    }
+
+    /// One synchronous call into the filter's instance on this thread.
+    fn invoke(
+        &mut self,
+        idx: usize,
+        phase: Phase,
+        hook: Hook<'_>,
+        io: &mut Io<'_>,
+    ) -> Result<Action, CallFailure> {
+        let Some(entry) = self.entries.get_mut(idx) else {
+            return Err(CallFailure::new("invalid_action", "no such filter"));
+        };
+        let v = entry.version.clone();
+        let mut inst = instance::checkout(&v)?;
+        match entry.generation {
+            Some(g) if g != inst.generation => {
+                instance::checkin(&v, inst);
+                return Err(CallFailure::new(
+                    "state_lost",
+                    "the filter instance holding this request's state was restarted",
+                ));
+            }
+            Some(_) => {}
+            None => entry.generation = Some(inst.generation),
+        }
+        if !entry.ran {
+            entry.ran = true;
+            if let Some(ctx) = self.ctx.as_deref_mut() {
+                ctx.filters_ran.push(v.label.clone());
+            }
+        }
+        let has_resp = io.resp.is_some();
+        {
+            let call = &mut inst.store.data_mut().call;
+            *call = CallData {
+                phase,
+                req: io
+                    .req
+                    .as_deref_mut()
+                    .map(|p| std::mem::replace(p, empty_request_parts())),
+                resp: io
+                    .resp
+                    .as_deref_mut()
+                    .map(|p| std::mem::replace(p, empty_response_parts())),
+                body: io.body.as_deref_mut().map(std::mem::take),
+                body_replaced: false,
+                ctx: self.ctx.take(),
+            };
+        }
+        inst.store.set_epoch_deadline(v.entry.rt.deadline_ticks);
+        let started = Instant::now();
+        let req = Resource::new_borrow(0);
+        // A host function that panics (e.g. a WASI blocking call that refuses to run inside
+        // a Tokio runtime) unwinds through the guest to here: count it as a trap.
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match hook {
+            Hook::RequestHeaders => inst.filter.call_on_request_headers(&mut inst.store, req),
+            Hook::RequestBody => inst.filter.call_on_request_body(&mut inst.store, req),
+            Hook::ResponseHeaders => {
+                inst.filter
+                    .call_on_response_headers(&mut inst.store, req, Resource::new_borrow(0))
+            }
+            Hook::ResponseBody => {
+                inst.filter
+                    .call_on_response_body(&mut inst.store, req, Resource::new_borrow(0))
+            }
+            Hook::Done(o) => inst
+                .filter
+                .call_on_done(&mut inst.store, req, o)
+                .map(|()| Action::Continue),
+            Hook::Callout(answer) => {
+                let resp = has_resp.then(|| Resource::new_borrow(0));
+                let answer = answer.as_ref().map_err(String::as_str);
+                inst.filter
+                    .call_on_callout_response(&mut inst.store, req, resp, answer)
+            }
+        }))
+        .unwrap_or_else(|_| Err(wasmtime::format_err!("host function panicked")));
+        v.metrics.invocations.inc();
+        v.metrics.duration.observe(started.elapsed().as_secs_f64());
+        // Move everything back, whether the call worked or not.
+        let call = std::mem::take(&mut inst.store.data_mut().call);
+        if let (Some(dst), Some(src)) = (io.req.as_deref_mut(), call.req) {
+            *dst = src;
+        }
+        if let (Some(dst), Some(src)) = (io.resp.as_deref_mut(), call.resp) {
+            *dst = src;
+        }
+        if let (Some(dst), Some(src)) = (io.body.as_deref_mut(), call.body) {
+            *dst = src;
+        }
+        io.body_replaced |= call.body_replaced;
+        self.ctx = call.ctx;
+        match result {
+            Ok(action) => {
+                instance::checkin(&v, inst);
+                Ok(action)
+            }
+            // The instance is dropped here: after a trap it cannot be entered again.
+            Err(e) => Err(CallFailure::from_wasm(&e)),
+        }
+    }
+
+    fn note_failure(&mut self, idx: usize, f: &CallFailure) {
+        let Some(entry) = self.entries.get_mut(idx) else {
+            return;
+        };
+        let v = &entry.version;
+        v.entry.rt.metrics.error(&v.metrics, f.kind);
+        tracing::warn!(filter = %v.entry.name, version = %v.label, kind = f.kind, error = %f.message, "filter call failed");
+    }
+
+    /// Apply the filter's failure mode. Either way the filter is not called again for
+    /// this request.
+    fn fail(&mut self, idx: usize, f: CallFailure) -> Step {
+        self.note_failure(idx, &f);
+        let Some(entry) = self.entries.get_mut(idx) else {
+            return Step::Next;
+        };
+        entry.disabled = true;
+        match entry.version.entry.failure_mode {
+            FailureMode::FailOpen => Step::Next,
+            FailureMode::FailClosed => {
+                let name = entry.version.entry.name.clone();
+                if let Some(ctx) = self.ctx_mut() {
+                    ctx.add_flag("FE");
+                }
+                let mut headers = HeaderMap::new();
+                headers.insert(
+                    CONTENT_TYPE,
+                    HeaderValue::from_static("text/plain; charset=utf-8"),
+                );
+                Step::Stop(Verdict::Respond(LocalResponse {
+                    status: StatusCode::INTERNAL_SERVER_ERROR,
+                    headers,
+                    body: Bytes::from(format!("filter {name} failed: {}\n", f.message)),
+                    flag: Some("FE".to_string()),
+                }))
+            }
+        }
+    }
+}
+
+fn to_local(r: wt::LocalResponse) -> Result<LocalResponse, String> {
+    let status =
+        StatusCode::from_u16(r.status).map_err(|_| format!("invalid status {}", r.status))?;
+    let mut headers = HeaderMap::with_capacity(r.headers.len());
+    for (n, v) in &r.headers {
+        let name = HeaderName::from_bytes(n.as_bytes())
+            .map_err(|_| format!("invalid header name {n:?}"))?;
+        let value =
+            HeaderValue::from_str(v).map_err(|_| format!("invalid value for header {n:?}"))?;
+        headers.append(name, value);
+    }
+    Ok(LocalResponse {
+        status,
+        headers,
+        body: Bytes::from(r.body),
+        flag: r.flag.filter(|f| !f.is_empty()),
+    })
+}
+
+fn build_callout(c: &wt::CalloutRequest) -> Result<http::Request<Bytes>, String> {
+    let method = http::Method::from_bytes(c.method.as_bytes())
+        .map_err(|_| format!("invalid method {:?}", c.method))?;
+    if !c.path.starts_with('/') {
+        return Err(format!("callout path must start with '/': {:?}", c.path));
+    }
+    let uri: http::Uri = c
+        .path
+        .parse()
+        .map_err(|_| format!("invalid callout path {:?}", c.path))?;
+    let mut req = http::Request::new(Bytes::from(c.body.clone()));
+    *req.method_mut() = method;
+    *req.uri_mut() = uri;
+    for (n, v) in &c.headers {
+        let name = HeaderName::from_bytes(n.as_bytes())
+            .map_err(|_| format!("invalid header name {n:?}"))?;
+        let value =
+            HeaderValue::from_str(v).map_err(|_| format!("invalid value for header {n:?}"))?;
+        req.headers_mut().append(name, value);
+    }
+    Ok(req)
+}

@@ -1,0 +1,570 @@
+//! The host functions a filter imports (`wasmesh:filter/host` and `/http`), implemented on
+//! the store's data, [`HostState`].
+//!
+//! During a hook call the store owns what the hook may see: the request parts (request
+//! hooks), the response parts (response hooks), the buffered body (body hooks) and the
+//! request's context (bag, flags, attributes, cluster choice). The chain moves them in
+//! before the call and back out after it, so host functions read plain fields, without
+//! locks, tables or copies.
+
+use super::bindings::wasmesh::filter::{host, http as wit_http, types};
+use super::bindings::{RequestHandle, ResponseHandle};
+use super::metrics::{DynMetric, MetricOp};
+use super::slot::EntryShared;
+use super::RequestInfo;
+use bytes::Bytes;
+use http::header::{HeaderName, HeaderValue};
+use http::{HeaderMap, Method, Uri};
+use prometheus_client::metrics::MetricType;
+use std::sync::Arc;
+use wasmtime::component::Resource;
+use wasmtime::{StoreLimits, StoreLimitsBuilder};
+use wasmtime_wasi::{ResourceTable, WasiCtx, WasiCtxView, WasiView};
+
+/// Per-request values kept along the chain (bag, flags, ...): at most this many of each.
+const MAX_ITEMS: usize = 64;
+/// Longest key or value put in the bag or the attributes.
+const MAX_ITEM_LEN: usize = 4096;
+/// Metrics one instance may define.
+const MAX_METRICS_PER_INSTANCE: usize = 256;
+
+/// Which hook is running; decides what the request handle may change.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Phase {
+    #[default]
+    Idle,
+    Configure,
+    RequestHeaders,
+    RequestBody,
+    ResponseHeaders,
+    ResponseBody,
+    Done,
+}
+
+/// The request as the response side and `on-done` see it: a copy taken when the request
+/// side of the chain finished (only when some filter has a later hook).
+pub struct RequestSnapshot {
+    pub method: Method,
+    pub uri: Uri,
+    pub headers: HeaderMap,
+}
+
+/// What a request carries along its chain, between and across filters.
+pub struct RequestCtx {
+    pub info: RequestInfo,
+    pub snapshot: Option<RequestSnapshot>,
+    pub bag: Vec<(String, String)>,
+    pub flags: Vec<String>,
+    pub attributes: Vec<(String, String)>,
+    pub cluster: Option<String>,
+    pub filters_ran: Vec<String>,
+}
+
+impl RequestCtx {
+    pub fn new(info: RequestInfo) -> Self {
+        RequestCtx {
+            info,
+            snapshot: None,
+            bag: Vec::new(),
+            flags: Vec::new(),
+            attributes: Vec::new(),
+            cluster: None,
+            filters_ran: Vec::new(),
+        }
+    }
+
+    pub fn add_flag(&mut self, flag: &str) {
+        let flag = flag.trim();
+        if !flag.is_empty()
+            && flag.len() <= 32
+            && self.flags.len() < MAX_ITEMS
+            && !self.flags.iter().any(|f| f == flag)
+        {
+            self.flags.push(flag.to_string());
+        }
+    }
+}
+
+/// What one hook call may see; moved into the store for the call.
+#[derive(Default)]
+pub struct CallData {
+    pub phase: Phase,
+    pub req: Option<http::request::Parts>,
+    pub resp: Option<http::response::Parts>,
+    pub body: Option<Bytes>,
+    pub body_replaced: bool,
+    pub ctx: Option<Box<RequestCtx>>,
+}
+
+/// The data of one filter instance's `Store`.
+pub struct HostState {
+    pub limits: StoreLimits,
+    wasi: WasiCtx,
+    table: ResourceTable,
+    pub entry: Arc<EntryShared>,
+    metrics: Vec<Arc<DynMetric>>,
+    pub call: CallData,
+}
+
+impl HostState {
+    pub fn new(entry: Arc<EntryShared>, max_memory: usize) -> Self {
+        // No filesystem, network, environment or arguments: WASI is linked only so that
+        // filters built with panics or in debug load; stderr goes to the log (panic messages).
+        let wasi = WasiCtx::builder()
+            .stderr(super::stderr::LogStderr::new(&entry.name))
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false)
+            .build();
+        HostState {
+            limits: StoreLimitsBuilder::new()
+                .memory_size(max_memory)
+                .instances(64)
+                .tables(64)
+                .memories(16)
+                .trap_on_grow_failure(true)
+                .build(),
+            wasi,
+            table: ResourceTable::new(),
+            entry,
+            metrics: Vec::new(),
+            call: CallData::default(),
+        }
+    }
+
+    fn request_view(&self) -> Option<(&Method, &Uri, &HeaderMap)> {
+        if let Some(p) = &self.call.req {
+            return Some((&p.method, &p.uri, &p.headers));
+        }
+        let s = self.call.ctx.as_ref()?.snapshot.as_ref()?;
+        Some((&s.method, &s.uri, &s.headers))
+    }
+
+    fn info(&self) -> Option<&RequestInfo> {
+        self.call.ctx.as_ref().map(|c| &c.info)
+    }
+
+    fn request_mut(&mut self) -> Result<&mut http::request::Parts, String> {
+        self.call
+            .req
+            .as_mut()
+            .ok_or_else(|| "the request can only be changed in request hooks".to_string())
+    }
+
+    fn response_mut(&mut self) -> Result<&mut http::response::Parts, String> {
+        self.call
+            .resp
+            .as_mut()
+            .ok_or_else(|| "no response in this hook".to_string())
+    }
+
+    fn record(&mut self, metric: u32, labels: Vec<String>, op: MetricOp) {
+        let Some(m) = usize::try_from(metric)
+            .ok()
+            .and_then(|i| self.metrics.get(i))
+        else {
+            return;
+        };
+        if m.record(&self.entry.name, &labels, op) {
+            self.entry.overflow(m.as_ref());
+        }
+    }
+}
+
+impl WasiView for HostState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+fn lossy(v: &HeaderValue) -> String {
+    match v.to_str() {
+        Ok(s) => s.to_string(),
+        Err(_) => String::from_utf8_lossy(v.as_bytes()).into_owned(),
+    }
+}
+
+fn first(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers.get(name).map(lossy)
+}
+
+fn all(headers: &HeaderMap, name: &str) -> Vec<String> {
+    headers.get_all(name).iter().map(lossy).collect()
+}
+
+fn list(headers: &HeaderMap) -> Vec<(String, String)> {
+    headers
+        .iter()
+        .map(|(n, v)| (n.as_str().to_string(), lossy(v)))
+        .collect()
+}
+
+fn parse_header(name: &str, value: &str) -> Result<(HeaderName, HeaderValue), String> {
+    let n = HeaderName::from_bytes(name.as_bytes())
+        .map_err(|_| format!("invalid header name {name:?}"))?;
+    let v =
+        HeaderValue::from_str(value).map_err(|_| format!("invalid value for header {name:?}"))?;
+    Ok((n, v))
+}
+
+fn set_header(
+    headers: &mut HeaderMap,
+    name: &str,
+    value: &str,
+    append: bool,
+) -> Result<(), String> {
+    let (n, v) = parse_header(name, value)?;
+    if append {
+        headers.append(n, v);
+    } else {
+        headers.insert(n, v);
+    }
+    Ok(())
+}
+
+fn remove_header(headers: &mut HeaderMap, name: &str) -> Result<(), String> {
+    let n = HeaderName::from_bytes(name.as_bytes())
+        .map_err(|_| format!("invalid header name {name:?}"))?;
+    headers.remove(n);
+    Ok(())
+}
+
+fn put(list: &mut Vec<(String, String)>, key: String, value: String, replace: bool) {
+    if key.len() > MAX_ITEM_LEN || value.len() > MAX_ITEM_LEN {
+        return;
+    }
+    if replace {
+        if let Some(slot) = list.iter_mut().find(|(k, _)| *k == key) {
+            slot.1 = value;
+            return;
+        }
+    }
+    if list.len() < MAX_ITEMS {
+        list.push((key, value));
+    }
+}
+
+impl types::Host for HostState {}
+impl wit_http::Host for HostState {}
+
+impl wit_http::HostRequest for HostState {
+    fn id(&mut self, _: Resource<RequestHandle>) -> String {
+        self.info()
+            .map(|i| i.request_id.clone())
+            .unwrap_or_default()
+    }
+    fn method(&mut self, _: Resource<RequestHandle>) -> String {
+        self.request_view()
+            .map(|(m, _, _)| m.as_str().to_string())
+            .unwrap_or_default()
+    }
+    fn scheme(&mut self, _: Resource<RequestHandle>) -> String {
+        self.info()
+            .map(|i| i.scheme.to_string())
+            .unwrap_or_default()
+    }
+    fn authority(&mut self, _: Resource<RequestHandle>) -> Option<String> {
+        let (_, uri, headers) = self.request_view()?;
+        uri.authority()
+            .map(|a| a.as_str().to_string())
+            .or_else(|| first(headers, "host"))
+    }
+    fn path(&mut self, _: Resource<RequestHandle>) -> String {
+        self.request_view()
+            .map(|(_, u, _)| u.path().to_string())
+            .unwrap_or_default()
+    }
+    fn query(&mut self, _: Resource<RequestHandle>) -> Option<String> {
+        self.request_view()?.1.query().map(str::to_string)
+    }
+    fn header(&mut self, _: Resource<RequestHandle>, name: String) -> Option<String> {
+        first(self.request_view()?.2, &name)
+    }
+    fn header_all(&mut self, _: Resource<RequestHandle>, name: String) -> Vec<String> {
+        self.request_view()
+            .map(|(_, _, h)| all(h, &name))
+            .unwrap_or_default()
+    }
+    fn headers(&mut self, _: Resource<RequestHandle>) -> Vec<(String, String)> {
+        self.request_view()
+            .map(|(_, _, h)| list(h))
+            .unwrap_or_default()
+    }
+    fn set_header(
+        &mut self,
+        _: Resource<RequestHandle>,
+        name: String,
+        value: String,
+    ) -> Result<(), String> {
+        set_header(&mut self.request_mut()?.headers, &name, &value, false)
+    }
+    fn add_header(
+        &mut self,
+        _: Resource<RequestHandle>,
+        name: String,
+        value: String,
+    ) -> Result<(), String> {
+        set_header(&mut self.request_mut()?.headers, &name, &value, true)
+    }
+    fn remove_header(&mut self, _: Resource<RequestHandle>, name: String) -> Result<(), String> {
+        remove_header(&mut self.request_mut()?.headers, &name)
+    }
+    fn set_path(&mut self, _: Resource<RequestHandle>, path: String) -> Result<(), String> {
+        if !path.starts_with('/') {
+            return Err("path must start with '/'".to_string());
+        }
+        let req = self.request_mut()?;
+        let pq: http::uri::PathAndQuery =
+            path.parse().map_err(|_| format!("invalid path {path:?}"))?;
+        let mut parts = std::mem::take(&mut req.uri).into_parts();
+        parts.path_and_query = Some(pq);
+        match Uri::from_parts(parts) {
+            Ok(uri) => {
+                req.uri = uri;
+                Ok(())
+            }
+            Err(e) => Err(format!("invalid path {path:?}: {e}")),
+        }
+    }
+    fn body(&mut self, _: Resource<RequestHandle>) -> Vec<u8> {
+        match (self.call.phase, &self.call.body) {
+            (Phase::RequestBody, Some(b)) => b.to_vec(),
+            _ => Vec::new(),
+        }
+    }
+    fn set_body(&mut self, _: Resource<RequestHandle>, body: Vec<u8>) -> Result<(), String> {
+        if self.call.phase != Phase::RequestBody {
+            return Err("the request body can only be replaced in on-request-body".to_string());
+        }
+        self.call.body = Some(Bytes::from(body));
+        self.call.body_replaced = true;
+        Ok(())
+    }
+    fn source_address(&mut self, _: Resource<RequestHandle>) -> String {
+        self.info()
+            .map(|i| i.source_addr.to_string())
+            .unwrap_or_default()
+    }
+    fn peer_identity(&mut self, _: Resource<RequestHandle>) -> Option<String> {
+        self.info()?.peer_identity.clone()
+    }
+    fn route_name(&mut self, _: Resource<RequestHandle>) -> String {
+        self.info().map(|i| i.route.to_string()).unwrap_or_default()
+    }
+    fn trace_id(&mut self, _: Resource<RequestHandle>) -> Option<String> {
+        self.info()?.trace_id.clone()
+    }
+    fn span_id(&mut self, _: Resource<RequestHandle>) -> Option<String> {
+        self.info()?.span_id.clone()
+    }
+    fn set_cluster(&mut self, _: Resource<RequestHandle>, cluster: String) -> Result<(), String> {
+        if !matches!(self.call.phase, Phase::RequestHeaders | Phase::RequestBody) {
+            return Err("the cluster can only be chosen in request hooks".to_string());
+        }
+        if !self.entry.clusters.contains(&cluster) {
+            return Err(format!(
+                "cluster {cluster:?} is not in filter {}'s clusters list",
+                self.entry.name
+            ));
+        }
+        if let Some(ctx) = self.call.ctx.as_mut() {
+            ctx.cluster = Some(cluster);
+        }
+        Ok(())
+    }
+    fn get_property(&mut self, _: Resource<RequestHandle>, key: String) -> Option<String> {
+        let ctx = self.call.ctx.as_ref()?;
+        ctx.bag
+            .iter()
+            .find(|(k, _)| *k == key)
+            .map(|(_, v)| v.clone())
+    }
+    fn set_property(&mut self, _: Resource<RequestHandle>, key: String, value: String) {
+        if let Some(ctx) = self.call.ctx.as_mut() {
+            put(&mut ctx.bag, key, value, true);
+        }
+    }
+    fn set_attribute(&mut self, _: Resource<RequestHandle>, key: String, value: String) {
+        if let Some(ctx) = self.call.ctx.as_mut() {
+            put(&mut ctx.attributes, key, value, true);
+        }
+    }
+    fn set_response_flag(&mut self, _: Resource<RequestHandle>, flag: String) {
+        if let Some(ctx) = self.call.ctx.as_mut() {
+            ctx.add_flag(&flag);
+        }
+    }
+    fn drop(&mut self, _: Resource<RequestHandle>) -> wasmtime::Result<()> {
+        // The host only lends borrows; nothing to free.
+        Ok(())
+    }
+}
+
+impl wit_http::HostResponse for HostState {
+    fn status(&mut self, _: Resource<ResponseHandle>) -> u16 {
+        self.call.resp.as_ref().map_or(0, |r| r.status.as_u16())
+    }
+    fn set_status(&mut self, _: Resource<ResponseHandle>, status: u16) -> Result<(), String> {
+        let s =
+            http::StatusCode::from_u16(status).map_err(|_| format!("invalid status {status}"))?;
+        self.response_mut()?.status = s;
+        Ok(())
+    }
+    fn header(&mut self, _: Resource<ResponseHandle>, name: String) -> Option<String> {
+        first(&self.call.resp.as_ref()?.headers, &name)
+    }
+    fn header_all(&mut self, _: Resource<ResponseHandle>, name: String) -> Vec<String> {
+        self.call
+            .resp
+            .as_ref()
+            .map(|r| all(&r.headers, &name))
+            .unwrap_or_default()
+    }
+    fn headers(&mut self, _: Resource<ResponseHandle>) -> Vec<(String, String)> {
+        self.call
+            .resp
+            .as_ref()
+            .map(|r| list(&r.headers))
+            .unwrap_or_default()
+    }
+    fn set_header(
+        &mut self,
+        _: Resource<ResponseHandle>,
+        name: String,
+        value: String,
+    ) -> Result<(), String> {
+        set_header(&mut self.response_mut()?.headers, &name, &value, false)
+    }
+    fn add_header(
+        &mut self,
+        _: Resource<ResponseHandle>,
+        name: String,
+        value: String,
+    ) -> Result<(), String> {
+        set_header(&mut self.response_mut()?.headers, &name, &value, true)
+    }
+    fn remove_header(&mut self, _: Resource<ResponseHandle>, name: String) -> Result<(), String> {
+        remove_header(&mut self.response_mut()?.headers, &name)
+    }
+    fn body(&mut self, _: Resource<ResponseHandle>) -> Vec<u8> {
+        match (self.call.phase, &self.call.body) {
+            (Phase::ResponseBody, Some(b)) => b.to_vec(),
+            _ => Vec::new(),
+        }
+    }
+    fn set_body(&mut self, _: Resource<ResponseHandle>, body: Vec<u8>) -> Result<(), String> {
+        if self.call.phase != Phase::ResponseBody {
+            return Err("the response body can only be replaced in on-response-body".to_string());
+        }
+        self.call.body = Some(Bytes::from(body));
+        self.call.body_replaced = true;
+        Ok(())
+    }
+    fn drop(&mut self, _: Resource<ResponseHandle>) -> wasmtime::Result<()> {
+        Ok(())
+    }
+}
+
+impl host::Host for HostState {
+    fn log(&mut self, level: types::LogLevel, message: String) {
+        let filter = self.entry.name.as_str();
+        let message: String = message.chars().take(8192).collect();
+        match level {
+            types::LogLevel::Trace => {
+                tracing::trace!(target: "wasmesh::filter", filter, "{message}")
+            }
+            types::LogLevel::Debug => {
+                tracing::debug!(target: "wasmesh::filter", filter, "{message}")
+            }
+            types::LogLevel::Info => tracing::info!(target: "wasmesh::filter", filter, "{message}"),
+            types::LogLevel::Warn => tracing::warn!(target: "wasmesh::filter", filter, "{message}"),
+            types::LogLevel::Error => {
+                tracing::error!(target: "wasmesh::filter", filter, "{message}")
+            }
+        }
+    }
+
+    fn define_metric(
+        &mut self,
+        kind: types::MetricKind,
+        name: String,
+        help: String,
+        labels: Vec<String>,
+        buckets: Vec<f64>,
+    ) -> Result<u32, String> {
+        let kind = match kind {
+            types::MetricKind::Counter => MetricType::Counter,
+            types::MetricKind::Gauge => MetricType::Gauge,
+            types::MetricKind::Histogram => MetricType::Histogram,
+        };
+        let m = self
+            .entry
+            .rt
+            .dyn_metrics
+            .define(kind, &name, &help, &labels, &buckets)?;
+        if let Some(i) = self.metrics.iter().position(|x| Arc::ptr_eq(x, &m)) {
+            return u32::try_from(i).map_err(|_| "too many metrics".to_string());
+        }
+        if self.metrics.len() >= MAX_METRICS_PER_INSTANCE {
+            return Err(format!(
+                "at most {MAX_METRICS_PER_INSTANCE} metrics per filter"
+            ));
+        }
+        self.metrics.push(m);
+        u32::try_from(self.metrics.len() - 1).map_err(|_| "too many metrics".to_string())
+    }
+    fn counter_add(&mut self, metric: u32, labels: Vec<String>, value: u64) {
+        self.record(metric, labels, MetricOp::CounterAdd(value))
+    }
+    fn gauge_set(&mut self, metric: u32, labels: Vec<String>, value: i64) {
+        self.record(metric, labels, MetricOp::GaugeSet(value))
+    }
+    fn gauge_add(&mut self, metric: u32, labels: Vec<String>, value: i64) {
+        self.record(metric, labels, MetricOp::GaugeAdd(value))
+    }
+    fn histogram_observe(&mut self, metric: u32, labels: Vec<String>, value: f64) {
+        self.record(metric, labels, MetricOp::Observe(value))
+    }
+
+    fn state_get(&mut self, key: String) -> Option<Vec<u8>> {
+        self.entry.state.get(&key)
+    }
+    fn state_set(&mut self, key: String, value: Vec<u8>, ttl_millis: u64) -> Result<(), String> {
+        self.entry.state.set(&key, value, ttl_millis)
+    }
+    fn state_compare_and_swap(
+        &mut self,
+        key: String,
+        expected: Option<Vec<u8>>,
+        value: Vec<u8>,
+        ttl_millis: u64,
+    ) -> Result<bool, String> {
+        self.entry
+            .state
+            .compare_and_swap(&key, expected.as_deref(), value, ttl_millis)
+    }
+    fn state_increment(&mut self, key: String, delta: i64, ttl_millis: u64) -> Result<i64, String> {
+        self.entry.state.increment(&key, delta, ttl_millis)
+    }
+    fn state_delete(&mut self, key: String) -> bool {
+        self.entry.state.delete(&key)
+    }
+    fn state_list_keys(&mut self, prefix: String, limit: u32) -> Vec<String> {
+        self.entry.state.list_keys(&prefix, limit)
+    }
+
+    fn now_unix_nanos(&mut self) -> u64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+    }
+    fn monotonic_nanos(&mut self) -> u64 {
+        u64::try_from(self.entry.rt.epoch_start.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+    fn random_u64(&mut self) -> u64 {
+        rand::random()
+    }
+}

@@ -1,0 +1,353 @@
+//! Every metric of the filter host, declared in one place.
+//!
+//! Host metrics (per filter entry and version, where `version` is the short content hash):
+//! - `wasmesh_filter_invocations_total{filter,version}`: hook calls;
+//! - `wasmesh_filter_errors_total{filter,version,kind}`: failed hook calls, `kind` one of
+//!   `trap`, `deadline`, `memory`, `instantiate`, `invalid_action`, `state_lost`, `callout`;
+//! - `wasmesh_filter_call_duration_seconds{filter,version}`: time in a hook call;
+//! - `wasmesh_filter_hot_swaps_total{filter}` and `wasmesh_filter_load_failures_total{filter}`;
+//! - `wasmesh_filter_metric_overflow_total{filter,metric}`: values of filter-defined metrics
+//!   that went to the "overflow" label set.
+//!
+//! Filter-defined metrics (`define-metric`) are exported by [`DynMetrics`], a collector
+//! that renders them at scrape time as `wasmesh_filter_NAME{filter="ENTRY",...}`.
+
+use poison_free::RwLock;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// `std`'s RwLock, poison-tolerant: metrics must keep working after a panic elsewhere.
+mod poison_free {
+    #[derive(Default)]
+    pub struct RwLock<T>(std::sync::RwLock<T>);
+    impl<T> RwLock<T> {
+        pub fn new(v: T) -> Self {
+            Self(std::sync::RwLock::new(v))
+        }
+        pub fn read(&self) -> std::sync::RwLockReadGuard<'_, T> {
+            self.0.read().unwrap_or_else(|e| e.into_inner())
+        }
+        pub fn write(&self) -> std::sync::RwLockWriteGuard<'_, T> {
+            self.0.write().unwrap_or_else(|e| e.into_inner())
+        }
+    }
+}
+
+/// Label sets a filter-defined metric may hold; past it values go to the "overflow" set.
+pub const MAX_LABEL_SETS: usize = 1000;
+/// Metrics one process may define through `define-metric`.
+pub const MAX_DYN_METRICS: usize = 1000;
+const MAX_NAME_LEN: usize = 100;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VersionLabels {
+    pub filter: String,
+    pub version: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrorLabels {
+    pub filter: String,
+    pub version: String,
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FilterLabels {
+    pub filter: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OverflowLabels {
+    pub filter: String,
+    pub metric: String,
+}
+
+fn duration_histogram() -> Histogram {
+    // 1 µs .. ~1 s.
+    Histogram::new(exponential_buckets(1e-6, 4.0, 11))
+}
+
+/// The host's own metric families.
+pub struct HostMetrics {
+    pub invocations: Family<VersionLabels, Counter>,
+    pub errors: Family<ErrorLabels, Counter>,
+    pub duration: Family<VersionLabels, Histogram>,
+    pub hot_swaps: Family<FilterLabels, Counter>,
+    pub load_failures: Family<FilterLabels, Counter>,
+    pub metric_overflow: Family<OverflowLabels, Counter>,
+}
+
+impl HostMetrics {
+    pub fn new(registry: &mut Registry) -> (Arc<Self>, Arc<DynMetrics>) {
+        let m = Arc::new(HostMetrics {
+            invocations: Family::default(),
+            errors: Family::default(),
+            duration: Family::new_with_constructor(duration_histogram),
+            hot_swaps: Family::default(),
+            load_failures: Family::default(),
+            metric_overflow: Family::default(),
+        });
+        registry.register(
+            "wasmesh_filter_invocations",
+            "Calls into filter hooks",
+            m.invocations.clone(),
+        );
+        registry.register(
+            "wasmesh_filter_errors",
+            "Failed filter hook calls, by kind (trap, deadline, memory, instantiate, invalid_action, state_lost, callout)",
+            m.errors.clone(),
+        );
+        registry.register(
+            "wasmesh_filter_call_duration_seconds",
+            "Time spent in one filter hook call",
+            m.duration.clone(),
+        );
+        registry.register(
+            "wasmesh_filter_hot_swaps",
+            "New filter versions put in service",
+            m.hot_swaps.clone(),
+        );
+        registry.register(
+            "wasmesh_filter_load_failures",
+            "Filter versions that failed to load",
+            m.load_failures.clone(),
+        );
+        registry.register(
+            "wasmesh_filter_metric_overflow",
+            "Values of filter-defined metrics recorded in the overflow label set",
+            m.metric_overflow.clone(),
+        );
+        let dynamic = Arc::new(DynMetrics::default());
+        registry.register_collector(Box::new(dynamic.clone()));
+        (m, dynamic)
+    }
+
+    /// Handles for the hot path of one filter version (no map lookup per call).
+    pub fn for_version(&self, filter: &str, version: &str) -> VersionMetrics {
+        let labels = VersionLabels {
+            filter: filter.to_string(),
+            version: version.to_string(),
+        };
+        VersionMetrics {
+            invocations: self.invocations.get_or_create(&labels).clone(),
+            duration: self.duration.get_or_create(&labels).clone(),
+            labels,
+        }
+    }
+
+    pub fn error(&self, v: &VersionMetrics, kind: &'static str) {
+        self.errors
+            .get_or_create(&ErrorLabels {
+                filter: v.labels.filter.clone(),
+                version: v.labels.version.clone(),
+                kind,
+            })
+            .inc();
+    }
+}
+
+/// Per-version metric handles.
+pub struct VersionMetrics {
+    pub invocations: Counter,
+    pub duration: Histogram,
+    pub labels: VersionLabels,
+}
+
+#[derive(Clone)]
+enum Series {
+    Counter(Counter),
+    Gauge(Gauge),
+    Histogram(Histogram),
+}
+
+/// One filter-defined metric family.
+pub struct DynMetric {
+    name: String,
+    help: String,
+    kind: MetricType,
+    label_names: Vec<String>,
+    buckets: Vec<f64>,
+    /// Key: the filter entry name followed by the label values.
+    series: RwLock<HashMap<Vec<String>, Series>>,
+}
+
+/// Which operation a filter asks of a metric.
+#[derive(Clone, Copy)]
+pub enum MetricOp {
+    CounterAdd(u64),
+    GaugeSet(i64),
+    GaugeAdd(i64),
+    Observe(f64),
+}
+
+impl DynMetric {
+    /// Full exported name (`wasmesh_filter_...`).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn new_series(&self) -> Series {
+        match self.kind {
+            MetricType::Counter => Series::Counter(Counter::default()),
+            MetricType::Gauge => Series::Gauge(Gauge::default()),
+            _ => Series::Histogram(Histogram::new(self.buckets.iter().copied())),
+        }
+    }
+
+    /// Apply `op` to the series of `filter` with `labels`. Returns true when the value
+    /// went to the overflow set. Wrong label count or wrong kind: ignored (false).
+    pub fn record(&self, filter: &str, labels: &[String], op: MetricOp) -> bool {
+        if labels.len() != self.label_names.len() {
+            return false;
+        }
+        let mut key = Vec::with_capacity(labels.len() + 1);
+        key.push(filter.to_string());
+        key.extend(labels.iter().cloned());
+        let found = self.series.read().get(&key).cloned();
+        let (series, overflow) = match found {
+            Some(s) => (s, false),
+            None => {
+                let mut map = self.series.write();
+                let overflow = map.len() >= MAX_LABEL_SETS && !map.contains_key(&key);
+                if overflow {
+                    key.truncate(1);
+                    key.extend(std::iter::repeat_n("overflow".to_string(), labels.len()));
+                }
+                let s = map.entry(key).or_insert_with(|| self.new_series()).clone();
+                (s, overflow)
+            }
+        };
+        match (series, op) {
+            (Series::Counter(c), MetricOp::CounterAdd(v)) => {
+                c.inc_by(v);
+            }
+            (Series::Gauge(g), MetricOp::GaugeSet(v)) => {
+                g.set(v);
+            }
+            (Series::Gauge(g), MetricOp::GaugeAdd(v)) => {
+                g.inc_by(v);
+            }
+            (Series::Histogram(h), MetricOp::Observe(v)) => h.observe(v),
+            _ => {}
+        }
+        overflow
+    }
+}
+
+/// All filter-defined metrics; a prometheus-client [`Collector`].
+#[derive(Default)]
+pub struct DynMetrics {
+    metrics: RwLock<Vec<Arc<DynMetric>>>,
+}
+
+impl std::fmt::Debug for DynMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DynMetrics")
+    }
+}
+
+fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= MAX_NAME_LEN
+        && s.bytes()
+            .enumerate()
+            .all(|(i, b)| b == b'_' || b.is_ascii_alphabetic() || (i > 0 && b.is_ascii_digit()))
+}
+
+impl DynMetrics {
+    /// Define (or find) a metric. Same name with the same kind and labels: the same metric.
+    pub fn define(
+        &self,
+        kind: MetricType,
+        name: &str,
+        help: &str,
+        labels: &[String],
+        buckets: &[f64],
+    ) -> Result<Arc<DynMetric>, String> {
+        if !valid_name(name) {
+            return Err(format!(
+                "invalid metric name {name:?} (letters, digits, '_', at most {MAX_NAME_LEN})"
+            ));
+        }
+        if let Some(bad) = labels
+            .iter()
+            .find(|l| !valid_name(l) || *l == "filter" || l.starts_with("__"))
+        {
+            return Err(format!("invalid label name {bad:?}"));
+        }
+        if buckets.iter().any(|b| !b.is_finite()) {
+            return Err("histogram buckets must be finite".to_string());
+        }
+        let full = format!("wasmesh_filter_{name}");
+        let mut all = self.metrics.write();
+        if let Some(m) = all.iter().find(|m| m.name == full) {
+            if m.kind == kind && m.label_names == labels {
+                return Ok(m.clone());
+            }
+            return Err(format!(
+                "metric {full} is already defined with another kind or labels"
+            ));
+        }
+        if all.len() >= MAX_DYN_METRICS {
+            return Err(format!(
+                "too many filter metrics (at most {MAX_DYN_METRICS})"
+            ));
+        }
+        let mut buckets: Vec<f64> = buckets.to_vec();
+        if buckets.is_empty() {
+            buckets = vec![0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0];
+        }
+        buckets.sort_by(f64::total_cmp);
+        buckets.dedup();
+        let m = Arc::new(DynMetric {
+            name: full,
+            help: help.chars().take(500).collect(),
+            kind,
+            label_names: labels.to_vec(),
+            buckets,
+            series: RwLock::new(HashMap::new()),
+        });
+        all.push(m.clone());
+        Ok(m)
+    }
+}
+
+impl Collector for DynMetrics {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let all: Vec<Arc<DynMetric>> = self.metrics.read().clone();
+        for m in all {
+            let series: Vec<(Vec<String>, Series)> = m
+                .series
+                .read()
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            if series.is_empty() {
+                continue;
+            }
+            let mut me = encoder.encode_descriptor(&m.name, &m.help, None, m.kind)?;
+            for (key, s) in series {
+                let mut labels: Vec<(String, String)> = Vec::with_capacity(key.len());
+                let mut values = key.into_iter();
+                labels.push(("filter".to_string(), values.next().unwrap_or_default()));
+                labels.extend(m.label_names.iter().cloned().zip(values));
+                let fe = me.encode_family(&labels)?;
+                match s {
+                    Series::Counter(c) => c.encode(fe)?,
+                    Series::Gauge(g) => g.encode(fe)?,
+                    Series::Histogram(h) => h.encode(fe)?,
+                }
+            }
+        }
+        Ok(())
+    }
+}

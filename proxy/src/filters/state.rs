@@ -1,0 +1,218 @@
+//! Shared state of a filter entry: one concurrent map per filter name, shared by every
+//! instance on every worker thread and kept across hot-swaps and manifest reloads.
+//!
+//! Each operation is atomic (DashMap's shard lock, held for the one operation, never
+//! across a call into wasm). Expired entries are removed lazily when touched and in a
+//! sweep when the map is full. Sizes are bounded so a filter cannot eat the host's memory.
+
+use dashmap::mapref::entry::Entry;
+use dashmap::DashMap;
+use std::time::{Duration, Instant};
+
+/// Keys one filter entry may hold.
+pub(crate) const MAX_KEYS: usize = 100_000;
+/// Longest key, in bytes.
+pub(crate) const MAX_KEY_LEN: usize = 1024;
+/// Largest value, in bytes.
+pub(crate) const MAX_VALUE_LEN: usize = 64 * 1024;
+/// Most keys `list_keys` returns.
+pub(crate) const MAX_LIST: usize = 10_000;
+
+struct Item {
+    value: Vec<u8>,
+    expires: Option<Instant>,
+}
+
+impl Item {
+    fn live(&self, now: Instant) -> bool {
+        self.expires.is_none_or(|t| t > now)
+    }
+}
+
+/// The map behind the `state-*` host functions of one filter entry.
+#[derive(Default)]
+pub struct SharedState {
+    map: DashMap<String, Item>,
+}
+
+fn expiry(ttl_ms: u64) -> Option<Instant> {
+    if ttl_ms == 0 {
+        None
+    } else {
+        Instant::now().checked_add(Duration::from_millis(ttl_ms))
+    }
+}
+
+fn check(key: &str, value: Option<&[u8]>) -> Result<(), String> {
+    if key.len() > MAX_KEY_LEN {
+        return Err(format!("key longer than {MAX_KEY_LEN} bytes"));
+    }
+    if value.is_some_and(|v| v.len() > MAX_VALUE_LEN) {
+        return Err(format!("value larger than {MAX_VALUE_LEN} bytes"));
+    }
+    Ok(())
+}
+
+impl SharedState {
+    /// Number of keys, expired ones included until swept.
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// Whether the map is empty.
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    /// Make room for one more key, or say why not.
+    fn room_for(&self, key: &str) -> Result<(), String> {
+        if self.map.len() < MAX_KEYS || self.map.contains_key(key) {
+            return Ok(());
+        }
+        let now = Instant::now();
+        self.map.retain(|_, item| item.live(now));
+        if self.map.len() < MAX_KEYS {
+            Ok(())
+        } else {
+            Err(format!("shared state is full ({MAX_KEYS} keys)"))
+        }
+    }
+
+    pub fn get(&self, key: &str) -> Option<Vec<u8>> {
+        let now = Instant::now();
+        {
+            let item = self.map.get(key)?;
+            if item.live(now) {
+                return Some(item.value.clone());
+            }
+        }
+        self.map.remove_if(key, |_, item| !item.live(now));
+        None
+    }
+
+    pub fn set(&self, key: &str, value: Vec<u8>, ttl_ms: u64) -> Result<(), String> {
+        check(key, Some(&value))?;
+        self.room_for(key)?;
+        self.map.insert(
+            key.to_string(),
+            Item {
+                value,
+                expires: expiry(ttl_ms),
+            },
+        );
+        Ok(())
+    }
+
+    pub fn compare_and_swap(
+        &self,
+        key: &str,
+        expected: Option<&[u8]>,
+        value: Vec<u8>,
+        ttl_ms: u64,
+    ) -> Result<bool, String> {
+        check(key, Some(&value))?;
+        self.room_for(key)?;
+        let now = Instant::now();
+        match self.map.entry(key.to_string()) {
+            Entry::Occupied(mut e) => {
+                let current = e.get().live(now).then(|| e.get().value.as_slice());
+                if current != expected {
+                    return Ok(false);
+                }
+                e.insert(Item {
+                    value,
+                    expires: expiry(ttl_ms),
+                });
+                Ok(true)
+            }
+            Entry::Vacant(e) => {
+                if expected.is_some() {
+                    return Ok(false);
+                }
+                e.insert(Item {
+                    value,
+                    expires: expiry(ttl_ms),
+                });
+                Ok(true)
+            }
+        }
+    }
+
+    pub fn increment(&self, key: &str, delta: i64, ttl_ms: u64) -> Result<i64, String> {
+        check(key, None)?;
+        self.room_for(key)?;
+        let now = Instant::now();
+        match self.map.entry(key.to_string()) {
+            Entry::Occupied(mut e) => {
+                let item = e.get_mut();
+                if !item.live(now) {
+                    item.value.clear();
+                    item.expires = expiry(ttl_ms);
+                }
+                let current: i64 = if item.value.is_empty() {
+                    0
+                } else {
+                    std::str::from_utf8(&item.value)
+                        .ok()
+                        .and_then(|s| s.parse().ok())
+                        .ok_or_else(|| format!("value at {key:?} is not a decimal integer"))?
+                };
+                let next = current.saturating_add(delta);
+                item.value = next.to_string().into_bytes();
+                Ok(next)
+            }
+            Entry::Vacant(e) => {
+                e.insert(Item {
+                    value: delta.to_string().into_bytes(),
+                    expires: expiry(ttl_ms),
+                });
+                Ok(delta)
+            }
+        }
+    }
+
+    pub fn delete(&self, key: &str) -> bool {
+        let now = Instant::now();
+        self.map.remove(key).is_some_and(|(_, item)| item.live(now))
+    }
+
+    pub fn list_keys(&self, prefix: &str, limit: u32) -> Vec<String> {
+        let limit = usize::try_from(limit).unwrap_or(MAX_LIST).min(MAX_LIST);
+        let now = Instant::now();
+        self.map
+            .iter()
+            .filter(|e| e.key().starts_with(prefix) && e.value().live(now))
+            .take(limit)
+            .map(|e| e.key().clone())
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn increment_cas_ttl() {
+        let s = SharedState::default();
+        assert_eq!(s.increment("a", 2, 0), Ok(2));
+        assert_eq!(s.increment("a", -5, 0), Ok(-3));
+        assert_eq!(s.get("a").as_deref(), Some(&b"-3"[..]));
+        assert_eq!(s.compare_and_swap("b", None, b"x".to_vec(), 0), Ok(true));
+        assert_eq!(s.compare_and_swap("b", None, b"y".to_vec(), 0), Ok(false));
+        assert_eq!(
+            s.compare_and_swap("b", Some(b"x"), b"y".to_vec(), 0),
+            Ok(true)
+        );
+        s.set("t", b"v".to_vec(), 1).ok();
+        std::thread::sleep(Duration::from_millis(5));
+        assert_eq!(s.get("t"), None);
+        assert_eq!(s.increment("t", 1, 0), Ok(1));
+        assert!(s.increment("b", 1, 0).is_err());
+        let mut keys = s.list_keys("", 10);
+        keys.sort();
+        assert_eq!(keys, vec!["a", "b", "t"]);
+        assert!(s.delete("a"));
+        assert!(!s.delete("a"));
+    }
+}
