@@ -6,14 +6,12 @@
 //! ever driven by the thread that opened it. A shared semaphore bounds the cluster's upstream
 //! connections across all workers: past it a request fails fast with `UO` instead of queueing.
 
-use crate::config::{ClusterSpec, LbPolicy, LocalitySpec, UpstreamProtocol};
+use crate::config::{ClusterSpec, LbPolicy, LocalitySpec};
 use crate::telemetry::metrics::{ClusterLabel, Metrics};
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use hyper_util::client::legacy::connect::{Connected, Connection};
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use std::future::Future;
+use crate::pool::ClusterPools;
+use hyper_util::rt::TokioIo;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -26,7 +24,6 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// The body type sent upstream and returned downstream.
 pub type Body = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
-pub type HttpClient = Client<Connector, Body>;
 
 /// An endpoint address as written in the manifest.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -83,8 +80,8 @@ pub struct Cluster {
     label: ClusterLabel,
     set: ArcSwap<EndpointSet>,
     rr: AtomicUsize,
-    /// One pool per worker thread, plus one for other threads (callouts from background tasks).
-    clients: Vec<HttpClient>,
+    /// Connection pools, one per worker thread.
+    pools: Arc<ClusterPools>,
     metrics: Arc<Metrics>,
 }
 
@@ -96,6 +93,11 @@ thread_local! {
 /// Mark the current thread as data-plane worker `i` (selects its connection pools).
 pub fn set_worker_index(i: usize) {
     WORKER.with(|w| w.set(i));
+}
+
+/// The data-plane worker running on this thread, `usize::MAX` on other threads.
+pub fn worker_index() -> usize {
+    WORKER.with(|w| w.get())
 }
 
 impl Cluster {
@@ -111,23 +113,13 @@ impl Cluster {
             metrics: metrics.clone(),
             label: label.clone(),
         };
-        let clients = (0..=workers)
-            .map(|_| {
-                let mut b = Client::builder(TokioExecutor::new());
-                b.pool_idle_timeout(spec.idle_timeout)
-                    .pool_max_idle_per_host(spec.max_idle_per_endpoint)
-                    .pool_timer(TokioTimer::new())
-                    .timer(TokioTimer::new())
-                    // Keep the client's Host header: we set the URI to the endpoint's IP.
-                    .set_host(false);
-                if spec.protocol == UpstreamProtocol::Http2 {
-                    b.http2_only(true)
-                        .http2_keep_alive_interval(Duration::from_secs(30))
-                        .http2_keep_alive_while_idle(true);
-                }
-                b.build(connector.clone())
-            })
-            .collect();
+        let pools = Arc::new(ClusterPools::new(
+            workers,
+            connector,
+            spec.protocol,
+            spec.idle_timeout,
+            spec.max_idle_per_endpoint,
+        ));
         let cluster = Arc::new(Cluster {
             name,
             spec: spec.clone(),
@@ -137,7 +129,7 @@ impl Cluster {
                 schedule: Vec::new(),
             }),
             rr: AtomicUsize::new(0),
-            clients,
+            pools,
             metrics,
         });
         cluster.resolve().await;
@@ -251,11 +243,9 @@ impl Cluster {
         }
     }
 
-    /// The connection pool of the calling worker thread.
-    pub fn client(&self) -> &HttpClient {
-        let i = WORKER.with(|w| w.get());
-        let last = self.clients.len() - 1;
-        &self.clients[i.min(last)]
+    /// The cluster's connection pools. Requests must be sent from a worker thread.
+    pub fn pools(&self) -> &Arc<ClusterPools> {
+        &self.pools
     }
 
     pub fn label(&self) -> &ClusterLabel {
@@ -349,49 +339,35 @@ pub struct Connector {
     label: ClusterLabel,
 }
 
-impl tower_service::Service<http::Uri> for Connector {
-    type Response = UpstreamConn;
-    type Error = ConnectError;
-    type Future = Pin<Box<dyn Future<Output = Result<UpstreamConn, ConnectError>> + Send>>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, uri: http::Uri) -> Self::Future {
-        let this = self.clone();
-        Box::pin(async move {
-            let permit = match this.limit.clone().try_acquire_owned() {
-                Ok(p) => p,
-                Err(_) => {
-                    this.metrics.upstream_cx_overflow.get_or_create(&this.label).inc();
-                    return Err(ConnectError::Overflow);
-                }
-            };
-            let addr: SocketAddr = uri
-                .authority()
-                .and_then(|a| a.as_str().parse().ok())
-                .ok_or(ConnectError::BadAddress)?;
-            let stream = match tokio::time::timeout(this.timeout, TcpStream::connect(addr)).await {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    this.metrics.upstream_cx_connect_fail.get_or_create(&this.label).inc();
-                    return Err(ConnectError::Io(e));
-                }
-                Err(_) => {
-                    this.metrics.upstream_cx_connect_fail.get_or_create(&this.label).inc();
-                    return Err(ConnectError::Timeout);
-                }
-            };
-            let _ = stream.set_nodelay(true);
-            this.metrics.upstream_cx_total.get_or_create(&this.label).inc();
-            let gauge = this.metrics.upstream_cx_active.get_or_create(&this.label).clone();
-            gauge.inc();
-            Ok(UpstreamConn {
-                io: TokioIo::new(stream),
-                _permit: permit,
-                gauge,
-            })
+impl Connector {
+    /// Open a connection to `addr`, holding a slot of the cluster's connection limit.
+    pub async fn connect(&self, addr: SocketAddr) -> Result<UpstreamConn, ConnectError> {
+        let permit = match self.limit.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                self.metrics.upstream_cx_overflow.get_or_create(&self.label).inc();
+                return Err(ConnectError::Overflow);
+            }
+        };
+        let stream = match tokio::time::timeout(self.timeout, TcpStream::connect(addr)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                self.metrics.upstream_cx_connect_fail.get_or_create(&self.label).inc();
+                return Err(ConnectError::Io(e));
+            }
+            Err(_) => {
+                self.metrics.upstream_cx_connect_fail.get_or_create(&self.label).inc();
+                return Err(ConnectError::Timeout);
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        self.metrics.upstream_cx_total.get_or_create(&self.label).inc();
+        let gauge = self.metrics.upstream_cx_active.get_or_create(&self.label).clone();
+        gauge.inc();
+        Ok(UpstreamConn {
+            io: TokioIo::new(stream),
+            _permit: permit,
+            gauge,
         })
     }
 }
@@ -408,12 +384,6 @@ pin_project_lite::pin_project! {
         fn drop(this: Pin<&mut Self>) {
             this.gauge.dec();
         }
-    }
-}
-
-impl Connection for UpstreamConn {
-    fn connected(&self) -> Connected {
-        Connected::new()
     }
 }
 
@@ -447,18 +417,6 @@ impl hyper::rt::Write for UpstreamConn {
     fn is_write_vectored(&self) -> bool {
         self.io.is_write_vectored()
     }
-}
-
-/// Find a [`ConnectError`] in an error's source chain.
-pub fn find_connect_error<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a ConnectError> {
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(err) = cur {
-        if let Some(c) = err.downcast_ref::<ConnectError>() {
-            return Some(c);
-        }
-        cur = err.source();
-    }
-    None
 }
 
 #[cfg(test)]

@@ -22,6 +22,8 @@ pub enum ProxyError {
     BadRequest(&'static str),
     #[error("request body too large")]
     RequestBodyTooLarge,
+    #[error("too many request headers")]
+    TooManyHeaders,
     #[error("response body too large for the filter buffer")]
     ResponseBodyTooLarge,
     #[error("downstream request failed: {0}")]
@@ -42,6 +44,7 @@ impl ProxyError {
             ProxyError::UpstreamTimeout => (StatusCode::GATEWAY_TIMEOUT, "UT"),
             ProxyError::BadRequest(_) => (StatusCode::BAD_REQUEST, "DPE"),
             ProxyError::RequestBodyTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "DPE"),
+            ProxyError::TooManyHeaders => (StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, "DPE"),
             ProxyError::ResponseBodyTooLarge => (StatusCode::BAD_GATEWAY, "UPE"),
             ProxyError::DownstreamBody(_) => (StatusCode::BAD_REQUEST, "DPE"),
             ProxyError::Draining => (StatusCode::SERVICE_UNAVAILABLE, "DR"),

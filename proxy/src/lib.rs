@@ -17,6 +17,7 @@ pub mod config;
 pub mod error;
 pub mod filters;
 pub mod listener;
+pub mod pool;
 pub mod proxy;
 pub mod reload;
 pub mod routing;

@@ -3,7 +3,8 @@
 //! response-side filters → log. Each step is a call into its own module; this file only
 //! strings them together and turns every failure into an answer (see `crate::error`).
 
-use crate::cluster::{find_connect_error, Body, BoxError, Cluster, ConnectError, Endpoint};
+use crate::cluster::{Body, BoxError, Cluster, ConnectError, Endpoint};
+use crate::pool::PoolError;
 use crate::config::Direction;
 use crate::error::ProxyError;
 use crate::filters::{ChainRun, LocalResponse, Outcome, RequestInfo, Verdict};
@@ -130,6 +131,10 @@ async fn serve(
     // 1. Reject what must never reach an upstream (request smuggling, bad paths).
     check_framing(&parts.headers).map_err(|e| (e, None))?;
     check_host(&parts).map_err(|e| (e, None))?;
+    if parts.headers.len() > lc.spec.limits.max_headers_count {
+        // hyper enforces the count for HTTP/1.1 only; HTTP/2 requests are counted here.
+        return Err((ProxyError::TooManyHeaders, None));
+    }
     strip_internal_headers(&mut parts.headers);
     x.request_id = ensure_request_id(&mut parts.headers);
     x.client = client_address(&parts.headers, conn.peer, lc.spec.xff_num_trusted_hops);
@@ -263,7 +268,7 @@ async fn serve(
     endpoint.total.fetch_add(1, Ordering::Relaxed);
     let active = cluster.metrics().upstream_rq_active.get_or_create(cluster.label()).clone();
     active.inc();
-    let sent = cluster.client().request(upstream_req);
+    let sent = cluster.pools().send(endpoint.addr, upstream_req);
     let result = match route.timeout {
         Some(t) => match tokio::time::timeout(t, sent).await {
             Ok(r) => r.map_err(classify_upstream_error),
@@ -478,22 +483,19 @@ fn local_response(local: LocalResponse, x: &mut Exchange) -> Response<Body> {
     resp
 }
 
-fn classify_upstream_error(e: hyper_util::client::legacy::Error) -> ProxyError {
-    if let Some(c) = find_connect_error(&e) {
-        return match c {
-            ConnectError::Overflow => ProxyError::Overflow,
-            _ => ProxyError::ConnectFailure,
-        };
+fn classify_upstream_error(e: PoolError) -> ProxyError {
+    match e {
+        PoolError::Connect(ConnectError::Overflow) => ProxyError::Overflow,
+        PoolError::Connect(_) | PoolError::Handshake(_) | PoolError::NotOnWorker => ProxyError::ConnectFailure,
+        PoolError::Send(e) => {
+            if request_body_failed(&e) {
+                // The client's body broke (bad chunked encoding, client gone): not the upstream's fault.
+                return ProxyError::DownstreamBody("request body read failed");
+            }
+            tracing::debug!(error = %e, source = ?std::error::Error::source(&e), "upstream request failed");
+            ProxyError::UpstreamReset
+        }
     }
-    if e.is_connect() {
-        return ProxyError::ConnectFailure;
-    }
-    if request_body_failed(&e) {
-        // The client's body broke (bad chunked encoding, client gone): not the upstream's fault.
-        return ProxyError::DownstreamBody("request body read failed");
-    }
-    tracing::debug!(error = %e, source = ?std::error::Error::source(&e), "upstream request failed");
-    ProxyError::UpstreamReset
 }
 
 /// Whether the upstream call failed because the request body we were streaming (the
@@ -750,12 +752,24 @@ fn prepare_upstream_request(
         Some(q) => format!("{path}?{q}"),
         None => path,
     };
-    parts.uri = Uri::builder()
-        .scheme("http")
-        .authority(endpoint.authority.clone())
-        .path_and_query(pq)
-        .build()
-        .unwrap_or_default();
+    // The pool dials the endpoint; the URI carries what the upstream should see: origin-form
+    // for HTTP/1.1, and for HTTP/2 an :authority equal to the Host we send (RFC 9113 §8.3.1).
+    parts.uri = match cluster.spec.protocol {
+        crate::config::UpstreamProtocol::Http1 => Uri::try_from(pq).unwrap_or_default(),
+        crate::config::UpstreamProtocol::Http2 => {
+            let host = parts
+                .headers
+                .get(header::HOST)
+                .and_then(|v| http::uri::Authority::try_from(v.as_bytes()).ok())
+                .unwrap_or_else(|| endpoint.authority.clone());
+            Uri::builder()
+                .scheme("http")
+                .authority(host)
+                .path_and_query(pq)
+                .build()
+                .unwrap_or_default()
+        }
+    };
     parts.version = match cluster.spec.protocol {
         crate::config::UpstreamProtocol::Http1 => Version::HTTP_11,
         crate::config::UpstreamProtocol::Http2 => Version::HTTP_2,

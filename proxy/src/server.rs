@@ -447,7 +447,7 @@ impl Callout for ClusterCallout {
                 }
             }
             let req = http::Request::from_parts(parts, crate::proxy::full(body));
-            let resp = tokio::time::timeout(timeout, c.client().request(req))
+            let resp = tokio::time::timeout(timeout, c.pools().send(ep.addr, req))
                 .await
                 .map_err(|_| format!("callout to `{cluster}` timed out"))?
                 .map_err(|e| format!("callout to `{cluster}` failed: {e}"))?;

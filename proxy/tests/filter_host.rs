@@ -101,6 +101,7 @@ fn spec(name: &str, file: &Path, config: serde_json::Value, mode: FailureMode) -
         failure_mode: mode,
         sha256: None,
         clusters: vec!["auth".to_string()],
+        rollout: None,
     }
 }
 
@@ -904,4 +905,67 @@ fn bench_passthrough_chain() {
             println!("{label}: {per:?} per request (start + request_headers + done)");
         }
     });
+}
+
+/// Log lines written while `f` runs on this thread.
+fn capture_logs<T>(f: impl FnOnce() -> T) -> (T, String) {
+    #[derive(Clone, Default)]
+    struct Buf(Arc<std::sync::Mutex<Vec<u8>>>);
+    impl std::io::Write for Buf {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().expect("log buffer").extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let buf = Buf::default();
+    let writer = buf.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_ansi(false)
+        .with_max_level(tracing::Level::INFO)
+        .with_writer(move || writer.clone())
+        .finish();
+    let out = tracing::subscriber::with_default(subscriber, f);
+    let text = String::from_utf8_lossy(&buf.0.lock().expect("log buffer")).into_owned();
+    (out, text)
+}
+
+#[test]
+fn stderr_and_stdout_reach_the_log() {
+    let h = harness();
+    let set = load(
+        &h,
+        None,
+        &[spec(
+            "a",
+            &wasm("testkit"),
+            tk("a", serde_json::json!({})),
+            FailureMode::FailClosed,
+        )],
+    );
+    let chain = set.chain(&["a".to_string()]).expect("chain");
+    let ((v, req, resp, _, _), logs) = capture_logs(|| {
+        worker(roundtrip(
+            &chain,
+            "1",
+            &[("x-testkit-do", "eprint:hello from stderr,print:hello from stdout")],
+        ))
+    });
+    // The hook ran to its end (it used to trap on the first stderr write).
+    assert!(matches!(v, Verdict::Continue));
+    assert_eq!(values(&req.headers, "x-testkit-trace"), ["a:v1"]);
+    assert_eq!(values(&resp.headers, "x-testkit-trace"), ["a:v1"]);
+    assert!(logs.contains("testkit a: hello from stderr"), "{logs}");
+    assert!(logs.contains("stream=\"stderr\""), "{logs}");
+    assert!(logs.contains("testkit a: hello from stdout"), "{logs}");
+    assert!(!h.metrics().contains("kind=\"trap\""), "{}", h.metrics());
+
+    // A panic's message reaches the log too, and the request fails as a trap.
+    let ((v, _, _, _, _), logs) = capture_logs(|| {
+        worker(roundtrip(&chain, "2", &[("x-testkit-do", "trap")]))
+    });
+    assert_eq!(local(v).status, 500);
+    assert!(logs.contains("trap on command"), "{logs}");
 }

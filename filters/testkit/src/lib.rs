@@ -13,7 +13,17 @@
 //!
 //! Commands, from config `do` or the request header `x-testkit-do` (comma separated):
 //! `respond:STATUS`, `delay:MS`, `trap`, `loop`, `oom`, `cluster:NAME`, `incr:KEY`,
-//! `get:KEY`, `callout:CLUSTER:PATH`, `resp-trap` (trap in on-response-headers).
+//! `get:KEY`, `callout:CLUSTER:PATH`, `resp-trap` (trap in on-response-headers),
+//! `eprint:TEXT` / `print:TEXT` (write a line to WASI stderr / stdout).
+//!
+//! Bag: each instance stamps `x-testkit-prev-NAME: PREV` with the name the previous
+//! testkit of the chain left in the request's property bag (`last-filter`).
+//!
+//! Build stamp: every request and response gets `x-testkit-build: DIGITS`, the digits of
+//! the [`BUILD`] marker; the response also gets `x-testkit-req-build` (the stamp the
+//! request left with) and `x-testkit-id` (the request id). Tests make distinct, valid
+//! builds of this one filter by overwriting the ten digits in the `.wasm` file (same
+//! length, inside a data segment: nothing else changes).
 
 use std::collections::HashSet;
 use wasmesh_sdk::metrics::Counter;
@@ -21,6 +31,16 @@ use wasmesh_sdk::{
     export_filter, state, Action, CalloutRequest, CalloutResponse, Filter, Hooks, LocalResponse,
     Outcome, Request, Response,
 };
+
+/// Patched in `.wasm` files by tests: `WASMESH-BUILD:` then ten ASCII digits.
+static BUILD: [u8; 24] = *b"WASMESH-BUILD:0000000000";
+
+/// The digits of [`BUILD`], read through `black_box` so the compiler keeps the bytes in
+/// memory instead of folding the constant.
+fn build_id() -> String {
+    let b: &[u8; 24] = std::hint::black_box(&BUILD);
+    String::from_utf8_lossy(&b[14..]).into_owned()
+}
 
 struct Testkit {
     name: String,
@@ -30,6 +50,7 @@ struct Testkit {
     default_do: String,
     seen: HashSet<String>,
     requests: Option<Counter>,
+    build: String,
 }
 
 fn commands(t: &Testkit, req: &Request) -> Vec<String> {
@@ -99,6 +120,7 @@ impl Filter for Testkit {
             default_do: s("do", ""),
             seen: HashSet::new(),
             requests: Counter::new("testkit_requests", "Requests seen by testkit", &["tag"]).ok(),
+            build: build_id(),
         })
     }
 
@@ -109,11 +131,17 @@ impl Filter for Testkit {
     fn on_request_headers(&mut self, req: &Request) -> Action {
         let _ = req.add_header("x-testkit-trace", &format!("{}:{}", self.name, self.tag));
         let _ = req.set_header("x-testkit-tag", &self.tag);
+        let _ = req.set_header("x-testkit-build", &self.build);
         if let Some(c) = &self.requests {
             c.add(&[&self.tag], 1);
         }
         self.seen.insert(req.id());
         req.set_property(&format!("seen-by-{}", self.name), &self.tag);
+        // The bag between filters: stamp the previous testkit's name, then leave ours.
+        if let Some(prev) = req.get_property("last-filter") {
+            let _ = req.set_header(&format!("x-testkit-prev-{}", self.name), &prev);
+        }
+        req.set_property("last-filter", &self.name);
         if let Some(prev) = req.get_property("seen-by-a") {
             let _ = req.set_header("x-testkit-bag", &prev);
         }
@@ -164,6 +192,8 @@ impl Filter for Testkit {
                         .unwrap_or_default();
                     let _ = req.set_header("x-testkit-get", &v);
                 }
+                "eprint" => eprintln!("testkit {}: {arg}", self.name),
+                "print" => println!("testkit {}: {arg}", self.name),
                 "callout" => {
                     let (cluster, path) = arg.split_once(':').unwrap_or((arg, "/"));
                     return CalloutRequest::get(cluster, path)
@@ -207,6 +237,12 @@ impl Filter for Testkit {
             "no"
         };
         let _ = resp.set_header("x-testkit-seen", seen);
+        let _ = resp.set_header("x-testkit-build", &self.build);
+        let _ = resp.set_header(
+            "x-testkit-req-build",
+            &req.header("x-testkit-build").unwrap_or_default(),
+        );
+        let _ = resp.set_header("x-testkit-id", &req.id());
         if let Some(m) = req.header("x-testkit-do") {
             if m.contains("resp-trap") {
                 panic!("trap in response");

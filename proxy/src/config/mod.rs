@@ -186,6 +186,22 @@ pub fn validate(file: &Path, m: &Manifest) -> Vec<ConfigError> {
                 c.err(format!("{p}.clusters[{j}]"), format!("unknown cluster `{cl}`"));
             }
         }
+        if let Some(r) = &f.rollout {
+            if r.file.is_relative() && m.filter_dir.is_none() {
+                c.err(format!("{p}.rollout.file"), "a relative path needs `filter_dir`");
+            }
+            if let Some(h) = &r.sha256 {
+                if h.len() != 64 || !h.chars().all(|ch| ch.is_ascii_hexdigit()) {
+                    c.err(format!("{p}.rollout.sha256"), "must be 64 hex digits");
+                }
+            }
+            if !(r.percent > 0.0 && r.percent <= 100.0) {
+                c.err(format!("{p}.rollout.percent"), "must be more than 0 and at most 100");
+            }
+            if !(0.0..=1.0).contains(&r.max_error_rate) {
+                c.err(format!("{p}.rollout.max_error_rate"), "must be between 0 and 1");
+            }
+        }
     }
     if m.filter_engine.call_deadline.is_zero() {
         c.err("filter_engine.call_deadline", "must be more than 0s");

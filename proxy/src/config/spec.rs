@@ -498,6 +498,40 @@ pub struct FilterSpec {
     /// Clusters this filter may send requests to or call out to.
     #[serde(default)]
     pub clusters: Vec<String>,
+    /// Progressive rollout: a candidate version of this filter gets a share of requests
+    /// beside `file`, and is rolled back automatically when its error rate crosses
+    /// `max_error_rate`. Default: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<RolloutSpec>,
+}
+
+/// A candidate version of a filter serving a share of requests (`filters[].rollout`).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RolloutSpec {
+    /// The candidate `.wasm`, relative to `filter_dir` (or absolute); watched for hot-swaps
+    /// like `file` (a new candidate file restarts the rollout's counts).
+    pub file: PathBuf,
+    /// Pin the candidate's content (64 hex digits).
+    #[serde(default)]
+    pub sha256: Option<String>,
+    /// Share of requests the candidate serves, in percent (0 < percent ≤ 100).
+    pub percent: f64,
+    /// Roll back when `failed requests / requests` of the candidate exceeds this
+    /// (0..=1). Default 0.05.
+    #[serde(default = "default_rollout_max_error_rate")]
+    pub max_error_rate: f64,
+    /// Requests the candidate must have served before its error rate is judged. Default 100.
+    #[serde(default = "default_rollout_min_requests")]
+    pub min_requests: u64,
+}
+
+fn default_rollout_max_error_rate() -> f64 {
+    0.05
+}
+
+fn default_rollout_min_requests() -> u64 {
+    100
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]

@@ -14,7 +14,7 @@ use super::bindings::wasmesh::filter::types::{self as wt, Action};
 use super::bindings::Hooks;
 use super::host::{CallData, Phase, RequestCtx, RequestSnapshot};
 use super::instance::{self, CallFailure};
-use super::slot::{FilterSlot, FilterVersion};
+use super::slot::{Candidate, FilterSlot, FilterVersion};
 use super::{LocalResponse, Outcome, RequestInfo, Verdict};
 use crate::config::FailureMode;
 use bytes::Bytes;
@@ -55,11 +55,22 @@ impl Chain {
         let entries: Vec<RunEntry> = self
             .slots
             .iter()
-            .map(|s| RunEntry {
-                version: s.current.load_full(),
-                generation: None,
-                disabled: false,
-                ran: false,
+            .map(|s| {
+                // A rollout candidate takes its share; the rest get the current version.
+                let candidate = s.candidate().filter(|c| c.pick());
+                let version = match &candidate {
+                    Some(c) => c.version.clone(),
+                    None => s.current.load_full(),
+                };
+                version.metrics.requests.inc();
+                RunEntry {
+                    version,
+                    candidate: candidate.map(|c| (c, s.clone())),
+                    failed: false,
+                    generation: None,
+                    disabled: false,
+                    ran: false,
+                }
             })
             .collect();
         let any = |h: Hooks| entries.iter().any(|e| e.version.hooks.contains(h));
@@ -79,6 +90,10 @@ impl Chain {
 
 struct RunEntry {
     version: Arc<FilterVersion>,
+    /// Set when this request went to the slot's rollout candidate.
+    candidate: Option<(Arc<Candidate>, Arc<FilterSlot>)>,
+    /// The filter failed once in this request (counted once for the rollout).
+    failed: bool,
     /// Generation of the instance that served this request's first hook.
     generation: Option<u64>,
     /// Failed open: skipped for the rest of the request.
@@ -467,8 +482,8 @@ impl ChainRun {
         inst.store.set_epoch_deadline(v.entry.rt.deadline_ticks);
         let started = Instant::now();
         let req = Resource::new_borrow(0);
-        // A host function that panics (e.g. a WASI blocking call that refuses to run inside
-        // a Tokio runtime) unwinds through the guest to here: count it as a trap.
+        // A host function that panics unwinds through the guest to here: count it as a
+        // trap rather than lose the worker thread.
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match hook {
             Hook::RequestHeaders => inst.filter.call_on_request_headers(&mut inst.store, req),
             Hook::RequestBody => inst.filter.call_on_request_body(&mut inst.store, req),
@@ -492,6 +507,7 @@ impl ChainRun {
             }
         }))
         .unwrap_or_else(|_| Err(wasmtime::format_err!("host function panicked")));
+        inst.store.data().end_call();
         v.metrics.invocations.inc();
         v.metrics.duration.observe(started.elapsed().as_secs_f64());
         // Move everything back, whether the call worked or not.
@@ -523,6 +539,14 @@ impl ChainRun {
         };
         let v = &entry.version;
         v.entry.rt.metrics.error(&v.metrics, f.kind);
+        if !entry.failed {
+            entry.failed = true;
+            if let Some((c, slot)) = &entry.candidate {
+                if let Some(r) = &slot.rollout {
+                    c.note_failed(&r.spec);
+                }
+            }
+        }
         tracing::warn!(filter = %v.entry.name, version = %v.label, kind = f.kind, error = %f.message, "filter call failed");
     }
 

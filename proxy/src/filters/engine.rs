@@ -103,6 +103,9 @@ impl Runtime {
         let mut linker: Linker<HostState> = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker)
             .map_err(|e| FilterError::Engine(format!("{e:#}")))?;
+        // wasmtime-wasi's blocking calls nest a Tokio runtime: replace them (see `wasi`).
+        super::wasi::shadow_blocking_io(&mut linker)
+            .map_err(|e| FilterError::Engine(format!("{e:#}")))?;
         Filter::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)
             .map_err(|e| FilterError::Engine(format!("{e:#}")))?;
 

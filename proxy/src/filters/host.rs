@@ -11,6 +11,7 @@ use super::bindings::wasmesh::filter::{host, http as wit_http, types};
 use super::bindings::{RequestHandle, ResponseHandle};
 use super::metrics::{DynMetric, MetricOp};
 use super::slot::EntryShared;
+use super::stderr::FilterOutput;
 use super::RequestInfo;
 use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue};
@@ -101,6 +102,8 @@ pub struct HostState {
     pub limits: StoreLimits,
     wasi: WasiCtx,
     table: ResourceTable,
+    /// The instance's stdout and stderr, as log lines.
+    output: Arc<FilterOutput>,
     pub entry: Arc<EntryShared>,
     metrics: Vec<Arc<DynMetric>>,
     pub call: CallData,
@@ -109,9 +112,12 @@ pub struct HostState {
 impl HostState {
     pub fn new(entry: Arc<EntryShared>, max_memory: usize) -> Self {
         // No filesystem, network, environment or arguments: WASI is linked only so that
-        // filters built with panics or in debug load; stderr goes to the log (panic messages).
+        // filters built with panics or in debug load; stdout and stderr go to the log
+        // (panic messages, `eprintln!`).
+        let output = FilterOutput::new(&entry.name);
         let wasi = WasiCtx::builder()
-            .stderr(super::stderr::LogStderr::new(&entry.name))
+            .stdout(output.stream(false))
+            .stderr(output.stream(true))
             .allow_tcp(false)
             .allow_udp(false)
             .allow_ip_name_lookup(false)
@@ -126,10 +132,21 @@ impl HostState {
                 .build(),
             wasi,
             table: ResourceTable::new(),
+            output,
             entry,
             metrics: Vec::new(),
             call: CallData::default(),
         }
+    }
+
+    /// The WASI resource table (streams, pollables).
+    pub(super) fn table(&mut self) -> &mut ResourceTable {
+        &mut self.table
+    }
+
+    /// A call into the instance ended: flush its unfinished output lines.
+    pub fn end_call(&self) {
+        self.output.end_call();
     }
 
     fn request_view(&self) -> Option<(&Method, &Uri, &HeaderMap)> {

@@ -131,9 +131,9 @@ fn instantiate_inner(
     })?;
     store.data_mut().call.phase = Phase::Configure;
     store.set_epoch_deadline(entry.rt.deadline_ticks);
-    let hooks = filter
-        .call_configure(&mut store, config)
-        .map_err(|e| CallFailure::from_wasm(&e))?;
+    let hooks = filter.call_configure(&mut store, config);
+    store.data().end_call();
+    let hooks = hooks.map_err(|e| CallFailure::from_wasm(&e))?;
     store.data_mut().call.phase = Phase::Idle;
     let hooks = hooks.map_err(|e| {
         CallFailure::new(

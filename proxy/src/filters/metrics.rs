@@ -5,6 +5,10 @@
 //! - `wasmesh_filter_errors_total{filter,version,kind}`: failed hook calls, `kind` one of
 //!   `trap`, `deadline`, `memory`, `instantiate`, `invalid_action`, `state_lost`, `callout`;
 //! - `wasmesh_filter_call_duration_seconds{filter,version}`: time in a hook call;
+//! - `wasmesh_filter_requests_total{filter,version}`: requests each version served (a
+//!   rollout's two versions side by side);
+//! - `wasmesh_filter_rollout_percent{filter,version}`: the share a rollout candidate gets
+//!   (0 once rolled back), and `wasmesh_filter_rollbacks_total{filter}`;
 //! - `wasmesh_filter_hot_swaps_total{filter}` and `wasmesh_filter_load_failures_total{filter}`;
 //! - `wasmesh_filter_metric_overflow_total{filter,metric}`: values of filter-defined metrics
 //!   that went to the "overflow" label set.
@@ -78,6 +82,9 @@ fn duration_histogram() -> Histogram {
 
 /// The host's own metric families.
 pub struct HostMetrics {
+    pub requests: Family<VersionLabels, Counter>,
+    pub rollout_percent: Family<VersionLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    pub rollbacks: Family<FilterLabels, Counter>,
     pub invocations: Family<VersionLabels, Counter>,
     pub errors: Family<ErrorLabels, Counter>,
     pub duration: Family<VersionLabels, Histogram>,
@@ -89,6 +96,9 @@ pub struct HostMetrics {
 impl HostMetrics {
     pub fn new(registry: &mut Registry) -> (Arc<Self>, Arc<DynMetrics>) {
         let m = Arc::new(HostMetrics {
+            requests: Family::default(),
+            rollout_percent: Family::default(),
+            rollbacks: Family::default(),
             invocations: Family::default(),
             errors: Family::default(),
             duration: Family::new_with_constructor(duration_histogram),
@@ -96,6 +106,21 @@ impl HostMetrics {
             load_failures: Family::default(),
             metric_overflow: Family::default(),
         });
+        registry.register(
+            "wasmesh_filter_requests",
+            "Requests served by each filter version",
+            m.requests.clone(),
+        );
+        registry.register(
+            "wasmesh_filter_rollout_percent",
+            "Share of requests a rollout candidate version serves (0 once rolled back)",
+            m.rollout_percent.clone(),
+        );
+        registry.register(
+            "wasmesh_filter_rollbacks",
+            "Rollout candidates rolled back for their error rate",
+            m.rollbacks.clone(),
+        );
         registry.register(
             "wasmesh_filter_invocations",
             "Calls into filter hooks",
@@ -138,6 +163,7 @@ impl HostMetrics {
             version: version.to_string(),
         };
         VersionMetrics {
+            requests: self.requests.get_or_create(&labels).clone(),
             invocations: self.invocations.get_or_create(&labels).clone(),
             duration: self.duration.get_or_create(&labels).clone(),
             labels,
@@ -157,6 +183,7 @@ impl HostMetrics {
 
 /// Per-version metric handles.
 pub struct VersionMetrics {
+    pub requests: Counter,
     pub invocations: Counter,
     pub duration: Histogram,
     pub labels: VersionLabels,

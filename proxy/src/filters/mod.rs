@@ -24,6 +24,7 @@ pub mod metrics;
 pub mod slot;
 pub mod state;
 mod stderr;
+mod wasi;
 pub mod watch;
 
 pub use chain::{Chain, ChainRun};
@@ -136,8 +137,35 @@ impl FilterSet {
             .slots
             .get(name)
             .ok_or_else(|| format!("unknown filter {name:?}"))?;
-        slot.reload_file()
+        let main = slot.reload_file()?;
+        Ok(slot.reload_rollout()? || main)
     }
+}
+
+/// `/filters`' view of a rollout.
+fn rollout_json(r: &slot::Rollout) -> serde_json::Value {
+    let c = r.candidate.load_full();
+    let requests = c
+        .as_ref()
+        .map_or(0, |c| c.requests.load(Ordering::Relaxed));
+    let failed = c.as_ref().map_or(0, |c| c.failed.load(Ordering::Relaxed));
+    let rolled_back = c
+        .as_ref()
+        .is_some_and(|c| c.rolled_back.load(Ordering::Relaxed));
+    serde_json::json!({
+        "file": r.path.display().to_string(),
+        "sha256": c.as_ref().map(|c| c.version.sha256.clone()),
+        "version_id": c.as_ref().map(|c| c.version.sha256.get(..12).unwrap_or("").to_string()),
+        "percent": r.spec.percent,
+        "max_error_rate": r.spec.max_error_rate,
+        "min_requests": r.spec.min_requests,
+        "requests": requests,
+        "failed_requests": failed,
+        "error_rate": if requests == 0 { 0.0 } else { failed as f64 / requests as f64 },
+        "state": if rolled_back { "rolled_back" } else { "serving" },
+        "rollback_reason": c.as_ref().and_then(|c| c.rollback_reason.lock().unwrap_or_else(|e| e.into_inner()).clone()),
+        "last_error": lock(&r.last_error).as_ref().map(|(e, _)| e.clone()),
+    })
 }
 
 /// The process's filter host.
@@ -272,8 +300,38 @@ impl FilterHost {
         }
         let bytes = std::fs::read(&path).map_err(|e| ctx(format!("cannot read: {e}")))?;
         let sha = sha256_hex(&bytes);
+        // The rollout candidate's file, if any.
+        let candidate = match &spec.rollout {
+            Some(r) => {
+                let p = match dir {
+                    Some(d) if r.file.is_relative() => d.join(&r.file),
+                    _ => r.file.clone(),
+                };
+                let b = std::fs::read(&p).map_err(|e| {
+                    ctx(format!("cannot read rollout file {}: {e}", p.display()))
+                })?;
+                let sha = sha256_hex(&b);
+                Some((p, b, sha))
+            }
+            None => None,
+        };
         if let Some(old) = active.slots.get(&spec.name) {
-            if old.spec == *spec && old.path == path && old.current.load().sha256 == sha {
+            let same_candidate = match (&candidate, &old.rollout) {
+                (None, None) => true,
+                (Some((p, _, sha)), Some(r)) => {
+                    r.path == *p
+                        && r.candidate
+                            .load()
+                            .as_ref()
+                            .is_some_and(|c| c.version.sha256 == *sha)
+                }
+                _ => false,
+            };
+            if old.spec == *spec
+                && old.path == path
+                && old.current.load().sha256 == sha
+                && same_candidate
+            {
                 return Ok(old.clone());
             }
         }
@@ -288,7 +346,31 @@ impl FilterHost {
             state,
             rt: self.rt.clone(),
         });
-        let version = build_version(&entry, spec, &bytes, &sha, 1).map_err(ctx)?;
+        let version = build_version(
+            &entry,
+            spec.sha256.as_deref(),
+            &spec.config,
+            &bytes,
+            &sha,
+            1,
+        )
+        .map_err(ctx)?;
+        let rollout = match (&spec.rollout, candidate) {
+            (Some(r), Some((p, b, csha))) => {
+                let v = build_version(&entry, r.sha256.as_deref(), &spec.config, &b, &csha, 1)
+                    .map_err(|e| ctx(format!("rollout file {}: {e}", p.display())))?;
+                Some(slot::Rollout {
+                    spec: r.clone(),
+                    path: p,
+                    candidate: arc_swap::ArcSwapOption::from_pointee(slot::Candidate::new(
+                        Arc::new(v),
+                        r,
+                    )),
+                    last_error: Mutex::new(None),
+                })
+            }
+            _ => None,
+        };
         let status = SlotStatus {
             sha256: version.sha256.clone(),
             seq: version.seq,
@@ -303,6 +385,7 @@ impl FilterHost {
             current: arc_swap::ArcSwap::from_pointee(version),
             status: Mutex::new(status),
             swap_lock: Mutex::new(()),
+            rollout,
         }))
     }
 
@@ -371,6 +454,8 @@ impl FilterHost {
                     "last_error": st.last_error,
                     "last_error_at_unix_ms": st.last_error_at.map(unix_millis),
                     "shared_state_keys": s.entry.state.len(),
+                    "requests": s.current.load().metrics.requests.get(),
+                    "rollout": s.rollout.as_ref().map(rollout_json),
                 })
             })
             .collect();

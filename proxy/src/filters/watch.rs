@@ -28,7 +28,10 @@ pub struct FileWatcher {
 pub fn start(host: Weak<FilterHost>, slots: Vec<Arc<FilterSlot>>) -> Result<FileWatcher, String> {
     let dirs: HashSet<PathBuf> = slots
         .iter()
-        .filter_map(|s| s.path.parent().map(|p| p.to_path_buf()))
+        .flat_map(|s| {
+            std::iter::once(&s.path).chain(s.rollout.as_ref().map(|r| &r.path))
+        })
+        .filter_map(|p| p.parent().map(|p| p.to_path_buf()))
         .collect();
     let (tx, rx) = mpsc::channel::<notify::Result<notify::Event>>();
     let mut watcher = notify::recommended_watcher(move |ev| {
@@ -79,14 +82,21 @@ fn run(
         if host.upgrade().is_none() {
             return;
         }
+        let changed = |p: &std::path::Path| {
+            p.parent()
+                .is_some_and(|dir| dirs.iter().any(|d| same_dir(d, dir)))
+        };
         for slot in &slots {
-            let Some(dir) = slot.path.parent() else {
-                continue;
-            };
-            if !dirs.iter().any(|d| same_dir(d, dir)) {
-                continue;
+            if changed(&slot.path) {
+                reload(slot);
             }
-            reload(slot);
+            if let Some(r) = &slot.rollout {
+                if changed(&r.path) {
+                    if let Err(e) = slot.reload_rollout() {
+                        tracing::debug!(filter = %slot.name, error = %e, "rollout file not reloaded");
+                    }
+                }
+            }
         }
     }
 }

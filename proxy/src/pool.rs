@@ -1,0 +1,231 @@
+//! Upstream connection pools: one per cluster per worker thread.
+//!
+//! A worker only ever uses the connections it opened (as in Envoy), so a pool needs no
+//! cross-thread coordination: each worker's pool sits behind its own mutex, which only that
+//! worker takes (uncontended). HTTP/1.1 keeps a stack of idle connections per endpoint (the
+//! most recently used first, so idle ones age out); HTTP/2 keeps one multiplexed connection
+//! per endpoint. The cluster-wide `max_connections` limit is a semaphore the connector
+//! holds a permit of for each open connection.
+//!
+//! Written for the request path rather than taken from hyper-util's generic client: the
+//! generic pool hashes a (scheme, authority) key under a shared lock and spawns a
+//! bookkeeping task per request, which was a measurable share of a proxied request's CPU.
+
+use crate::cluster::{Body, ConnectError, Connector, UpstreamConn};
+use crate::config::UpstreamProtocol;
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use rustc_hash::FxHashMap;
+use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// Why an upstream request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    #[error("upstream handshake failed: {0}")]
+    Handshake(hyper::Error),
+    #[error("upstream request failed: {0}")]
+    Send(#[from] hyper::Error),
+    /// Connections are driven by worker threads' event loops; other threads cannot use them.
+    #[error("upstream requests are sent from worker threads only")]
+    NotOnWorker,
+}
+
+enum Sender {
+    H1(http1::SendRequest<Body>),
+    H2(http2::SendRequest<Body>),
+}
+
+#[derive(Default)]
+struct EndpointConns {
+    /// HTTP/1.1: idle connections and when they went idle.
+    idle: Vec<(http1::SendRequest<Body>, Instant)>,
+    /// HTTP/2: the shared connection.
+    h2: Option<http2::SendRequest<Body>>,
+}
+
+#[derive(Default)]
+struct WorkerPool {
+    endpoints: FxHashMap<SocketAddr, EndpointConns>,
+}
+
+/// The pools of one cluster, one per worker thread (plus one for other threads).
+pub struct ClusterPools {
+    workers: Vec<Mutex<WorkerPool>>,
+    connector: Connector,
+    protocol: UpstreamProtocol,
+    idle_timeout: Duration,
+    max_idle: usize,
+}
+
+impl ClusterPools {
+    pub fn new(
+        slots: usize,
+        connector: Connector,
+        protocol: UpstreamProtocol,
+        idle_timeout: Duration,
+        max_idle: usize,
+    ) -> Self {
+        Self {
+            workers: (0..slots.max(1)).map(|_| Mutex::new(WorkerPool::default())).collect(),
+            connector,
+            protocol,
+            idle_timeout,
+            max_idle,
+        }
+    }
+
+    fn pool(&self) -> &Mutex<WorkerPool> {
+        let i = crate::cluster::worker_index().min(self.workers.len() - 1);
+        &self.workers[i]
+    }
+
+    /// Take a usable connection to `addr`: a pooled one, or a new one.
+    async fn checkout(&self, addr: SocketAddr) -> Result<Sender, PoolError> {
+        let now = Instant::now();
+        if let Ok(mut p) = self.pool().lock() {
+            let ep = p.endpoints.entry(addr).or_default();
+            match self.protocol {
+                UpstreamProtocol::Http1 => {
+                    while let Some((sr, since)) = ep.idle.pop() {
+                        if sr.is_ready() && !sr.is_closed() && now.duration_since(since) < self.idle_timeout {
+                            return Ok(Sender::H1(sr));
+                        }
+                        // Dropping a stale sender closes its connection.
+                    }
+                }
+                UpstreamProtocol::Http2 => {
+                    if let Some(sr) = &ep.h2 {
+                        if !sr.is_closed() {
+                            return Ok(Sender::H2(sr.clone()));
+                        }
+                        ep.h2 = None;
+                    }
+                }
+            }
+        }
+        self.connect(addr).await
+    }
+
+    async fn connect(&self, addr: SocketAddr) -> Result<Sender, PoolError> {
+        let io: UpstreamConn = self.connector.connect(addr).await?;
+        match self.protocol {
+            UpstreamProtocol::Http1 => {
+                let (sr, conn) = http1::Builder::new()
+                    .handshake(io)
+                    .await
+                    .map_err(PoolError::Handshake)?;
+                tokio::task::spawn_local(async move {
+                    // Upgrades (WebSocket) need the connection to hand over its socket.
+                    if let Err(e) = conn.with_upgrades().await {
+                        tracing::debug!(upstream = %addr, error = %e, "upstream connection closed with an error");
+                    }
+                });
+                Ok(Sender::H1(sr))
+            }
+            UpstreamProtocol::Http2 => {
+                let (sr, conn) = http2::Builder::new(crate::listener::LocalExec)
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .keep_alive_interval(Duration::from_secs(30))
+                    .keep_alive_while_idle(true)
+                    .handshake(io)
+                    .await
+                    .map_err(PoolError::Handshake)?;
+                tokio::task::spawn_local(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!(upstream = %addr, error = %e, "upstream h2 connection closed with an error");
+                    }
+                });
+                if let Ok(mut p) = self.pool().lock() {
+                    p.endpoints.entry(addr).or_default().h2 = Some(sr.clone());
+                }
+                Ok(Sender::H2(sr))
+            }
+        }
+    }
+
+    fn put_back(&self, addr: SocketAddr, sr: http1::SendRequest<Body>) {
+        if let Ok(mut p) = self.pool().lock() {
+            let ep = p.endpoints.entry(addr).or_default();
+            if ep.idle.len() < self.max_idle {
+                ep.idle.push((sr, Instant::now()));
+            }
+        }
+    }
+
+    /// Send a request to `addr`. A pooled HTTP/1.1 connection that turns out to have been
+    /// closed by the upstream before our request went out is retried once on a new one
+    /// (the request was never sent, so this is safe for any method).
+    pub async fn send(
+        self: &std::sync::Arc<Self>,
+        addr: SocketAddr,
+        req: Request<Body>,
+    ) -> Result<Response<Incoming>, PoolError> {
+        if crate::cluster::worker_index() == usize::MAX {
+            return Err(PoolError::NotOnWorker);
+        }
+        let mut req = req;
+        for attempt in 0..2 {
+            match self.checkout(addr).await? {
+                Sender::H2(mut sr) => {
+                    return match sr.try_send_request(req).await {
+                        Ok(r) => Ok(r),
+                        Err(mut e) => match e.take_message() {
+                            Some(r) if attempt == 0 => {
+                                // The connection went away under us: forget it and retry.
+                                if let Ok(mut p) = self.pool().lock() {
+                                    if let Some(ep) = p.endpoints.get_mut(&addr) {
+                                        ep.h2 = None;
+                                    }
+                                }
+                                req = r;
+                                continue;
+                            }
+                            _ => Err(PoolError::Send(e.into_error())),
+                        },
+                    };
+                }
+                Sender::H1(mut sr) => match sr.try_send_request(req).await {
+                    Ok(resp) => {
+                        // The connection is busy until the response body has been read;
+                        // return it to the pool once it is ready for the next request.
+                        let pools = self.clone();
+                        tokio::task::spawn_local(async move {
+                            if sr.ready().await.is_ok() {
+                                pools.put_back(addr, sr);
+                            }
+                        });
+                        return Ok(resp);
+                    }
+                    Err(mut e) => match e.take_message() {
+                        Some(r) if attempt == 0 => {
+                            req = r;
+                            continue;
+                        }
+                        _ => return Err(PoolError::Send(e.into_error())),
+                    },
+                },
+            }
+        }
+        unreachable_send()
+    }
+
+    /// Idle connections held by this worker's pool (for `/clusters`).
+    pub fn idle_connections(&self) -> usize {
+        self.workers
+            .iter()
+            .filter_map(|w| w.lock().ok())
+            .map(|p| p.endpoints.values().map(|e| e.idle.len() + usize::from(e.h2.is_some())).sum::<usize>())
+            .sum()
+    }
+}
+
+/// The retry loop above always returns inside its second iteration.
+fn unreachable_send() -> Result<Response<Incoming>, PoolError> {
+    Err(PoolError::Connect(ConnectError::BadAddress))
+}

