@@ -71,6 +71,10 @@ scenario direct  direct
 scenario wasmesh wasmesh "$BENCH/templates/wasmesh.json"
 scenario nginx   nginx   "$BENCH/templates/nginx.conf"
 scenario haproxy haproxy "$BENCH/templates/haproxy.cfg"
+# wasmesh with WebAssembly filters: one pass-through filter, and a chain of three
+# (passthrough x3: the per-filter cost of the host itself, not of any filter's logic).
+scenario wasmesh-filter1 wasmesh "$BENCH/templates/wasmesh-filter1.json"
+scenario wasmesh-filter3 wasmesh "$BENCH/templates/wasmesh-filter3.json"
 
 read -r -a NAMES <<<"$SCENARIOS"
 for n in "${NAMES[@]}"; do
@@ -117,6 +121,10 @@ if [[ $BUILD == 1 ]]; then
     cd "$ROOT"
     if uses_kind wasmesh; then
         log "cargo build --release -p wasmesh -p demo-upstream"
+        if [[ " ${NAMES[*]} " == *" wasmesh-filter"* ]]; then
+            log "scripts/build-filters.sh (filter scenarios)"
+            "$ROOT/scripts/build-filters.sh" >&2 || die "scripts/build-filters.sh failed"
+        fi
         if ! cargo build --release -p wasmesh -p demo-upstream >&2; then
             for n in "${NAMES[@]}"; do
                 if [[ ${KIND[$n]} == wasmesh ]]; then skip "$n" "cargo build --release -p wasmesh failed"; fi

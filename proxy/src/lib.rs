@@ -21,5 +21,6 @@ pub mod pool;
 pub mod proxy;
 pub mod reload;
 pub mod routing;
+pub mod scaffold;
 pub mod server;
 pub mod telemetry;

@@ -950,7 +950,10 @@ fn stderr_and_stdout_reach_the_log() {
         worker(roundtrip(
             &chain,
             "1",
-            &[("x-testkit-do", "eprint:hello from stderr,print:hello from stdout")],
+            &[(
+                "x-testkit-do",
+                "eprint:hello from stderr,print:hello from stdout",
+            )],
         ))
     });
     // The hook ran to its end (it used to trap on the first stderr write).
@@ -963,9 +966,8 @@ fn stderr_and_stdout_reach_the_log() {
     assert!(!h.metrics().contains("kind=\"trap\""), "{}", h.metrics());
 
     // A panic's message reaches the log too, and the request fails as a trap.
-    let ((v, _, _, _, _), logs) = capture_logs(|| {
-        worker(roundtrip(&chain, "2", &[("x-testkit-do", "trap")]))
-    });
+    let ((v, _, _, _, _), logs) =
+        capture_logs(|| worker(roundtrip(&chain, "2", &[("x-testkit-do", "trap")])));
     assert_eq!(local(v).status, 500);
     assert!(logs.contains("trap on command"), "{logs}");
 }

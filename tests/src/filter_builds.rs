@@ -31,7 +31,10 @@ pub fn testkit_build(build: u64) -> Vec<u8> {
         found += 1;
         i = at + 10;
     }
-    assert_eq!(found, 1, "testkit.wasm must hold its build marker exactly once");
+    assert_eq!(
+        found, 1,
+        "testkit.wasm must hold its build marker exactly once"
+    );
     bytes
 }
 

@@ -36,8 +36,15 @@ pub fn build(pkgs: &[&str]) -> Vec<PathBuf> {
     if !missing.is_empty() && std::env::var_os("WASMESH_E2E_NO_BUILD").is_none() {
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
         let mut cmd = std::process::Command::new(cargo);
-        cmd.args(["build", "--quiet", "--profile", "filter", "--target", "wasm32-wasip2"])
-            .current_dir(crate::binary::workspace_root());
+        cmd.args([
+            "build",
+            "--quiet",
+            "--profile",
+            "filter",
+            "--target",
+            "wasm32-wasip2",
+        ])
+        .current_dir(crate::binary::workspace_root());
         for p in &missing {
             cmd.args(["-p", p]);
         }

@@ -188,7 +188,11 @@ async fn valid_tokens_of_each_algorithm_pass_with_claim_headers() {
         let seen = up.last();
         assert_eq!(seen.header_all("x-jwt-sub"), vec![user.clone()], "{alg}");
         assert_eq!(seen.header("x-jwt-scope"), Some("orders:read"));
-        assert_eq!(seen.header("authorization"), None, "token not forwarded by default");
+        assert_eq!(
+            seen.header("authorization"),
+            None,
+            "token not forwarded by default"
+        );
     }
     // A token with no kid is tried against every key of its algorithm.
     let token = keys().mint_with("ES256", None, &claims("nokid", json!({})));
@@ -243,16 +247,52 @@ async fn invalid_tokens_get_401_naming_the_problem() {
         format!("{input}.{}", b64(&mac.finalize().into_bytes()))
     };
     let cases: Vec<(&str, String, &str)> = vec![
-        ("expired", k.mint("RS256", &claims("a", json!({"exp": now() - 120}))), "token expired"),
-        ("not yet valid", k.mint("ES256", &claims("a", json!({"nbf": now() + 600}))), "token not yet valid"),
-        ("wrong issuer", k.mint("HS256", &claims("a", json!({"iss": "https://evil.test"}))), "issuer not allowed"),
-        ("wrong audience", k.mint("RS256", &claims("a", json!({"aud": "billing"}))), "audience not allowed"),
-        ("no exp", k.mint("RS256", &claims("a", json!({"exp": null}))), "token has no expiration"),
+        (
+            "expired",
+            k.mint("RS256", &claims("a", json!({"exp": now() - 120}))),
+            "token expired",
+        ),
+        (
+            "not yet valid",
+            k.mint("ES256", &claims("a", json!({"nbf": now() + 600}))),
+            "token not yet valid",
+        ),
+        (
+            "wrong issuer",
+            k.mint("HS256", &claims("a", json!({"iss": "https://evil.test"}))),
+            "issuer not allowed",
+        ),
+        (
+            "wrong audience",
+            k.mint("RS256", &claims("a", json!({"aud": "billing"}))),
+            "audience not allowed",
+        ),
+        (
+            "no exp",
+            k.mint("RS256", &claims("a", json!({"exp": null}))),
+            "token has no expiration",
+        ),
         ("tampered", tampered, "signature verification failed"),
-        ("unknown kid", k.mint_with("RS256", Some("nope"), &claims("a", json!({}))), "no key matches the token"),
-        ("alg none", format!("{}.{}.", b64(br#"{"alg":"none"}"#), b64(claims("a", json!({})).to_string().as_bytes())), "algorithm not allowed"),
+        (
+            "unknown kid",
+            k.mint_with("RS256", Some("nope"), &claims("a", json!({}))),
+            "no key matches the token",
+        ),
+        (
+            "alg none",
+            format!(
+                "{}.{}.",
+                b64(br#"{"alg":"none"}"#),
+                b64(claims("a", json!({})).to_string().as_bytes())
+            ),
+            "algorithm not allowed",
+        ),
         ("confusion", confused, "no key matches the token"),
-        ("garbage", "not-a-token".to_string(), "malformed token: not three parts"),
+        (
+            "garbage",
+            "not-a-token".to_string(),
+            "malformed token: not three parts",
+        ),
     ];
     let before = up.request_count();
     for (what, token, desc) in cases {
@@ -275,14 +315,15 @@ async fn invalid_tokens_get_401_naming_the_problem() {
     assert_eq!(r.status, 401);
     // An invalid token is refused on an allow-unauthenticated path too.
     let expired = k.mint("RS256", &claims("a", json!({"exp": now() - 120})));
-    assert_eq!(get_with_token(&p, "/api/public/x", &expired).await.status, 401);
+    assert_eq!(
+        get_with_token(&p, "/api/public/x", &expired).await.status,
+        401
+    );
     assert_eq!(up.request_count(), before, "nothing reached the upstream");
     // Clock skew: expired 30 s ago with 60 s of skew is still fine.
     let recent = k.mint("RS256", &claims("a", json!({"exp": now() - 30})));
     assert_eq!(get_with_token(&p, "/api/orders", &recent).await.status, 200);
-    let line = p
-        .log_entry("a 401 line", |l| l["status"] == 401)
-        .await;
+    let line = p.log_entry("a 401 line", |l| l["status"] == 401).await;
     assert_eq!(line["response_flags"], "JWT", "{line}");
 }
 
@@ -332,8 +373,11 @@ async fn remote_jwks_is_fetched_once_and_refreshed() {
     }
     assert_eq!(idp.request_count(), 1);
     // After refresh_interval the next request fetches again.
-    let t = keys().mint("RS256", &claims("late", json!({})));
+    // (A new token each time: a cached token needs no keys.)
+    let n = std::sync::atomic::AtomicUsize::new(0);
     p.wait_for(Duration::from_secs(10), "a second JWKS fetch", || async {
+        let i = n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let t = keys().mint("RS256", &claims(&format!("late{i}"), json!({})));
         let r = get_with_token(&p, "/api/orders", &t).await;
         assert_eq!(r.status, 200);
         (idp.request_count() >= 2).then_some(())
@@ -350,7 +394,8 @@ async fn remote_jwks_cold_start_under_concurrency_and_failures() {
     idp.set_default(Behavior::Status(500));
     let mut cfg = jwt_config(Value::Null);
     cfg.as_object_mut().map(|o| o.remove("jwks"));
-    cfg["remote_jwks"] = json!({"cluster": "idp", "path": "/jwks", "retry_interval": "200ms"});
+    cfg["remote_jwks"] = json!({"cluster": "idp", "path": "/jwks", "timeout": "5s",
+                                "retry_interval": "200ms"});
     let p = proxy_with(
         &up,
         &[("jwt", "jwt", cfg, vec!["idp"])],
@@ -381,15 +426,16 @@ async fn remote_jwks_cold_start_under_concurrency_and_failures() {
         let addr = p.listener("in");
         let t = keys().mint("ES256", &claims(&format!("c{i}"), json!({})));
         tasks.push(tokio::spawn(async move {
-            Req::get("/api/orders")
+            let r = Req::get("/api/orders")
                 .header("authorization", &format!("Bearer {t}"))
                 .send(addr)
-                .await
-                .status
+                .await;
+            (r.status, r.text())
         }));
     }
     for t in tasks {
-        assert_eq!(t.await.expect("task"), 200);
+        let (status, body) = t.await.expect("task");
+        assert_eq!(status, 200, "{body}\n{}", p.stderr());
     }
     let cold = idp.request_count() - before;
     eprintln!("cold start: {cold} JWKS fetches for 8 concurrent requests");
@@ -416,12 +462,35 @@ async fn verification_cost_per_algorithm() {
     )
     .await;
     const N: usize = 100;
-    let sum = || p.metric("wasmesh_filter_call_duration_seconds_sum", &[("filter", "jwt")]);
-    let count = || p.metric("wasmesh_filter_call_duration_seconds_count", &[("filter", "jwt")]);
+    let sum = || {
+        p.metric(
+            "wasmesh_filter_call_duration_seconds_sum",
+            &[("filter", "jwt")],
+        )
+    };
+    let count = || {
+        p.metric(
+            "wasmesh_filter_call_duration_seconds_count",
+            &[("filter", "jwt")],
+        )
+    };
     let mut report = Vec::new();
     // Warm up: the first call instantiates.
     let t = keys().mint("HS256", &claims("warm", json!({})));
     get_with_token(&p, "/api/x", &t).await;
+    // Baseline: a path the filter does not check (strips the claim headers, nothing else).
+    let (s0, c0) = (sum().await, count().await);
+    for _ in 0..N {
+        assert_eq!(
+            Req::get("/elsewhere").send(p.listener("in")).await.status,
+            200
+        );
+    }
+    let (s1, c1) = (sum().await, count().await);
+    report.push(format!(
+        "no token checked: {:.1} µs/request",
+        (s1 - s0) / (c1 - c0) * 1e6
+    ));
     for alg in ["RS256", "ES256", "HS256"] {
         let tokens: Vec<String> = (0..N)
             .map(|i| keys().mint(alg, &claims(&format!("{alg}-{i}"), json!({}))))
@@ -480,13 +549,25 @@ async fn authz_after_jwt_allows_by_property_method_path_and_denies_by_default() 
         }
         r.send(p.listener("in"))
     };
-    assert_eq!(send("GET", "/api/v1/orders", Some(&alice)).await.status, 200);
+    assert_eq!(
+        send("GET", "/api/v1/orders", Some(&alice)).await.status,
+        200
+    );
     let r = send("GET", "/api/v1/orders/7", Some(&alice)).await;
     assert_eq!(r.status, 403, "glob matches one segment");
-    assert_eq!(r.text(), "RBAC: access denied: no rule allows this request\n");
-    assert_eq!(send("POST", "/api/v1/orders", Some(&alice)).await.status, 403);
+    assert_eq!(
+        r.text(),
+        "RBAC: access denied: no rule allows this request\n"
+    );
+    assert_eq!(
+        send("POST", "/api/v1/orders", Some(&alice)).await.status,
+        403
+    );
     assert_eq!(send("GET", "/api/v1/orders", Some(&bob)).await.status, 403);
-    assert_eq!(send("POST", "/api/v2/orders", Some(&writer)).await.status, 200);
+    assert_eq!(
+        send("POST", "/api/v2/orders", Some(&writer)).await.status,
+        200
+    );
     assert_eq!(send("GET", "/api/public/info", None).await.status, 200);
     let r = Req::get("/api/public/info")
         .header("x-debug", "1")
@@ -494,12 +575,16 @@ async fn authz_after_jwt_allows_by_property_method_path_and_denies_by_default() 
         .await;
     assert_eq!(r.status, 403, "header condition");
     // No workload identity without mTLS: the SPIFFE rule never matches a plaintext peer.
-    assert_eq!(send("DELETE", "/api/v1/orders", Some(&alice)).await.status, 403);
-    let line = p
-        .log_entry("a 403 line", |l| l["status"] == 403)
-        .await;
+    assert_eq!(
+        send("DELETE", "/api/v1/orders", Some(&alice)).await.status,
+        403
+    );
+    let line = p.log_entry("a 403 line", |l| l["status"] == 403).await;
     assert_eq!(line["response_flags"], "RBAC", "{line}");
-    assert_eq!(line["attributes"]["authz.denied"], "no rule matched", "{line}");
+    assert_eq!(
+        line["attributes"]["authz.denied"], "no rule matched",
+        "{line}"
+    );
     let line = p
         .log_entry("an allowed line", |l| l["path"] == "/api/v2/orders")
         .await;
@@ -520,14 +605,23 @@ async fn authz_never_takes_identity_from_headers_and_denies_by_default() {
     let r = Req::get("/api/v1/orders")
         .header("jwt.sub", "alice")
         .header("x-jwt-sub", "alice")
-        .header("x-forwarded-client-cert", "URI=spiffe://mesh.local/ns/shop/sa/checkout")
+        .header(
+            "x-forwarded-client-cert",
+            "URI=spiffe://mesh.local/ns/shop/sa/checkout",
+        )
         .send(p.listener("in"))
         .await;
     assert_eq!(r.status, 403);
     assert_eq!(up.request_count(), 0);
     // An empty policy denies everything.
     let up2 = Upstream::start().await;
-    let p2 = proxy_with(&up2, &[("authz", "authz", json!({}), vec![])], &["authz"], vec![]).await;
+    let p2 = proxy_with(
+        &up2,
+        &[("authz", "authz", json!({}), vec![])],
+        &["authz"],
+        vec![],
+    )
+    .await;
     assert_eq!(Req::get("/").send(p2.listener("in")).await.status, 403);
 }
 
@@ -553,4 +647,68 @@ async fn authz_dry_run_lets_requests_through_and_marks_them() {
         .await,
         1.0
     );
+}
+
+/// `wasmesh filter new` → `cargo build --release --target wasm32-wasip2 --offline` outside
+/// the repository → the component serves in a live proxy. Ignored by default: a fresh
+/// crate takes about a minute to build on 2 cores (`cargo test -- --ignored` to run it).
+#[tokio::test]
+#[ignore = "builds a fresh crate (about a minute)"]
+async fn filter_new_scaffold_builds_offline_and_serves() {
+    let base = wasmesh_e2e::proxy::temp_dir("scaffold");
+    let crate_dir = base.join("hello-filter");
+    let out = std::process::Command::new(wasmesh_e2e::binary::wasmesh_bin())
+        .args(["filter", "new"])
+        .arg(&crate_dir)
+        .output()
+        .expect("run wasmesh filter new");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("cargo build --release"));
+    // A second time refuses to overwrite.
+    let again = std::process::Command::new(wasmesh_e2e::binary::wasmesh_bin())
+        .args(["filter", "new"])
+        .arg(&crate_dir)
+        .output()
+        .expect("run wasmesh filter new");
+    assert!(!again.status.success());
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let status = std::process::Command::new(cargo)
+        .args([
+            "build",
+            "--release",
+            "--target",
+            "wasm32-wasip2",
+            "--offline",
+        ])
+        .current_dir(&crate_dir)
+        .env_remove("CARGO_TARGET_DIR")
+        .env_remove("RUSTFLAGS")
+        .status()
+        .expect("cargo build");
+    assert!(status.success(), "the generated crate does not build");
+    let wasm = crate_dir.join("target/wasm32-wasip2/release/hello_filter.wasm");
+    let dir = wasmesh_e2e::proxy::temp_dir("scaffold-filters");
+    std::fs::copy(&wasm, dir.join("hello_filter.wasm")).expect("copy the component");
+    let up = Upstream::start().await;
+    let p = Proxy::start(json!({
+        "filter_dir": dir,
+        "filters": [{"name": "hello", "file": "hello_filter.wasm",
+                     "config": {"value": "from-template", "deny_if_present": "x-debug"}}],
+        "listeners": [{"name": "in", "address": "127.0.0.1:0", "filters": ["hello"],
+                       "routes": [{"cluster": "app"}]}],
+        "clusters": [cluster("app", up.addr())],
+    }))
+    .await;
+    assert_eq!(Req::get("/").send(p.listener("in")).await.status, 200);
+    assert_eq!(up.last().header("x-hello"), Some("from-template"));
+    let r = Req::get("/")
+        .header("x-debug", "1")
+        .send(p.listener("in"))
+        .await;
+    assert_eq!(r.status, 403);
+    let _ = std::fs::remove_dir_all(&base);
 }

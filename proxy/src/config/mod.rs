@@ -29,7 +29,13 @@ impl fmt::Display for ConfigError {
         if self.path.is_empty() || self.path == "." {
             write!(f, "{}: {}", self.file.display(), self.message)
         } else {
-            write!(f, "{}: {}: {}", self.file.display(), self.path, self.message)
+            write!(
+                f,
+                "{}: {}: {}",
+                self.file.display(),
+                self.path,
+                self.message
+            )
         }
     }
 }
@@ -75,7 +81,11 @@ pub fn parse(file: &Path, text: &str) -> Result<Manifest, ConfigError> {
         let path = e.path().to_string();
         let inner = e.into_inner();
         let message = if inner.is_syntax() || inner.is_eof() {
-            format!("invalid JSON at line {} column {}: {inner}", inner.line(), inner.column())
+            format!(
+                "invalid JSON at line {} column {}: {inner}",
+                inner.line(),
+                inner.column()
+            )
         } else {
             // serde_json appends " at line X column Y"; keep it, it helps in long files.
             inner.to_string()
@@ -133,7 +143,10 @@ pub fn validate(file: &Path, m: &Manifest) -> Vec<ConfigError> {
         c.err("workers", "must be at least 1");
     }
     if m.admin.address.parse::<SocketAddr>().is_err() {
-        c.err("admin.address", format!("`{}` is not an IP:PORT address", m.admin.address));
+        c.err(
+            "admin.address",
+            format!("`{}` is not an IP:PORT address", m.admin.address),
+        );
     }
     if m.access_log.buffer_lines == 0 {
         c.err("access_log.buffer_lines", "must be at least 1");
@@ -145,10 +158,16 @@ pub fn validate(file: &Path, m: &Manifest) -> Vec<ConfigError> {
         let p = format!("clusters[{i}]");
         check_name(&mut c, format!("{p}.name"), &cl.name);
         if !clusters.insert(cl.name.as_str()) {
-            c.err(format!("{p}.name"), format!("duplicate cluster name `{}`", cl.name));
+            c.err(
+                format!("{p}.name"),
+                format!("duplicate cluster name `{}`", cl.name),
+            );
         }
         if cl.endpoints.is_empty() {
-            c.err(format!("{p}.endpoints"), "a cluster needs at least one endpoint");
+            c.err(
+                format!("{p}.endpoints"),
+                "a cluster needs at least one endpoint",
+            );
         }
         for (j, ep) in cl.endpoints.iter().enumerate() {
             if let Err(msg) = crate::cluster::parse_endpoint_address(&ep.address) {
@@ -171,7 +190,10 @@ pub fn validate(file: &Path, m: &Manifest) -> Vec<ConfigError> {
         let p = format!("filters[{i}]");
         check_name(&mut c, format!("{p}.name"), &f.name);
         if !filters.insert(f.name.as_str()) {
-            c.err(format!("{p}.name"), format!("duplicate filter name `{}`", f.name));
+            c.err(
+                format!("{p}.name"),
+                format!("duplicate filter name `{}`", f.name),
+            );
         }
         if f.file.is_relative() && m.filter_dir.is_none() {
             c.err(format!("{p}.file"), "a relative path needs `filter_dir`");
@@ -183,12 +205,18 @@ pub fn validate(file: &Path, m: &Manifest) -> Vec<ConfigError> {
         }
         for (j, cl) in f.clusters.iter().enumerate() {
             if !clusters.contains(cl.as_str()) {
-                c.err(format!("{p}.clusters[{j}]"), format!("unknown cluster `{cl}`"));
+                c.err(
+                    format!("{p}.clusters[{j}]"),
+                    format!("unknown cluster `{cl}`"),
+                );
             }
         }
         if let Some(r) = &f.rollout {
             if r.file.is_relative() && m.filter_dir.is_none() {
-                c.err(format!("{p}.rollout.file"), "a relative path needs `filter_dir`");
+                c.err(
+                    format!("{p}.rollout.file"),
+                    "a relative path needs `filter_dir`",
+                );
             }
             if let Some(h) = &r.sha256 {
                 if h.len() != 64 || !h.chars().all(|ch| ch.is_ascii_hexdigit()) {
@@ -196,10 +224,16 @@ pub fn validate(file: &Path, m: &Manifest) -> Vec<ConfigError> {
                 }
             }
             if !(r.percent > 0.0 && r.percent <= 100.0) {
-                c.err(format!("{p}.rollout.percent"), "must be more than 0 and at most 100");
+                c.err(
+                    format!("{p}.rollout.percent"),
+                    "must be more than 0 and at most 100",
+                );
             }
             if !(0.0..=1.0).contains(&r.max_error_rate) {
-                c.err(format!("{p}.rollout.max_error_rate"), "must be between 0 and 1");
+                c.err(
+                    format!("{p}.rollout.max_error_rate"),
+                    "must be between 0 and 1",
+                );
             }
         }
     }
@@ -207,7 +241,10 @@ pub fn validate(file: &Path, m: &Manifest) -> Vec<ConfigError> {
         c.err("filter_engine.call_deadline", "must be more than 0s");
     }
     if m.filter_engine.max_instance_memory_mib == 0 {
-        c.err("filter_engine.max_instance_memory_mib", "must be at least 1");
+        c.err(
+            "filter_engine.max_instance_memory_mib",
+            "must be at least 1",
+        );
     }
 
     if m.listeners.is_empty() {
@@ -219,15 +256,24 @@ pub fn validate(file: &Path, m: &Manifest) -> Vec<ConfigError> {
         let p = format!("listeners[{i}]");
         check_name(&mut c, format!("{p}.name"), &l.name);
         if !names.insert(l.name.as_str()) {
-            c.err(format!("{p}.name"), format!("duplicate listener name `{}`", l.name));
+            c.err(
+                format!("{p}.name"),
+                format!("duplicate listener name `{}`", l.name),
+            );
         }
         match l.address.parse::<SocketAddr>() {
             Ok(a) => {
                 if a.port() != 0 && !addrs.insert(a) {
-                    c.err(format!("{p}.address"), format!("address {a} is used by another listener"));
+                    c.err(
+                        format!("{p}.address"),
+                        format!("address {a} is used by another listener"),
+                    );
                 }
             }
-            Err(_) => c.err(format!("{p}.address"), format!("`{}` is not an IP:PORT address", l.address)),
+            Err(_) => c.err(
+                format!("{p}.address"),
+                format!("`{}` is not an IP:PORT address", l.address),
+            ),
         }
         for (j, f) in l.filters.iter().enumerate() {
             if !filters.contains(f.as_str()) {
@@ -250,10 +296,16 @@ pub fn validate(file: &Path, m: &Manifest) -> Vec<ConfigError> {
             }
             ListenerProtocol::Http => {
                 if l.cluster.is_some() {
-                    c.err(format!("{p}.cluster"), "only tcp listeners take a cluster; use routes");
+                    c.err(
+                        format!("{p}.cluster"),
+                        "only tcp listeners take a cluster; use routes",
+                    );
                 }
                 if l.routes.is_empty() {
-                    c.err(format!("{p}.routes"), "an http listener needs at least one route");
+                    c.err(
+                        format!("{p}.routes"),
+                        "an http listener needs at least one route",
+                    );
                 }
                 for (j, r) in l.routes.iter().enumerate() {
                     check_route(&mut c, &format!("{p}.routes[{j}]"), r, &clusters, &filters);
@@ -271,7 +323,10 @@ fn check_name(c: &mut Checker<'_>, path: String, name: &str) {
         .chars()
         .all(|ch| ch.is_ascii_alphanumeric() || matches!(ch, '-' | '_' | '.'))
     {
-        c.err(path, format!("`{name}` may only hold letters, digits, '-', '_' and '.'"));
+        c.err(
+            path,
+            format!("`{name}` may only hold letters, digits, '-', '_' and '.'"),
+        );
     }
 }
 
@@ -280,16 +335,28 @@ fn check_limits(c: &mut Checker<'_>, p: &str, l: &ListenerLimits) {
         c.err(format!("{p}.limits.max_connections"), "must be at least 1");
     }
     if l.max_request_headers_kb == 0 || l.max_request_headers_kb > 8192 {
-        c.err(format!("{p}.limits.max_request_headers_kb"), "must be between 1 and 8192");
+        c.err(
+            format!("{p}.limits.max_request_headers_kb"),
+            "must be between 1 and 8192",
+        );
     }
     if l.max_headers_count == 0 {
-        c.err(format!("{p}.limits.max_headers_count"), "must be at least 1");
+        c.err(
+            format!("{p}.limits.max_headers_count"),
+            "must be at least 1",
+        );
     }
     if l.http2_max_concurrent_streams == 0 {
-        c.err(format!("{p}.limits.http2_max_concurrent_streams"), "must be at least 1");
+        c.err(
+            format!("{p}.limits.http2_max_concurrent_streams"),
+            "must be at least 1",
+        );
     }
     if l.request_headers_timeout.is_zero() {
-        c.err(format!("{p}.limits.request_headers_timeout"), "must be more than 0s");
+        c.err(
+            format!("{p}.limits.request_headers_timeout"),
+            "must be more than 0s",
+        );
     }
 }
 
@@ -309,12 +376,18 @@ fn check_route(
         .filter(|b| **b)
         .count();
     if path_kinds > 1 {
-        c.err(format!("{p}.match"), "use at most one of `path`, `prefix` and `regex`");
+        c.err(
+            format!("{p}.match"),
+            "use at most one of `path`, `prefix` and `regex`",
+        );
     }
     if let Some(a) = &m.authority {
         let bare = a.strip_prefix("*.").unwrap_or(a);
         if bare.is_empty() || bare.contains('*') || bare.contains('/') {
-            c.err(format!("{p}.match.authority"), "use an exact host or `*.suffix`");
+            c.err(
+                format!("{p}.match.authority"),
+                "use an exact host or `*.suffix`",
+            );
         }
     }
     for (k, v) in [("path", &m.path), ("prefix", &m.prefix)] {
@@ -329,7 +402,10 @@ fn check_route(
     }
     for (j, meth) in m.methods.iter().enumerate() {
         if http::Method::from_bytes(meth.as_bytes()).is_err() {
-            c.err(format!("{p}.match.methods[{j}]"), format!("`{meth}` is not a method"));
+            c.err(
+                format!("{p}.match.methods[{j}]"),
+                format!("`{meth}` is not a method"),
+            );
         }
     }
     for (j, h) in m.headers.iter().enumerate() {
@@ -367,20 +443,32 @@ fn check_route(
     }
     if let Some(wc) = &r.weighted_clusters {
         if wc.is_empty() {
-            c.err(format!("{p}.weighted_clusters"), "needs at least one cluster");
+            c.err(
+                format!("{p}.weighted_clusters"),
+                "needs at least one cluster",
+            );
         }
         if !wc.is_empty() && wc.iter().all(|w| w.weight == 0) {
-            c.err(format!("{p}.weighted_clusters"), "weights must not all be 0");
+            c.err(
+                format!("{p}.weighted_clusters"),
+                "weights must not all be 0",
+            );
         }
         for (j, w) in wc.iter().enumerate() {
             if !clusters.contains(w.name.as_str()) {
-                c.err(format!("{p}.weighted_clusters[{j}].name"), format!("unknown cluster `{}`", w.name));
+                c.err(
+                    format!("{p}.weighted_clusters[{j}].name"),
+                    format!("unknown cluster `{}`", w.name),
+                );
             }
         }
     }
     if let Some(rd) = &r.redirect {
         if ![301, 302, 303, 307, 308].contains(&rd.status) {
-            c.err(format!("{p}.redirect.status"), "must be 301, 302, 303, 307 or 308");
+            c.err(
+                format!("{p}.redirect.status"),
+                "must be 301, 302, 303, 307 or 308",
+            );
         }
         if let Some(s) = &rd.scheme {
             if s != "http" && s != "https" {
@@ -395,7 +483,10 @@ fn check_route(
     }
     if let Some(d) = &r.direct_response {
         if !(200..=599).contains(&d.status) {
-            c.err(format!("{p}.direct_response.status"), "must be between 200 and 599");
+            c.err(
+                format!("{p}.direct_response.status"),
+                "must be between 200 and 599",
+            );
         }
         for (k, v) in &d.headers {
             c.header_name(format!("{p}.direct_response.headers.{k}"), k);
@@ -407,10 +498,16 @@ fn check_route(
     }
     if let Some(h) = &r.host_rewrite {
         if http::uri::Authority::try_from(h.as_str()).is_err() {
-            c.err(format!("{p}.host_rewrite"), format!("`{h}` is not a valid host"));
+            c.err(
+                format!("{p}.host_rewrite"),
+                format!("`{h}` is not a valid host"),
+            );
         }
     }
-    for (side, hm) in [("request_headers", &r.request_headers), ("response_headers", &r.response_headers)] {
+    for (side, hm) in [
+        ("request_headers", &r.request_headers),
+        ("response_headers", &r.response_headers),
+    ] {
         for (kind, map) in [("add", &hm.add), ("set", &hm.set)] {
             for (k, v) in map {
                 c.header_name(format!("{p}.{side}.{kind}.{k}"), k);
@@ -442,7 +539,10 @@ fn check_value_match(
         .filter(|b| **b)
         .count();
     if n != 1 {
-        c.err(p.to_string(), "needs exactly one of `exact`, `regex` and `present`");
+        c.err(
+            p.to_string(),
+            "needs exactly one of `exact`, `regex` and `present`",
+        );
     }
     if let Some(re) = re {
         c.regex(format!("{p}.regex"), re);
@@ -463,9 +563,14 @@ mod tests {
 
     #[test]
     fn unknown_field_names_its_path() {
-        let e = errors(r#"{"listeners":[{"name":"a","address":"127.0.0.1:1","routes":[{"match":{"prefx":"/"}}]}]}"#);
+        let e = errors(
+            r#"{"listeners":[{"name":"a","address":"127.0.0.1:1","routes":[{"match":{"prefx":"/"}}]}]}"#,
+        );
         assert_eq!(e.len(), 1);
-        assert!(e[0].starts_with("m.json: listeners[0].routes[0].match.prefx: unknown field `prefx`"), "{e:?}");
+        assert!(
+            e[0].starts_with("m.json: listeners[0].routes[0].match.prefx: unknown field `prefx`"),
+            "{e:?}"
+        );
     }
 
     #[test]
@@ -484,7 +589,10 @@ mod tests {
             "m.json: listeners[0].routes[1].match.regex: invalid regex",
         ];
         for w in want {
-            assert!(e.iter().any(|x| x.starts_with(w)), "missing {w:?} in {e:#?}");
+            assert!(
+                e.iter().any(|x| x.starts_with(w)),
+                "missing {w:?} in {e:#?}"
+            );
         }
         assert_eq!(e.len(), want.len(), "{e:#?}");
     }

@@ -145,9 +145,7 @@ impl FilterSet {
 /// `/filters`' view of a rollout.
 fn rollout_json(r: &slot::Rollout) -> serde_json::Value {
     let c = r.candidate.load_full();
-    let requests = c
-        .as_ref()
-        .map_or(0, |c| c.requests.load(Ordering::Relaxed));
+    let requests = c.as_ref().map_or(0, |c| c.requests.load(Ordering::Relaxed));
     let failed = c.as_ref().map_or(0, |c| c.failed.load(Ordering::Relaxed));
     let rolled_back = c
         .as_ref()
@@ -307,9 +305,8 @@ impl FilterHost {
                     Some(d) if r.file.is_relative() => d.join(&r.file),
                     _ => r.file.clone(),
                 };
-                let b = std::fs::read(&p).map_err(|e| {
-                    ctx(format!("cannot read rollout file {}: {e}", p.display()))
-                })?;
+                let b = std::fs::read(&p)
+                    .map_err(|e| ctx(format!("cannot read rollout file {}: {e}", p.display())))?;
                 let sha = sha256_hex(&b);
                 Some((p, b, sha))
             }

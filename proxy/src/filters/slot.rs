@@ -155,9 +155,7 @@ impl Candidate {
             let v = &self.version;
             tracing::error!(filter = %v.entry.name, version = %v.label, %reason, "filter rollout rolled back");
             let m = &v.entry.rt.metrics;
-            m.rollout_percent
-                .get_or_create(&v.metrics.labels)
-                .set(0.0);
+            m.rollout_percent.get_or_create(&v.metrics.labels).set(0.0);
             m.rollbacks
                 .get_or_create(&super::metrics::FilterLabels {
                     filter: v.entry.name.clone(),
@@ -224,7 +222,11 @@ impl FilterSlot {
         };
         let bytes = std::fs::read(&r.path).map_err(|e| ctx(e.to_string()))?;
         let sha = sha256_hex(&bytes);
-        if r.candidate.load().as_ref().is_some_and(|c| c.version.sha256 == sha) {
+        if r.candidate
+            .load()
+            .as_ref()
+            .is_some_and(|c| c.version.sha256 == sha)
+        {
             return Ok(false);
         }
         let mut last = r.last_error.lock().unwrap_or_else(|e| e.into_inner());

@@ -102,7 +102,10 @@ impl FilterOutput {
         if b.used == 0 && b.dropped == 0 {
             return;
         }
-        let lines = [std::mem::take(&mut b.line[0]), std::mem::take(&mut b.line[1])];
+        let lines = [
+            std::mem::take(&mut b.line[0]),
+            std::mem::take(&mut b.line[1]),
+        ];
         let dropped = std::mem::take(&mut b.dropped);
         b.used = 0;
         drop(b);

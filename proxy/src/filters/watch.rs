@@ -28,9 +28,7 @@ pub struct FileWatcher {
 pub fn start(host: Weak<FilterHost>, slots: Vec<Arc<FilterSlot>>) -> Result<FileWatcher, String> {
     let dirs: HashSet<PathBuf> = slots
         .iter()
-        .flat_map(|s| {
-            std::iter::once(&s.path).chain(s.rollout.as_ref().map(|r| &r.path))
-        })
+        .flat_map(|s| std::iter::once(&s.path).chain(s.rollout.as_ref().map(|r| &r.path)))
         .filter_map(|p| p.parent().map(|p| p.to_path_buf()))
         .collect();
     let (tx, rx) = mpsc::channel::<notify::Result<notify::Event>>();

@@ -1,0 +1,184 @@
+//! Values built from request data, parsed once at configure time:
+//!
+//! | variable | value |
+//! |---|---|
+//! | `%REQ(name)%` | first value of request header `name` (empty when absent) |
+//! | `%REQUEST_ID%` | the request id |
+//! | `%METHOD%` | the method |
+//! | `%PATH%` | the path, without the query |
+//! | `%AUTHORITY%` | the `:authority` / Host |
+//! | `%SOURCE_ADDRESS%` | the client address, `IP:PORT` |
+//! | `%SOURCE_IP%` | the client address without the port |
+//! | `%ROUTE%` | the matched route's name |
+//! | `%PEER_IDENTITY%` | the client's verified identity (empty without mTLS) |
+//! | `%%` | a literal `%` |
+//!
+//! Anything else between `%` signs is an error at configure time, not an empty string at
+//! request time.
+
+use crate::RequestData;
+
+/// One piece of a template.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Part {
+    Text(String),
+    Header(String),
+    RequestId,
+    Method,
+    Path,
+    Authority,
+    SourceAddress,
+    SourceIp,
+    Route,
+    PeerIdentity,
+}
+
+/// A parsed template.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Template {
+    parts: Vec<Part>,
+}
+
+impl Template {
+    /// Parse `text`; the error says what is wrong and where.
+    ///
+    /// ```
+    /// let t = filter_common::template::Template::parse("%METHOD% %PATH%").unwrap();
+    /// assert!(!t.is_literal());
+    /// ```
+    pub fn parse(text: &str) -> Result<Template, String> {
+        let mut parts = Vec::new();
+        let mut lit = String::new();
+        let mut rest = text;
+        while let Some(i) = rest.find('%') {
+            lit.push_str(&rest[..i]);
+            let after = &rest[i + 1..];
+            if let Some(r) = after.strip_prefix('%') {
+                lit.push('%');
+                rest = r;
+                continue;
+            }
+            let end = after.find('%').ok_or_else(|| {
+                format!(
+                    "unterminated variable at {:?} (write %% for a literal %)",
+                    &rest[i..]
+                )
+            })?;
+            let var = &after[..end];
+            let part = match var {
+                "REQUEST_ID" => Part::RequestId,
+                "METHOD" => Part::Method,
+                "PATH" => Part::Path,
+                "AUTHORITY" => Part::Authority,
+                "SOURCE_ADDRESS" => Part::SourceAddress,
+                "SOURCE_IP" => Part::SourceIp,
+                "ROUTE" => Part::Route,
+                "PEER_IDENTITY" => Part::PeerIdentity,
+                v => match v.strip_prefix("REQ(").and_then(|s| s.strip_suffix(')')) {
+                    Some(h) if crate::valid_header_name(&h.to_ascii_lowercase()) => {
+                        Part::Header(h.to_ascii_lowercase())
+                    }
+                    Some(h) => return Err(format!("%REQ({h})%: {h:?} is not a header name")),
+                    None => {
+                        return Err(format!(
+                            "unknown variable %{v}%: use %REQ(header)%, %REQUEST_ID%, %METHOD%, \
+                             %PATH%, %AUTHORITY%, %SOURCE_ADDRESS%, %SOURCE_IP%, %ROUTE% or \
+                             %PEER_IDENTITY%"
+                        ))
+                    }
+                },
+            };
+            if !lit.is_empty() {
+                parts.push(Part::Text(std::mem::take(&mut lit)));
+            }
+            parts.push(part);
+            rest = &after[end + 1..];
+        }
+        lit.push_str(rest);
+        if !lit.is_empty() {
+            parts.push(Part::Text(lit));
+        }
+        Ok(Template { parts })
+    }
+
+    /// No variables: the value is the same for every request.
+    pub fn is_literal(&self) -> bool {
+        self.parts.iter().all(|p| matches!(p, Part::Text(_)))
+    }
+
+    /// The value for this request. Missing data renders as an empty string.
+    pub fn render(&self, req: &impl RequestData) -> String {
+        let mut out = String::new();
+        for p in &self.parts {
+            match p {
+                Part::Text(t) => out.push_str(t),
+                Part::Header(h) => out.push_str(&req.header(h).unwrap_or_default()),
+                Part::RequestId => out.push_str(&req.request_id()),
+                Part::Method => out.push_str(&req.method()),
+                Part::Path => out.push_str(&req.path()),
+                Part::Authority => out.push_str(&req.authority().unwrap_or_default()),
+                Part::SourceAddress => out.push_str(&req.source_address()),
+                Part::SourceIp => out.push_str(&crate::client_ip(&req.source_address())),
+                Part::Route => out.push_str(&req.route()),
+                Part::PeerIdentity => out.push_str(&req.peer_identity().unwrap_or_default()),
+            }
+        }
+        out
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Template {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Template::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::FakeRequest;
+
+    fn render(t: &str) -> String {
+        let req = FakeRequest {
+            source: "10.0.0.7:4242".into(),
+            ..FakeRequest::default()
+        }
+        .with_header("x-user", "alice");
+        Template::parse(t).unwrap().render(&req)
+    }
+
+    #[test]
+    fn variables() {
+        assert_eq!(render("plain"), "plain");
+        assert_eq!(render(""), "");
+        assert_eq!(render("u=%REQ(x-user)%"), "u=alice");
+        assert_eq!(render("%REQ(X-User)%"), "alice");
+        assert_eq!(render("[%REQ(x-missing)%]"), "[]");
+        assert_eq!(
+            render("%METHOD% %PATH% %AUTHORITY% %ROUTE% %REQUEST_ID%"),
+            "GET /p shop.local api rid-1"
+        );
+        assert_eq!(
+            render("%SOURCE_ADDRESS%|%SOURCE_IP%"),
+            "10.0.0.7:4242|10.0.0.7"
+        );
+        assert_eq!(render("%PEER_IDENTITY%"), "");
+        assert_eq!(render("100%% sure"), "100% sure");
+        assert_eq!(render("%%%METHOD%%%"), "%GET%");
+        assert!(Template::parse("static").unwrap().is_literal());
+        assert!(!Template::parse("%PATH%").unwrap().is_literal());
+    }
+
+    #[test]
+    fn errors() {
+        assert!(Template::parse("%NOPE%")
+            .unwrap_err()
+            .contains("unknown variable %NOPE%"));
+        assert!(Template::parse("50%").unwrap_err().contains("unterminated"));
+        assert!(Template::parse("%REQ(bad name)%")
+            .unwrap_err()
+            .contains("not a header name"));
+        assert!(Template::parse("%REQ()%").is_err());
+    }
+}
