@@ -116,15 +116,32 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Resp {
 }
 
 /// Field names whose values are secrets, wherever they appear in the manifest (filter
-/// configs included).
-const SECRET_KEYS: &[&str] = &["key", "secret", "password", "token", "private_key", "headers", "authorization"];
+/// configs included); also any name ending in `_` + one of them (`hs256_secret`).
+const SECRET_KEYS: &[&str] = &[
+    "key",
+    "secret",
+    "password",
+    "token",
+    "private_key",
+    "authorization",
+    "api_key",
+];
+
+/// Private and symmetric members of a JSON Web Key (RFC 7518 §6): `k` of an `oct` key,
+/// `d`, `p`, `q`, `dp`, `dq`, `qi` of RSA and EC private keys.
+const JWK_SECRET_MEMBERS: &[&str] = &["k", "d", "p", "q", "dp", "dq", "qi"];
 
 fn redact(v: &mut serde_json::Value) {
     match v {
         serde_json::Value::Object(map) => {
+            let is_jwk = map.contains_key("kty");
             for (k, val) in map.iter_mut() {
                 let lk = k.to_ascii_lowercase();
-                if SECRET_KEYS.iter().any(|s| lk == *s || lk.ends_with(&format!("_{s}"))) && !val.is_null() {
+                let secret = SECRET_KEYS
+                    .iter()
+                    .any(|s| lk == *s || lk.ends_with(&format!("_{s}")))
+                    || (is_jwk && JWK_SECRET_MEMBERS.contains(&k.as_str()));
+                if secret && !val.is_null() {
                     *val = serde_json::Value::String("[redacted]".into());
                 } else {
                     redact(val);
@@ -139,15 +156,19 @@ fn redact(v: &mut serde_json::Value) {
 fn text(status: StatusCode, body: &str) -> Resp {
     let mut r = Response::new(full(body.to_string()));
     *r.status_mut() = status;
-    r.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
     r
 }
 
 fn json(v: &serde_json::Value) -> Resp {
     let mut r = Response::new(full(serde_json::to_vec_pretty(v).unwrap_or_default()));
-    r.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     r
 }
 
@@ -155,11 +176,22 @@ fn json(v: &serde_json::Value) -> Resp {
 mod tests {
     #[test]
     fn secrets_are_redacted() {
-        let mut v = serde_json::json!({"filters": [{"config": {"hs256_secret": "s3cr3t", "issuer": "me", "keys": [1]}}],
-            "telemetry": {"headers": {"authorization": "Bearer x"}}});
+        let mut v = serde_json::json!({"filters": [{"config": {"hs256_secret": "s3cr3t", "issuer": "me", "keys": [1],
+            "jwks": {"keys": [{"kty": "oct", "kid": "a", "k": "c2VjcmV0"}, {"kty": "RSA", "n": "pub", "d": "priv"}]}}}],
+            "telemetry": {"headers": {"authorization": "Bearer x"}},
+            "routes": [{"match": {"headers": [{"name": "x-env", "exact": "prod"}]}}]});
         super::redact(&mut v);
         let s = v.to_string();
-        assert!(!s.contains("s3cr3t") && !s.contains("Bearer"), "{s}");
-        assert!(s.contains("\"issuer\":\"me\""));
+        assert!(
+            !s.contains("s3cr3t")
+                && !s.contains("Bearer")
+                && !s.contains("c2VjcmV0")
+                && !s.contains("priv"),
+            "{s}"
+        );
+        assert!(
+            s.contains("\"issuer\":\"me\"") && s.contains("\"n\":\"pub\"") && s.contains("x-env"),
+            "{s}"
+        );
     }
 }

@@ -64,11 +64,11 @@ pub fn check(manifest: &std::path::Path) -> (String, i32) {
     match crate::config::load(manifest) {
         Ok(m) => (
             format!(
-                "{}: OK ({} listeners, {} clusters, {} filters)\n",
+                "{}: OK ({}, {}, {})\n",
                 manifest.display(),
-                m.listeners.len(),
-                m.clusters.len(),
-                m.filters.len()
+                count(m.listeners.len(), "listener"),
+                count(m.clusters.len(), "cluster"),
+                count(m.filters.len(), "filter")
             ),
             0,
         ),
@@ -80,4 +80,8 @@ pub fn check(manifest: &std::path::Path) -> (String, i32) {
             )
         }
     }
+}
+
+fn count(n: usize, what: &str) -> String {
+    format!("{n} {what}{}", if n == 1 { "" } else { "s" })
 }

@@ -7,10 +7,10 @@
 //! connections across all workers: past it a request fails fast with `UO` instead of queueing.
 
 use crate::config::{ClusterSpec, LbPolicy, LocalitySpec};
+use crate::pool::ClusterPools;
 use crate::telemetry::metrics::{ClusterLabel, Metrics};
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use crate::pool::ClusterPools;
 use hyper_util::rt::TokioIo;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -40,7 +40,9 @@ pub fn parse_endpoint_address(s: &str) -> Result<EndpointAddr, String> {
     let (host, port) = s
         .rsplit_once(':')
         .ok_or_else(|| format!("`{s}` needs a port (HOST:PORT)"))?;
-    let port: u16 = port.parse().map_err(|_| format!("`{port}` is not a port number"))?;
+    let port: u16 = port
+        .parse()
+        .map_err(|_| format!("`{port}` is not a port number"))?;
     let valid_host = !host.is_empty()
         && host.len() <= 253
         && host
@@ -142,10 +144,12 @@ impl Cluster {
     }
 
     pub fn has_dns_endpoints(&self) -> bool {
-        self.spec
-            .endpoints
-            .iter()
-            .any(|e| matches!(parse_endpoint_address(&e.address), Ok(EndpointAddr::Dns { .. })))
+        self.spec.endpoints.iter().any(|e| {
+            matches!(
+                parse_endpoint_address(&e.address),
+                Ok(EndpointAddr::Dns { .. })
+            )
+        })
     }
 
     /// Resolve every endpoint again; keeps the previous addresses of a name that fails to resolve.
@@ -155,17 +159,19 @@ impl Cluster {
         for ep in &self.spec.endpoints {
             let addrs: Vec<SocketAddr> = match parse_endpoint_address(&ep.address) {
                 Ok(EndpointAddr::Ip(a)) => vec![a],
-                Ok(EndpointAddr::Dns { host, port }) => match tokio::net::lookup_host((host.as_str(), port)).await {
-                    Ok(it) => it.collect(),
-                    Err(e) => {
-                        tracing::warn!(cluster = %self.name, endpoint = %ep.address, error = %e, "DNS resolution failed; keeping previous addresses");
-                        old.endpoints
-                            .iter()
-                            .filter(|o| o.weight == ep.weight && o.locality == ep.locality)
-                            .map(|o| o.addr)
-                            .collect()
+                Ok(EndpointAddr::Dns { host, port }) => {
+                    match tokio::net::lookup_host((host.as_str(), port)).await {
+                        Ok(it) => it.collect(),
+                        Err(e) => {
+                            tracing::warn!(cluster = %self.name, endpoint = %ep.address, error = %e, "DNS resolution failed; keeping previous addresses");
+                            old.endpoints
+                                .iter()
+                                .filter(|o| o.weight == ep.weight && o.locality == ep.locality)
+                                .map(|o| o.addr)
+                                .collect()
+                        }
                     }
-                },
+                }
                 Err(_) => Vec::new(), // validated at load
             };
             for addr in addrs {
@@ -173,7 +179,10 @@ impl Cluster {
                     continue;
                 }
                 // Keep the existing object (and its counters) when the address is unchanged.
-                let existing = old.endpoints.iter().find(|o| o.addr == addr && o.weight == ep.weight);
+                let existing = old
+                    .endpoints
+                    .iter()
+                    .find(|o| o.addr == addr && o.weight == ep.weight);
                 let e = match existing {
                     Some(e) => e.clone(),
                     None => match http::uri::Authority::try_from(addr.to_string().as_str()) {
@@ -192,7 +201,10 @@ impl Cluster {
             }
         }
         let schedule = smooth_wrr_schedule(&endpoints.iter().map(|e| e.weight).collect::<Vec<_>>());
-        self.set.store(Arc::new(EndpointSet { endpoints, schedule }));
+        self.set.store(Arc::new(EndpointSet {
+            endpoints,
+            schedule,
+        }));
     }
 
     /// Re-resolve DNS endpoints every `dns_refresh_rate` while the cluster is alive.
@@ -237,8 +249,14 @@ impl Cluster {
                     b += 1;
                 }
                 let (ea, eb) = (&set.endpoints[a], &set.endpoints[b]);
-                let load = |e: &Endpoint| (e.active.load(Ordering::Relaxed) as u64 + 1) * 1000 / e.weight as u64;
-                Some(if load(eb) < load(ea) { eb.clone() } else { ea.clone() })
+                let load = |e: &Endpoint| {
+                    (e.active.load(Ordering::Relaxed) as u64 + 1) * 1000 / e.weight as u64
+                };
+                Some(if load(eb) < load(ea) {
+                    eb.clone()
+                } else {
+                    ea.clone()
+                })
             }
         }
     }
@@ -345,24 +363,40 @@ impl Connector {
         let permit = match self.limit.clone().try_acquire_owned() {
             Ok(p) => p,
             Err(_) => {
-                self.metrics.upstream_cx_overflow.get_or_create(&self.label).inc();
+                self.metrics
+                    .upstream_cx_overflow
+                    .get_or_create(&self.label)
+                    .inc();
                 return Err(ConnectError::Overflow);
             }
         };
         let stream = match tokio::time::timeout(self.timeout, TcpStream::connect(addr)).await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
-                self.metrics.upstream_cx_connect_fail.get_or_create(&self.label).inc();
+                self.metrics
+                    .upstream_cx_connect_fail
+                    .get_or_create(&self.label)
+                    .inc();
                 return Err(ConnectError::Io(e));
             }
             Err(_) => {
-                self.metrics.upstream_cx_connect_fail.get_or_create(&self.label).inc();
+                self.metrics
+                    .upstream_cx_connect_fail
+                    .get_or_create(&self.label)
+                    .inc();
                 return Err(ConnectError::Timeout);
             }
         };
         let _ = stream.set_nodelay(true);
-        self.metrics.upstream_cx_total.get_or_create(&self.label).inc();
-        let gauge = self.metrics.upstream_cx_active.get_or_create(&self.label).clone();
+        self.metrics
+            .upstream_cx_total
+            .get_or_create(&self.label)
+            .inc();
+        let gauge = self
+            .metrics
+            .upstream_cx_active
+            .get_or_create(&self.label)
+            .clone();
         gauge.inc();
         Ok(UpstreamConn {
             io: TokioIo::new(stream),
@@ -398,7 +432,11 @@ impl hyper::rt::Read for UpstreamConn {
 }
 
 impl hyper::rt::Write for UpstreamConn {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
         self.project().io.poll_write(cx, buf)
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
@@ -434,9 +472,18 @@ mod tests {
 
     #[test]
     fn endpoint_addresses() {
-        assert!(matches!(parse_endpoint_address("127.0.0.1:80"), Ok(EndpointAddr::Ip(_))));
-        assert!(matches!(parse_endpoint_address("[::1]:80"), Ok(EndpointAddr::Ip(_))));
-        assert!(matches!(parse_endpoint_address("svc.ns.local:8080"), Ok(EndpointAddr::Dns { .. })));
+        assert!(matches!(
+            parse_endpoint_address("127.0.0.1:80"),
+            Ok(EndpointAddr::Ip(_))
+        ));
+        assert!(matches!(
+            parse_endpoint_address("[::1]:80"),
+            Ok(EndpointAddr::Ip(_))
+        ));
+        assert!(matches!(
+            parse_endpoint_address("svc.ns.local:8080"),
+            Ok(EndpointAddr::Dns { .. })
+        ));
         assert!(parse_endpoint_address("svc").is_err());
         assert!(parse_endpoint_address("bad host:1").is_err());
     }

@@ -18,8 +18,8 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::{pin, Pin};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::OnceLock;
 use std::sync::Arc;
+use std::sync::OnceLock;
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -30,7 +30,10 @@ use tokio::time::Instant;
 
 /// Bind `count` sockets to one address with `SO_REUSEPORT`. Port 0 picks a free port once;
 /// every socket then shares it.
-pub fn bind_reuseport(addr: SocketAddr, count: usize) -> std::io::Result<Vec<std::net::TcpListener>> {
+pub fn bind_reuseport(
+    addr: SocketAddr,
+    count: usize,
+) -> std::io::Result<Vec<std::net::TcpListener>> {
     let mut out = Vec::with_capacity(count);
     let mut addr = addr;
     for _ in 0..count.max(1) {
@@ -86,15 +89,22 @@ pub async fn run_worker(
     // Accept loops end at shutdown (dropping their sockets: no new connections); the
     // connection tasks then finish their requests, bounded by the drain timeout.
     while accepts.join_next().await.is_some() {}
-    if tokio::time::timeout(drain_timeout, async { while conns.join_next().await.is_some() {} })
-        .await
-        .is_err()
+    if tokio::time::timeout(drain_timeout, async {
+        while conns.join_next().await.is_some() {}
+    })
+    .await
+    .is_err()
     {
         tracing::warn!("drain timeout reached; closing remaining connections");
     }
 }
 
-type Accepted = (Arc<ListenerRuntime>, TcpStream, SocketAddr, tokio::sync::OwnedSemaphorePermit);
+type Accepted = (
+    Arc<ListenerRuntime>,
+    TcpStream,
+    SocketAddr,
+    tokio::sync::OwnedSemaphorePermit,
+);
 
 async fn accept_loop(
     listener: Arc<ListenerRuntime>,
@@ -208,7 +218,14 @@ async fn serve_http(
     };
     let svc_shared = shared.clone();
     let svc_listener = listener.clone();
-    let svc = service_fn(move |req| proxy::handle(svc_shared.clone(), svc_listener.clone(), conn_info.clone(), req));
+    let svc = service_fn(move |req| {
+        proxy::handle(
+            svc_shared.clone(),
+            svc_listener.clone(),
+            conn_info.clone(),
+            req,
+        )
+    });
     let builder = http_builder(&lc.spec.limits);
     let mut conn = pin!(builder.serve_connection_with_upgrades(io, svc));
     let mut draining = false;
@@ -240,7 +257,9 @@ async fn serve_http(
     }
 }
 
-fn classify_conn_error(e: &(dyn std::error::Error + Send + Sync + 'static)) -> Option<&'static str> {
+fn classify_conn_error(
+    e: &(dyn std::error::Error + Send + Sync + 'static),
+) -> Option<&'static str> {
     let h = e.downcast_ref::<hyper::Error>()?;
     if h.is_parse_too_large() {
         Some("headers_too_large")
@@ -277,25 +296,50 @@ async fn serve_tcp(
         tracing::warn!(listener = %listener.name, cluster = %cluster.name, %peer, "no healthy upstream for tcp connection");
         return;
     };
-    let upstream = match tokio::time::timeout(cluster.spec.connect_timeout, TcpStream::connect(endpoint.addr)).await {
+    let upstream = match tokio::time::timeout(
+        cluster.spec.connect_timeout,
+        TcpStream::connect(endpoint.addr),
+    )
+    .await
+    {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
-            cluster.metrics().upstream_cx_connect_fail.get_or_create(cluster.label()).inc();
+            cluster
+                .metrics()
+                .upstream_cx_connect_fail
+                .get_or_create(cluster.label())
+                .inc();
             tracing::warn!(listener = %listener.name, upstream = %endpoint.addr, error = %e, "tcp upstream connect failed");
             return;
         }
         Err(_) => {
-            cluster.metrics().upstream_cx_connect_fail.get_or_create(cluster.label()).inc();
+            cluster
+                .metrics()
+                .upstream_cx_connect_fail
+                .get_or_create(cluster.label())
+                .inc();
             tracing::warn!(listener = %listener.name, upstream = %endpoint.addr, "tcp upstream connect timeout");
             return;
         }
     };
     let _ = upstream.set_nodelay(true);
-    cluster.metrics().upstream_cx_total.get_or_create(cluster.label()).inc();
-    let gauge = cluster.metrics().upstream_cx_active.get_or_create(cluster.label()).clone();
+    cluster
+        .metrics()
+        .upstream_cx_total
+        .get_or_create(cluster.label())
+        .inc();
+    let gauge = cluster
+        .metrics()
+        .upstream_cx_active
+        .get_or_create(cluster.label())
+        .clone();
     gauge.inc();
-    endpoint.active.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    endpoint.total.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    endpoint
+        .active
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    endpoint
+        .total
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let activity = Arc::new(Activity::new());
     let mut down = IdleIo {
         inner: stream,
@@ -323,7 +367,9 @@ async fn serve_tcp(
             }
         }
     }
-    endpoint.active.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    endpoint
+        .active
+        .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     gauge.dec();
 }
 
@@ -337,7 +383,11 @@ pin_project_lite::pin_project! {
 }
 
 impl AsyncRead for IdleIo {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
         let this = self.project();
         let before = buf.filled().len();
         let r = this.inner.poll_read(cx, buf);
@@ -349,7 +399,11 @@ impl AsyncRead for IdleIo {
 }
 
 impl AsyncWrite for IdleIo {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
         let this = self.project();
         let r = this.inner.poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = r {

@@ -72,7 +72,9 @@ impl ClusterPools {
         max_idle: usize,
     ) -> Self {
         Self {
-            workers: (0..slots.max(1)).map(|_| Mutex::new(WorkerPool::default())).collect(),
+            workers: (0..slots.max(1))
+                .map(|_| Mutex::new(WorkerPool::default()))
+                .collect(),
             connector,
             protocol,
             idle_timeout,
@@ -93,7 +95,10 @@ impl ClusterPools {
             match self.protocol {
                 UpstreamProtocol::Http1 => {
                     while let Some((sr, since)) = ep.idle.pop() {
-                        if sr.is_ready() && !sr.is_closed() && now.duration_since(since) < self.idle_timeout {
+                        if sr.is_ready()
+                            && !sr.is_closed()
+                            && now.duration_since(since) < self.idle_timeout
+                        {
                             return Ok(Sender::H1(sr));
                         }
                         // Dropping a stale sender closes its connection.
@@ -220,7 +225,12 @@ impl ClusterPools {
         self.workers
             .iter()
             .filter_map(|w| w.lock().ok())
-            .map(|p| p.endpoints.values().map(|e| e.idle.len() + usize::from(e.h2.is_some())).sum::<usize>())
+            .map(|p| {
+                p.endpoints
+                    .values()
+                    .map(|e| e.idle.len() + usize::from(e.h2.is_some()))
+                    .sum::<usize>()
+            })
             .sum()
     }
 }

@@ -4,10 +4,10 @@
 //! strings them together and turns every failure into an answer (see `crate::error`).
 
 use crate::cluster::{Body, BoxError, Cluster, ConnectError, Endpoint};
-use crate::pool::PoolError;
 use crate::config::Direction;
 use crate::error::ProxyError;
 use crate::filters::{ChainRun, LocalResponse, Outcome, RequestInfo, Verdict};
+use crate::pool::PoolError;
 use crate::routing::{normalize_path, RequestView, Route, RouteAction};
 use crate::server::{ListenerRuntime, Shared};
 use crate::telemetry::access_log::{now_rfc3339, Entry};
@@ -106,7 +106,12 @@ pub async fn handle(
         reason: None,
         bytes_in: bytes_in.clone(),
     };
-    let body: Body = CountingBody::new(body.map_err(|e| Box::new(e) as BoxError).boxed_unsync(), bytes_in, None).boxed_unsync();
+    let body: Body = CountingBody::new(
+        body.map_err(|e| Box::new(e) as BoxError).boxed_unsync(),
+        bytes_in,
+        None,
+    )
+    .boxed_unsync();
     let req = Request::from_parts(parts, body);
     let (resp, chain) = match serve(&shared, &listener, &conn, req, &mut x).await {
         Ok((resp, chain)) => (resp, chain),
@@ -149,7 +154,9 @@ async fn serve(
         Err(crate::routing::PathError::EscapedSlash) => {
             return Err((ProxyError::BadRequest("encoded slash in path"), None))
         }
-        Err(crate::routing::PathError::Invalid) => return Err((ProxyError::BadRequest("invalid path"), None)),
+        Err(crate::routing::PathError::Invalid) => {
+            return Err((ProxyError::BadRequest("invalid path"), None))
+        }
     };
     let path = normalized.as_deref().unwrap_or(path).to_string();
     let query = query.map(str::to_string);
@@ -168,13 +175,21 @@ async fn serve(
     x.route = Some(route.name.clone());
 
     match &route.action {
-        RouteAction::Redirect { scheme, host: rhost, path: rpath, status } => {
+        RouteAction::Redirect {
+            scheme,
+            host: rhost,
+            path: rpath,
+            status,
+        } => {
             let location = format!(
                 "{}://{}{}{}",
                 scheme.as_deref().unwrap_or("http"),
                 rhost.as_deref().unwrap_or(x.authority.as_str()),
                 rpath.as_deref().unwrap_or(path.as_str()),
-                query.as_deref().map(|q| format!("?{q}")).unwrap_or_default()
+                query
+                    .as_deref()
+                    .map(|q| format!("?{q}"))
+                    .unwrap_or_default()
             );
             let mut resp = Response::new(empty());
             *resp.status_mut() = *status;
@@ -183,7 +198,11 @@ async fn serve(
             }
             return Ok((resp, None));
         }
-        RouteAction::Direct { status, body, headers } => {
+        RouteAction::Direct {
+            status,
+            body,
+            headers,
+        } => {
             let mut resp = Response::new(full(body.clone()));
             *resp.status_mut() = *status;
             resp.headers_mut().extend(headers.clone());
@@ -225,7 +244,9 @@ async fn serve(
             };
             match run.request_body(&mut parts, buffered).await {
                 Ok(new) => {
-                    parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(new.len()));
+                    parts
+                        .headers
+                        .insert(header::CONTENT_LENGTH, HeaderValue::from(new.len()));
                     parts.headers.remove(header::TRANSFER_ENCODING);
                     body = full(new);
                 }
@@ -261,19 +282,36 @@ async fn serve(
     } else {
         None
     };
-    prepare_upstream_request(&mut parts, route, &cluster, &endpoint, &path, query.as_deref(), x, upgrade);
+    prepare_upstream_request(
+        &mut parts,
+        route,
+        &cluster,
+        &endpoint,
+        &path,
+        query.as_deref(),
+        x,
+        upgrade,
+    );
     let upstream_req = Request::from_parts(parts, body);
 
     endpoint.active.fetch_add(1, Ordering::Relaxed);
     endpoint.total.fetch_add(1, Ordering::Relaxed);
-    let active = cluster.metrics().upstream_rq_active.get_or_create(cluster.label()).clone();
+    let active = cluster
+        .metrics()
+        .upstream_rq_active
+        .get_or_create(cluster.label())
+        .clone();
     active.inc();
     let sent = cluster.pools().send(endpoint.addr, upstream_req);
     let result = match route.timeout {
         Some(t) => match tokio::time::timeout(t, sent).await {
             Ok(r) => r.map_err(classify_upstream_error),
             Err(_) => {
-                cluster.metrics().upstream_rq_timeout.get_or_create(cluster.label()).inc();
+                cluster
+                    .metrics()
+                    .upstream_rq_timeout
+                    .get_or_create(cluster.label())
+                    .inc();
                 Err(ProxyError::UpstreamTimeout)
             }
         },
@@ -317,12 +355,16 @@ async fn serve(
             let limit = lc.spec.limits.max_body_buffer_bytes;
             let buffered = match buffer_body(rbody, limit).await {
                 Ok(b) => b,
-                Err(ProxyError::RequestBodyTooLarge) => return Err((ProxyError::ResponseBodyTooLarge, chain)),
+                Err(ProxyError::RequestBodyTooLarge) => {
+                    return Err((ProxyError::ResponseBodyTooLarge, chain))
+                }
                 Err(_) => return Err((ProxyError::UpstreamReset, chain)),
             };
             match run.response_body(&mut rparts, buffered).await {
                 Ok(new) => {
-                    rparts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(new.len()));
+                    rparts
+                        .headers
+                        .insert(header::CONTENT_LENGTH, HeaderValue::from(new.len()));
                     rbody = full(new);
                 }
                 Err(Verdict::Respond(local)) => return Ok((local_response(local, x), chain)),
@@ -376,24 +418,35 @@ impl Done {
         let mut flags: Vec<String> = std::mem::take(&mut self.x.flags);
         let mut filters_ran = Vec::new();
         let mut attributes = Vec::new();
-        if let Some(chain) = self.chain.take() {
-            flags.extend(chain.response_flags().iter().cloned());
-            filters_ran = chain.filters_ran().to_vec();
-            attributes = chain.attributes().to_vec();
+        if let Some(mut chain) = self.chain.take() {
+            let mut outcome_flags = flags.clone();
+            outcome_flags.extend(chain.response_flags().iter().cloned());
             chain.done(&Outcome {
                 status: self.status,
-                response_flags: flags.join(","),
+                response_flags: outcome_flags.join(","),
                 duration,
                 cluster: self.x.cluster.as_ref().map(|c| c.name.to_string()),
                 upstream: self.x.endpoint.as_ref().map(|e| e.addr.to_string()),
             });
+            // Read after the done hooks: what they add still belongs in the log line.
+            flags.extend(chain.response_flags().iter().cloned());
+            filters_ran = chain.filters_ran().to_vec();
+            attributes = chain.attributes().to_vec();
         }
         flags.dedup();
-        let flags_str = if flags.is_empty() { "-".to_string() } else { flags.join(",") };
+        let flags_str = if flags.is_empty() {
+            "-".to_string()
+        } else {
+            flags.join(",")
+        };
         let x = &self.x;
         let shared = &self.shared;
         let route: Arc<str> = x.route.clone().unwrap_or_else(|| Arc::from("-"));
-        let cluster: Arc<str> = x.cluster.as_ref().map(|c| c.name.clone()).unwrap_or_else(|| Arc::from("-"));
+        let cluster: Arc<str> = x
+            .cluster
+            .as_ref()
+            .map(|c| c.name.clone())
+            .unwrap_or_else(|| Arc::from("-"));
         let (reporter, dest_service) = match self.listener.direction {
             Direction::Inbound => ("destination", shared.node.workload.clone()),
             Direction::Outbound => ("source", cluster.clone()),
@@ -411,7 +464,11 @@ impl Done {
             },
             destination_principal: shared.unknown.clone(),
             destination_service: dest_service,
-            request_protocol: if x.protocol == "HTTP/2" { "http2" } else { "http" },
+            request_protocol: if x.protocol == "HTTP/2" {
+                "http2"
+            } else {
+                "http"
+            },
             response_code: self.status,
             response_flags: if flags.is_empty() {
                 shared.no_flags.clone()
@@ -462,11 +519,14 @@ fn local_error(e: ProxyError, x: &mut Exchange) -> Response<Body> {
     let reason = e.to_string();
     let mut resp = Response::new(full(Bytes::from(format!("{reason}\n"))));
     *resp.status_mut() = status;
-    resp.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
     if matches!(e, ProxyError::BadRequest(_) | ProxyError::DownstreamBody(_)) {
         // The connection's framing may be unreliable after a bad request.
-        resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
     x.reason = Some(reason);
     resp
@@ -486,7 +546,9 @@ fn local_response(local: LocalResponse, x: &mut Exchange) -> Response<Body> {
 fn classify_upstream_error(e: PoolError) -> ProxyError {
     match e {
         PoolError::Connect(ConnectError::Overflow) => ProxyError::Overflow,
-        PoolError::Connect(_) | PoolError::Handshake(_) | PoolError::NotOnWorker => ProxyError::ConnectFailure,
+        PoolError::Connect(_) | PoolError::Handshake(_) | PoolError::NotOnWorker => {
+            ProxyError::ConnectFailure
+        }
         PoolError::Send(e) => {
             if request_body_failed(&e) {
                 // The client's body broke (bad chunked encoding, client gone): not the upstream's fault.
@@ -518,13 +580,20 @@ fn request_body_failed(e: &(dyn std::error::Error + 'static)) -> bool {
 fn check_framing(h: &HeaderMap) -> Result<(), ProxyError> {
     let te = h.contains_key(header::TRANSFER_ENCODING);
     if te && h.contains_key(header::CONTENT_LENGTH) {
-        return Err(ProxyError::BadRequest("both Content-Length and Transfer-Encoding"));
+        return Err(ProxyError::BadRequest(
+            "both Content-Length and Transfer-Encoding",
+        ));
     }
     if te {
         // hyper only accepts `chunked` last; anything else has ambiguous framing.
         for v in h.get_all(header::TRANSFER_ENCODING) {
-            let v = v.to_str().map_err(|_| ProxyError::BadRequest("bad Transfer-Encoding"))?;
-            if !v.split(',').all(|t| t.trim().eq_ignore_ascii_case("chunked")) {
+            let v = v
+                .to_str()
+                .map_err(|_| ProxyError::BadRequest("bad Transfer-Encoding"))?;
+            if !v
+                .split(',')
+                .all(|t| t.trim().eq_ignore_ascii_case("chunked"))
+            {
                 return Err(ProxyError::BadRequest("unsupported Transfer-Encoding"));
             }
         }
@@ -569,7 +638,9 @@ fn ensure_request_id(h: &mut HeaderMap) -> String {
         }
     }
     // A v4 UUID from the thread-local generator: no syscall per request.
-    let id = uuid::Builder::from_random_bytes(rand::random()).into_uuid().to_string();
+    let id = uuid::Builder::from_random_bytes(rand::random())
+        .into_uuid()
+        .to_string();
     if let Ok(v) = HeaderValue::from_str(&id) {
         h.insert(X_REQUEST_ID.clone(), v);
     }
@@ -590,7 +661,10 @@ fn client_address(h: &HeaderMap, peer: SocketAddr, trusted_hops: u32) -> SocketA
         .map(str::trim)
         .collect();
     let idx = all.len().checked_sub(trusted_hops as usize);
-    match idx.and_then(|i| all.get(i)).and_then(|s| s.parse::<std::net::IpAddr>().ok()) {
+    match idx
+        .and_then(|i| all.get(i))
+        .and_then(|s| s.parse::<std::net::IpAddr>().ok())
+    {
         Some(ip) => SocketAddr::new(ip, 0),
         None => peer,
     }
@@ -608,11 +682,12 @@ fn host_without_port(authority: &str) -> &str {
 }
 
 fn request_authority(parts: &http::request::Parts) -> Option<&str> {
-    parts
-        .uri
-        .authority()
-        .map(|a| a.as_str())
-        .or_else(|| parts.headers.get(header::HOST).and_then(|v| v.to_str().ok()))
+    parts.uri.authority().map(|a| a.as_str()).or_else(|| {
+        parts
+            .headers
+            .get(header::HOST)
+            .and_then(|v| v.to_str().ok())
+    })
 }
 
 fn split_path(uri: &Uri) -> (&str, Option<&str>) {
@@ -639,7 +714,10 @@ fn is_upgrade(h: &HeaderMap) -> bool {
         && h.get_all(header::CONNECTION)
             .iter()
             .filter_map(|v| v.to_str().ok())
-            .any(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade")))
+            .any(|v| {
+                v.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+            })
 }
 
 /// Remove hop-by-hop headers (RFC 9110 §7.6.1), including those named in `Connection`.
@@ -687,7 +765,10 @@ fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
         .get_all(header::TE)
         .iter()
         .filter_map(|v| v.to_str().ok())
-        .any(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("trailers")));
+        .any(|v| {
+            v.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+        });
     h.remove(header::TE);
     if te_trailers {
         h.insert(header::TE, HeaderValue::from_static("trailers"));
@@ -781,7 +862,9 @@ async fn buffer_body(body: Body, limit: usize) -> Result<Bytes, ProxyError> {
     match http_body_util::Limited::new(body, limit).collect().await {
         Ok(c) => Ok(c.to_bytes()),
         Err(e) => {
-            if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some()
+            {
                 Err(ProxyError::RequestBodyTooLarge)
             } else {
                 Err(ProxyError::DownstreamBody("request body read failed"))
@@ -791,11 +874,15 @@ async fn buffer_body(body: Body, limit: usize) -> Result<Bytes, ProxyError> {
 }
 
 pub fn full(b: impl Into<Bytes>) -> Body {
-    Full::new(b.into()).map_err(|never| match never {}).boxed_unsync()
+    Full::new(b.into())
+        .map_err(|never| match never {})
+        .boxed_unsync()
 }
 
 pub fn empty() -> Body {
-    http_body_util::Empty::new().map_err(|never| match never {}).boxed_unsync()
+    http_body_util::Empty::new()
+        .map_err(|never| match never {})
+        .boxed_unsync()
 }
 
 enum BodyEnd {
@@ -855,7 +942,10 @@ impl http_body::Body for CountingBody {
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.project();
         let r = this.inner.poll_frame(cx);
         match &r {
@@ -891,7 +981,10 @@ mod tests {
     #[test]
     fn hop_by_hop_removed_te_trailers_kept() {
         let mut h = HeaderMap::new();
-        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-secret"));
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-secret"),
+        );
         h.insert("x-secret", HeaderValue::from_static("1"));
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
         h.insert(header::TE, HeaderValue::from_static("trailers, deflate"));
@@ -900,14 +993,20 @@ mod tests {
         assert!(h.get("x-secret").is_none());
         assert!(h.get("keep-alive").is_none());
         assert!(h.get(header::CONNECTION).is_none());
-        assert_eq!(h.get(header::TE).map(|v| v.as_bytes()), Some(&b"trailers"[..]));
+        assert_eq!(
+            h.get(header::TE).map(|v| v.as_bytes()),
+            Some(&b"trailers"[..])
+        );
         assert!(h.get("x-kept").is_some());
     }
 
     #[test]
     fn xff_trusted_hops() {
         let mut h = HeaderMap::new();
-        h.insert(&X_FORWARDED_FOR, HeaderValue::from_static("1.1.1.1, 10.0.0.1, 10.0.0.2"));
+        h.insert(
+            &X_FORWARDED_FOR,
+            HeaderValue::from_static("1.1.1.1, 10.0.0.1, 10.0.0.2"),
+        );
         let peer: SocketAddr = "127.0.0.1:5000".parse().expect("addr");
         assert_eq!(client_address(&h, peer, 0), peer);
         assert_eq!(client_address(&h, peer, 1).ip().to_string(), "10.0.0.2");
@@ -919,7 +1018,10 @@ mod tests {
     fn smuggling_framing_refused() {
         let mut h = HeaderMap::new();
         h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("5"));
-        h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
         assert!(check_framing(&h).is_err());
         let mut h = HeaderMap::new();
         h.append(header::CONTENT_LENGTH, HeaderValue::from_static("5"));

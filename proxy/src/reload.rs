@@ -17,7 +17,13 @@ pub async fn watch(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     let dir = shared
         .manifest_path
         .parent()
-        .map(|p| if p.as_os_str().is_empty() { std::path::Path::new(".") } else { p })
+        .map(|p| {
+            if p.as_os_str().is_empty() {
+                std::path::Path::new(".")
+            } else {
+                p
+            }
+        })
         .unwrap_or(std::path::Path::new("."))
         .to_path_buf();
     let fs_tx = tx.clone();
@@ -26,7 +32,12 @@ pub async fn watch(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
         if let Ok(ev) = ev {
             // Only the manifest's own events: other files in the directory (an access log
             // written next to it) would otherwise keep the debounce from ever settling.
-            if !ev.kind.is_access() && ev.paths.iter().any(|p| concerns_manifest(p, manifest_name.as_deref())) {
+            if !ev.kind.is_access()
+                && ev
+                    .paths
+                    .iter()
+                    .any(|p| concerns_manifest(p, manifest_name.as_deref()))
+            {
                 let _ = fs_tx.send(());
             }
         }

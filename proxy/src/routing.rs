@@ -29,9 +29,21 @@ pub struct Route {
 
 pub enum RouteAction {
     Cluster(Arc<Cluster>),
-    Weighted { clusters: Vec<(Arc<Cluster>, u32)>, total: u32 },
-    Redirect { scheme: Option<String>, host: Option<String>, path: Option<String>, status: StatusCode },
-    Direct { status: StatusCode, body: bytes::Bytes, headers: HeaderMap },
+    Weighted {
+        clusters: Vec<(Arc<Cluster>, u32)>,
+        total: u32,
+    },
+    Redirect {
+        scheme: Option<String>,
+        host: Option<String>,
+        path: Option<String>,
+        status: StatusCode,
+    },
+    Direct {
+        status: StatusCode,
+        body: bytes::Bytes,
+        headers: HeaderMap,
+    },
 }
 
 impl RouteAction {
@@ -203,11 +215,16 @@ impl HeaderMutation {
             remove: spec
                 .remove
                 .iter()
-                .map(|k| HeaderName::from_bytes(k.as_bytes()).map_err(|e| format!("header `{k}`: {e}")))
+                .map(|k| {
+                    HeaderName::from_bytes(k.as_bytes()).map_err(|e| format!("header `{k}`: {e}"))
+                })
                 .collect::<Result<_, _>>()?,
         })
     }
 }
+
+/// Resolves a route's `filters` (None: the listener's default chain) to a chain.
+pub type ChainFor<'a> = dyn Fn(Option<&Vec<String>>) -> Result<Chain, String> + 'a;
 
 /// A listener's ordered routes.
 pub struct RouteTable {
@@ -220,13 +237,23 @@ impl RouteTable {
         listener: &str,
         specs: &[RouteSpec],
         clusters: &HashMap<String, Arc<Cluster>>,
-        chain_for: &dyn Fn(Option<&Vec<String>>) -> Result<Chain, String>,
+        chain_for: &ChainFor<'_>,
     ) -> Result<Self, String> {
         let mut routes = Vec::with_capacity(specs.len());
         for (i, s) in specs.iter().enumerate() {
             let ctx = |e: String| format!("listener `{listener}` route {i}: {e}");
-            let name: Arc<str> = Arc::from(s.name.clone().unwrap_or_else(|| format!("{listener}/{i}")).as_str());
-            let cluster = |n: &str| clusters.get(n).cloned().ok_or_else(|| ctx(format!("unknown cluster `{n}`")));
+            let name: Arc<str> = Arc::from(
+                s.name
+                    .clone()
+                    .unwrap_or_else(|| format!("{listener}/{i}"))
+                    .as_str(),
+            );
+            let cluster = |n: &str| {
+                clusters
+                    .get(n)
+                    .cloned()
+                    .ok_or_else(|| ctx(format!("unknown cluster `{n}`")))
+            };
             let action = if let Some(c) = &s.cluster {
                 RouteAction::Cluster(cluster(c)?)
             } else if let Some(wc) = &s.weighted_clusters {
@@ -261,7 +288,10 @@ impl RouteTable {
             };
             let m = &s.matcher;
             let re = |r: &str| Regex::new(r).map_err(|e| ctx(e.to_string()));
-            let value = |exact: &Option<String>, regex: &Option<String>, present: Option<bool>| -> Result<ValueMatch, String> {
+            let value = |exact: &Option<String>,
+                         regex: &Option<String>,
+                         present: Option<bool>|
+             -> Result<ValueMatch, String> {
                 Ok(match (exact, regex, present) {
                     (Some(e), _, _) => ValueMatch::Exact(e.clone()),
                     (_, Some(r), _) => ValueMatch::Regex(re(r)?),
@@ -290,7 +320,8 @@ impl RouteTable {
                     .iter()
                     .map(|h| {
                         Ok((
-                            HeaderName::from_bytes(h.name.as_bytes()).map_err(|e| ctx(e.to_string()))?,
+                            HeaderName::from_bytes(h.name.as_bytes())
+                                .map_err(|e| ctx(e.to_string()))?,
                             value(&h.exact, &h.regex, h.present)?,
                         ))
                     })
@@ -346,7 +377,10 @@ pub enum PathError {
 /// remove dot-segments (RFC 3986 §5.2.4, with `%2E` treated as '.'), optionally merge `//`,
 /// and apply the listener's policy for encoded slashes. Returns `None` when the path is
 /// already normal (the common case allocates nothing).
-pub fn normalize_path(path: &str, opts: &PathNormalizationSpec) -> Result<Option<String>, PathError> {
+pub fn normalize_path(
+    path: &str,
+    opts: &PathNormalizationSpec,
+) -> Result<Option<String>, PathError> {
     if !path.starts_with('/') {
         return Err(PathError::Invalid);
     }
@@ -459,11 +493,16 @@ mod tests {
 
     #[test]
     fn escaped_slash_policies() {
-        let mut o = PathNormalizationSpec::default();
-        o.escaped_slashes = EscapedSlashes::Reject;
+        let mut o = PathNormalizationSpec {
+            escaped_slashes: EscapedSlashes::Reject,
+            ..Default::default()
+        };
         assert_eq!(normalize_path("/a%2fb", &o), Err(PathError::EscapedSlash));
         o.escaped_slashes = EscapedSlashes::Unescape;
-        assert_eq!(normalize_path("/a/%2F../admin", &o), Ok(Some("/a/admin".into())));
+        assert_eq!(
+            normalize_path("/a/%2F../admin", &o),
+            Ok(Some("/a/admin".into()))
+        );
         assert_eq!(normalize_path("/a%zz", &o), Err(PathError::Invalid));
         assert_eq!(normalize_path("/a%2", &o), Err(PathError::Invalid));
     }

@@ -39,7 +39,10 @@ pub enum StartError {
         source: std::io::Error,
     },
     #[error("admin endpoint cannot bind {addr}: {source}")]
-    AdminBind { addr: String, source: std::io::Error },
+    AdminBind {
+        addr: String,
+        source: std::io::Error,
+    },
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }
@@ -119,30 +122,45 @@ pub async fn run(
     let access_log = AccessLog::start(&manifest.access_log, metrics.clone())?;
     let callout = Arc::new(ClusterCallout::default());
     let filters = {
-        let mut reg = metrics.registry.lock().map_err(|_| StartError::Build("metrics registry poisoned".into()))?;
+        let mut reg = metrics
+            .registry
+            .lock()
+            .map_err(|_| StartError::Build("metrics registry poisoned".into()))?;
         FilterHost::new(&manifest.filter_engine, workers, &mut reg, callout.clone())
             .map_err(|e| StartError::Build(format!("filter engine: {e}")))?
     };
 
-    let (snapshot, listener_configs) = build(&manifest, None, &metrics, workers, &filters)
-        .await
-        .map_err(|errs| StartError::Build(errs.join("\n")))?;
+    let (snapshot, listener_configs) = build(
+        &manifest,
+        manifest_path.parent(),
+        None,
+        &metrics,
+        workers,
+        &filters,
+    )
+    .await
+    .map_err(|errs| StartError::Build(errs.join("\n")))?;
 
     // Bind every listener before serving anything: a port in use fails the start, clearly.
     let mut listeners = Vec::new();
-    let mut sockets: Vec<Vec<(usize, std::net::TcpListener)>> = (0..workers).map(|_| Vec::new()).collect();
+    let mut sockets: Vec<Vec<(usize, std::net::TcpListener)>> =
+        (0..workers).map(|_| Vec::new()).collect();
     for (idx, (spec, lc)) in manifest.listeners.iter().zip(listener_configs).enumerate() {
         let addr: SocketAddr = spec.address.parse().map_err(|_| StartError::Bind {
             name: spec.name.clone(),
             addr: spec.address.clone(),
             source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "not IP:PORT"),
         })?;
-        let socks = crate::listener::bind_reuseport(addr, workers).map_err(|source| StartError::Bind {
-            name: spec.name.clone(),
-            addr: spec.address.clone(),
-            source,
-        })?;
-        let bound = socks.first().and_then(|s| s.local_addr().ok()).unwrap_or(addr);
+        let socks =
+            crate::listener::bind_reuseport(addr, workers).map_err(|source| StartError::Bind {
+                name: spec.name.clone(),
+                addr: spec.address.clone(),
+                source,
+            })?;
+        let bound = socks
+            .first()
+            .and_then(|s| s.local_addr().ok())
+            .unwrap_or(addr);
         for (w, s) in socks.into_iter().enumerate() {
             sockets[w].push((idx, s));
         }
@@ -155,11 +173,12 @@ pub async fn run(
         }));
     }
 
-    let admin_addr: SocketAddr = manifest
-        .admin
-        .address
-        .parse()
-        .map_err(|_| StartError::Build(format!("admin.address `{}` is not IP:PORT", manifest.admin.address)))?;
+    let admin_addr: SocketAddr = manifest.admin.address.parse().map_err(|_| {
+        StartError::Build(format!(
+            "admin.address `{}` is not IP:PORT",
+            manifest.admin.address
+        ))
+    })?;
     let admin_listener = tokio::net::TcpListener::bind(admin_addr)
         .await
         .map_err(|source| StartError::AdminBind {
@@ -211,7 +230,10 @@ pub async fn run(
             .name(format!("wasmesh-worker-{w}"))
             .spawn(move || {
                 crate::cluster::set_worker_index(w);
-                let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
                     Ok(rt) => rt,
                     Err(e) => {
                         tracing::error!(worker = w, error = %e, "cannot start worker runtime");
@@ -219,12 +241,19 @@ pub async fn run(
                     }
                 };
                 let local = tokio::task::LocalSet::new();
-                local.block_on(&rt, crate::listener::run_worker(shared, socks, stop_rx, drain_timeout));
+                local.block_on(
+                    &rt,
+                    crate::listener::run_worker(shared, socks, stop_rx, drain_timeout),
+                );
             })?;
         threads.push(t);
     }
 
-    tokio::spawn(crate::admin::serve(shared.clone(), admin_listener, stop_rx.clone()));
+    tokio::spawn(crate::admin::serve(
+        shared.clone(),
+        admin_listener,
+        stop_rx.clone(),
+    ));
     tokio::spawn(crate::reload::watch(shared.clone(), stop_rx.clone()));
 
     shared.ready.store(filters.ready(), Ordering::SeqCst);
@@ -234,7 +263,10 @@ pub async fn run(
     });
 
     shutdown.await;
-    tracing::info!("shutting down: draining connections for up to {:?}", drain_timeout);
+    tracing::info!(
+        "shutting down: draining connections for up to {:?}",
+        drain_timeout
+    );
     shared.draining.store(true, Ordering::SeqCst);
     shared.ready.store(false, Ordering::SeqCst);
     let _ = stop_tx.send(true);
@@ -252,6 +284,7 @@ pub async fn run(
 /// `prev`), filters (all or nothing), and each listener's routes with their chains.
 pub async fn build(
     manifest: &Manifest,
+    manifest_dir: Option<&Path>,
     prev: Option<&Snapshot>,
     metrics: &Arc<Metrics>,
     workers: usize,
@@ -274,8 +307,14 @@ pub async fn build(
         clusters.insert(spec.name.clone(), c);
     }
     let names: HashSet<String> = clusters.keys().cloned().collect();
+    // A relative filter_dir is relative to the manifest's directory, so a manifest and its
+    // filters can move together (a ConfigMap and a volume beside it).
+    let filter_dir = manifest.filter_dir.as_ref().map(|d| match manifest_dir {
+        Some(base) if d.is_relative() => base.join(d),
+        _ => d.clone(),
+    });
     let filter_set = filters
-        .prepare(manifest.filter_dir.as_deref(), &manifest.filters, &names)
+        .prepare(filter_dir.as_deref(), &manifest.filters, &names)
         .await?;
 
     let mut listener_configs = Vec::new();
@@ -318,7 +357,11 @@ fn set_filter_routes(shared: &Shared) {
     for (li, l) in snap.manifest.listeners.iter().enumerate() {
         for (ri, r) in l.routes.iter().enumerate() {
             let route = r.name.clone().unwrap_or_else(|| format!("{}/{ri}", l.name));
-            for f in r.filters.as_ref().unwrap_or(&snap.manifest.listeners[li].filters) {
+            for f in r
+                .filters
+                .as_ref()
+                .unwrap_or(&snap.manifest.listeners[li].filters)
+            {
                 uses.entry(f.clone()).or_default().push(route.clone());
             }
         }
@@ -367,7 +410,12 @@ async fn reload_inner(shared: &Arc<Shared>) -> Result<(), String> {
     if manifest.listeners.len() != shared.listeners.len() {
         errs.push("adding or removing listeners needs a restart".to_string());
     }
-    for (i, (new, old)) in manifest.listeners.iter().zip(prev.manifest.listeners.iter()).enumerate() {
+    for (i, (new, old)) in manifest
+        .listeners
+        .iter()
+        .zip(prev.manifest.listeners.iter())
+        .enumerate()
+    {
         if new.name != old.name || new.address != old.address || new.protocol != old.protocol {
             errs.push(format!(
                 "listeners[{i}]: changing a listener's name, address or protocol needs a restart"
@@ -386,9 +434,16 @@ async fn reload_inner(shared: &Arc<Shared>) -> Result<(), String> {
     if !errs.is_empty() {
         return Err(errs.join("\n"));
     }
-    let (snapshot, lcs) = build(&manifest, Some(&prev), &shared.metrics, shared.workers, &shared.filters)
-        .await
-        .map_err(|e| e.join("\n"))?;
+    let (snapshot, lcs) = build(
+        &manifest,
+        shared.manifest_path.parent(),
+        Some(&prev),
+        &shared.metrics,
+        shared.workers,
+        &shared.filters,
+    )
+    .await
+    .map_err(|e| e.join("\n"))?;
     shared.filters.activate(&snapshot.filters);
     shared.config.store(Arc::new(snapshot));
     for (rt, lc) in shared.listeners.iter().zip(lcs) {
@@ -424,7 +479,9 @@ impl Callout for ClusterCallout {
                 .get(&cluster)
                 .cloned()
                 .ok_or_else(|| format!("unknown cluster `{cluster}`"))?;
-            let ep = c.pick().ok_or_else(|| format!("cluster `{cluster}`: no healthy upstream"))?;
+            let ep = c
+                .pick()
+                .ok_or_else(|| format!("cluster `{cluster}`: no healthy upstream"))?;
             let (mut parts, body) = req.into_parts();
             let pq = parts
                 .uri

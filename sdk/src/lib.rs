@@ -269,7 +269,7 @@ macro_rules! export_filter {
                 }
                 fn on_callout_response(
                     req: &$crate::Request,
-            resp: ::core::option::Option<&$crate::Response>,
+                    resp: ::core::option::Option<&$crate::Response>,
                     answer: ::core::result::Result<$crate::CalloutResponse, ::std::string::String>,
                 ) -> $crate::Action {
                     $crate::__glue::with(&__WASMESH_FILTER, $crate::Action::Continue, |f| {
@@ -277,7 +277,7 @@ macro_rules! export_filter {
                     })
                 }
             }
-            $crate::bindings::__export_filter_world!(__WasmeshGlue with_types_in $crate::bindings);
+    $crate::bindings::__export_filter_world!(__WasmeshGlue with_types_in $crate::bindings);
         };
     };
 }

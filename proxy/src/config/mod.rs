@@ -115,7 +115,16 @@ impl Checker<'_> {
 
     fn regex(&mut self, path: String, re: &str) {
         if let Err(e) = regex::Regex::new(re) {
-            self.err(path, format!("invalid regex: {e}"));
+            // regex's message spans several lines (pattern, caret, reason): keep one line
+            // per error, with the reason.
+            let reason = e
+                .to_string()
+                .lines()
+                .last()
+                .unwrap_or_default()
+                .trim()
+                .to_string();
+            self.err(path, format!("invalid regex `{re}`: {reason}"));
         }
     }
 

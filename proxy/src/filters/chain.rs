@@ -156,6 +156,9 @@ impl ChainRun {
                 ..Io::default()
             };
             if let Step::Stop(v) = self.run_hook(idx, Phase::RequestHeaders, &mut io).await {
+                // Earlier filters' done hooks still read this request (e.g. to count a
+                // rate-limited request under its tenant).
+                self.snapshot(parts);
                 return v;
             }
         }
@@ -189,6 +192,7 @@ impl ChainRun {
             let step = self.run_hook(idx, Phase::RequestBody, &mut io).await;
             replaced |= io.body_replaced;
             if let Step::Stop(v) = step {
+                self.snapshot(parts);
                 return Err(v);
             }
         }
@@ -256,8 +260,9 @@ impl ChainRun {
     }
 
     /// The request is over: run `on-done` in reverse chain order. Failures are counted
-    /// and logged; nothing can change the answer any more.
-    pub fn done(mut self, outcome: &Outcome) {
+    /// and logged; nothing can change the answer any more, but attributes and flags set
+    /// here still reach the access log (read them after this call).
+    pub fn done(&mut self, outcome: &Outcome) {
         let o = wt::Outcome {
             status: outcome.status,
             response_flags: outcome.response_flags.clone(),

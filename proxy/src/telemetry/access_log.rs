@@ -37,11 +37,17 @@ pub struct Entry<'a> {
     pub reason: Option<&'a str>,
     #[serde(skip_serializing_if = "<[_]>::is_empty")]
     pub filters: &'a [String],
-    #[serde(skip_serializing_if = "<[_]>::is_empty", serialize_with = "attrs_as_map")]
+    #[serde(
+        skip_serializing_if = "<[_]>::is_empty",
+        serialize_with = "attrs_as_map"
+    )]
     pub attributes: &'a [(String, String)],
 }
 
-fn attrs_as_map<S: serde::Serializer>(attrs: &&[(String, String)], s: S) -> Result<S::Ok, S::Error> {
+fn attrs_as_map<S: serde::Serializer>(
+    attrs: &&[(String, String)],
+    s: S,
+) -> Result<S::Ok, S::Error> {
     use serde::ser::SerializeMap;
     let mut m = s.serialize_map(Some(attrs.len()))?;
     for (k, v) in attrs.iter() {
@@ -71,14 +77,19 @@ impl AccessLog {
                     .create(true)
                     .append(true)
                     .open(&spec.path)
-                    .map_err(|e| std::io::Error::new(e.kind(), format!("access log `{}`: {e}", spec.path)))?,
+                    .map_err(|e| {
+                        std::io::Error::new(e.kind(), format!("access log `{}`: {e}", spec.path))
+                    })?,
             )
         };
         let (tx, rx) = sync_channel(spec.buffer_lines);
         std::thread::Builder::new()
             .name("access-log".into())
             .spawn(move || writer(rx, out))?;
-        Ok(Self { tx: Some(tx), metrics })
+        Ok(Self {
+            tx: Some(tx),
+            metrics,
+        })
     }
 
     pub fn enabled(&self) -> bool {

@@ -53,8 +53,8 @@ pub struct ReasonLabel {
 fn duration_buckets() -> Histogram {
     // Istio's default duration buckets, in milliseconds.
     Histogram::new([
-        0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0,
-        60000.0, 300000.0, 600000.0, 1800000.0, 3600000.0,
+        0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0,
+        30000.0, 60000.0, 300000.0, 600000.0, 1800000.0, 3600000.0,
     ])
 }
 
@@ -91,19 +91,30 @@ impl Metrics {
     pub fn new(istio_prefix: bool) -> Arc<Self> {
         let mut root = Registry::default();
         let requests = Family::default();
-        let request_duration: HistogramFamily<RequestLabels> = Family::new_with_constructor(duration_buckets);
-        let request_bytes: HistogramFamily<RequestLabels> = Family::new_with_constructor(size_buckets);
-        let response_bytes: HistogramFamily<RequestLabels> = Family::new_with_constructor(size_buckets);
+        let request_duration: HistogramFamily<RequestLabels> =
+            Family::new_with_constructor(duration_buckets);
+        let request_bytes: HistogramFamily<RequestLabels> =
+            Family::new_with_constructor(size_buckets);
+        let response_bytes: HistogramFamily<RequestLabels> =
+            Family::new_with_constructor(size_buckets);
         {
             let reg = root.sub_registry_with_prefix(if istio_prefix { "istio" } else { "wasmesh" });
-            reg.register("requests", "Requests completed, by Istio's standard labels", requests.clone());
+            reg.register(
+                "requests",
+                "Requests completed, by Istio's standard labels",
+                requests.clone(),
+            );
             reg.register(
                 "request_duration_milliseconds",
                 "Time from the first request byte to the last response byte",
                 request_duration.clone(),
             );
             reg.register("request_bytes", "Request body size", request_bytes.clone());
-            reg.register("response_bytes", "Response body size", response_bytes.clone());
+            reg.register(
+                "response_bytes",
+                "Response body size",
+                response_bytes.clone(),
+            );
         }
         let m = Metrics {
             requests,
@@ -126,15 +137,31 @@ impl Metrics {
         };
         {
             let reg = root.sub_registry_with_prefix("wasmesh");
-            reg.register("downstream_cx_active", "Downstream connections open", m.downstream_cx_active.clone());
-            reg.register("downstream_cx", "Downstream connections accepted", m.downstream_cx_total.clone());
+            reg.register(
+                "downstream_cx_active",
+                "Downstream connections open",
+                m.downstream_cx_active.clone(),
+            );
+            reg.register(
+                "downstream_cx",
+                "Downstream connections accepted",
+                m.downstream_cx_total.clone(),
+            );
             reg.register(
                 "downstream_rq_rejected",
                 "Requests refused before routing, by reason",
                 m.downstream_rq_rejected.clone(),
             );
-            reg.register("upstream_cx_active", "Upstream connections open", m.upstream_cx_active.clone());
-            reg.register("upstream_cx", "Upstream connections opened", m.upstream_cx_total.clone());
+            reg.register(
+                "upstream_cx_active",
+                "Upstream connections open",
+                m.upstream_cx_active.clone(),
+            );
+            reg.register(
+                "upstream_cx",
+                "Upstream connections opened",
+                m.upstream_cx_total.clone(),
+            );
             reg.register(
                 "upstream_cx_connect_fail",
                 "Upstream connection attempts that failed or timed out",
@@ -145,10 +172,26 @@ impl Metrics {
                 "Upstream connections refused by the cluster's max_connections",
                 m.upstream_cx_overflow.clone(),
             );
-            reg.register("upstream_rq_active", "Upstream requests in flight", m.upstream_rq_active.clone());
-            reg.register("upstream_rq_timeout", "Upstream requests that timed out", m.upstream_rq_timeout.clone());
-            reg.register("tcp_cx", "Connections proxied by TCP listeners", m.tcp_cx_total.clone());
-            reg.register("config_reloads", "Manifest reloads, by result", m.reloads.clone());
+            reg.register(
+                "upstream_rq_active",
+                "Upstream requests in flight",
+                m.upstream_rq_active.clone(),
+            );
+            reg.register(
+                "upstream_rq_timeout",
+                "Upstream requests that timed out",
+                m.upstream_rq_timeout.clone(),
+            );
+            reg.register(
+                "tcp_cx",
+                "Connections proxied by TCP listeners",
+                m.tcp_cx_total.clone(),
+            );
+            reg.register(
+                "config_reloads",
+                "Manifest reloads, by result",
+                m.reloads.clone(),
+            );
             reg.register(
                 "access_log_dropped",
                 "Access-log lines dropped because the writer fell behind",
@@ -178,7 +221,13 @@ impl Metrics {
     /// Count one finished request. The four families are looked up once per distinct label
     /// set and thread (a per-worker cache), not on every request: hashing eleven label strings
     /// four times per request was the largest single cost on the request path.
-    pub fn record_request(&self, labels: RequestLabels, duration_ms: f64, bytes_in: u64, bytes_out: u64) {
+    pub fn record_request(
+        &self,
+        labels: RequestLabels,
+        duration_ms: f64,
+        bytes_in: u64,
+        bytes_out: u64,
+    ) {
         thread_local! {
             static CACHE: std::cell::RefCell<rustc_hash::FxHashMap<LabelKey, RequestHandles>> =
                 std::cell::RefCell::new(Default::default());
@@ -209,7 +258,9 @@ impl Metrics {
     }
 
     pub fn cluster_label(name: &Arc<str>) -> ClusterLabel {
-        ClusterLabel { cluster: name.clone() }
+        ClusterLabel {
+            cluster: name.clone(),
+        }
     }
 }
 
