@@ -117,13 +117,13 @@ impl Checker<'_> {
         if let Err(e) = regex::Regex::new(re) {
             // regex's message spans several lines (pattern, caret, reason): keep one line
             // per error, with the reason.
-            let reason = e
-                .to_string()
+            let msg = e.to_string();
+            let reason = msg
                 .lines()
                 .last()
                 .unwrap_or_default()
                 .trim()
-                .to_string();
+                .trim_start_matches("error: ");
             self.err(path, format!("invalid regex `{re}`: {reason}"));
         }
     }
