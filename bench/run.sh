@@ -72,7 +72,7 @@ scenario wasmesh wasmesh "$BENCH/templates/wasmesh.json"
 scenario nginx   nginx   "$BENCH/templates/nginx.conf"
 scenario haproxy haproxy "$BENCH/templates/haproxy.cfg"
 # wasmesh with WebAssembly filters: one pass-through filter, and a chain of three
-# (passthrough x3: the per-filter cost of the host itself, not of any filter's logic).
+# of reference filters (headers, ratelimit with a limit never reached, authz allowing all).
 scenario wasmesh-filter1 wasmesh "$BENCH/templates/wasmesh-filter1.json"
 scenario wasmesh-filter3 wasmesh "$BENCH/templates/wasmesh-filter3.json"
 
