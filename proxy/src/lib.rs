@@ -24,3 +24,4 @@ pub mod routing;
 pub mod scaffold;
 pub mod server;
 pub mod telemetry;
+pub mod trace;

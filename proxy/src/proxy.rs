@@ -213,6 +213,7 @@ async fn serve(
     }
 
     // 3. Request-side filters. From here on the chain goes back with any error.
+    let trace = crate::trace::TraceContext::from_headers(&parts.headers);
     let mut chain = if route.chain.is_empty() {
         None
     } else {
@@ -222,8 +223,8 @@ async fn serve(
             peer_identity: conn.peer_identity.as_ref().map(|s| s.to_string()),
             route: route.name.clone(),
             scheme: "http",
-            trace_id: None,
-            span_id: None,
+            trace_id: trace.as_ref().map(|t| t.trace_id.clone()),
+            span_id: trace.map(|t| t.parent_id),
         }))
     };
     let mut body = body;

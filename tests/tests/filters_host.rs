@@ -77,6 +77,24 @@ async fn every_sdk_capability_through_the_proxy() {
     assert_eq!(r.status, 200, "{}", r.text());
     let seen = app.last();
     assert_eq!(seen.header_all("x-testkit-trace"), ["a:v1", "b:v2"]);
+    assert!(
+        seen.header("x-testkit-trace-id").is_none(),
+        "no traceparent, no trace id"
+    );
+
+    // The caller's W3C trace context reaches filters (and passes upstream unchanged).
+    let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let r = Req::get("/x").header("traceparent", tp).send(addr).await;
+    assert_eq!(r.status, 200);
+    let seen = app.last();
+    assert_eq!(
+        seen.header("x-testkit-trace-id"),
+        Some("4bf92f3577b34da6a3ce929d0e0e4736")
+    );
+    assert_eq!(seen.header("traceparent"), Some(tp));
+    let r = Req::get("/x").send(addr).await;
+    assert_eq!(r.status, 200);
+    let seen = app.last();
     assert_eq!(
         seen.header("x-testkit-prev-b"),
         Some("a"),

@@ -132,6 +132,9 @@ impl Filter for Testkit {
         let _ = req.add_header("x-testkit-trace", &format!("{}:{}", self.name, self.tag));
         let _ = req.set_header("x-testkit-tag", &self.tag);
         let _ = req.set_header("x-testkit-build", &self.build);
+        if let Some(t) = req.trace_id() {
+            let _ = req.set_header("x-testkit-trace-id", &t);
+        }
         if let Some(c) = &self.requests {
             c.add(&[&self.tag], 1);
         }
