@@ -43,7 +43,8 @@ enum Sender {
 
 #[derive(Default)]
 struct EndpointConns {
-    /// HTTP/1.1: idle connections and when they went idle.
+    /// HTTP/1.1: the pooled connections (idle or still reading a response) and when each
+    /// was last handed a request.
     idle: Vec<(http1::SendRequest<Body>, Instant)>,
     /// HTTP/2: the shared connection.
     h2: Option<http2::SendRequest<Body>>,
@@ -94,14 +95,23 @@ impl ClusterPools {
             let ep = p.endpoints.entry(addr).or_default();
             match self.protocol {
                 UpstreamProtocol::Http1 => {
-                    while let Some((sr, since)) = ep.idle.pop() {
-                        if sr.is_ready()
-                            && !sr.is_closed()
-                            && now.duration_since(since) < self.idle_timeout
-                        {
-                            return Ok(Sender::H1(sr));
+                    // The pool holds busy connections too (put back as soon as their
+                    // response headers arrived): take the most recent one that is ready
+                    // for a new request, and drop the closed and the expired ones.
+                    let mut i = ep.idle.len();
+                    while i > 0 {
+                        i -= 1;
+                        let (sr, since) = &ep.idle[i];
+                        if sr.is_closed() {
+                            ep.idle.swap_remove(i);
+                        } else if sr.is_ready() {
+                            if now.duration_since(*since) < self.idle_timeout {
+                                let (sr, _) = ep.idle.swap_remove(i);
+                                return Ok(Sender::H1(sr));
+                            }
+                            // Idle too long: dropping the sender closes the connection.
+                            ep.idle.swap_remove(i);
                         }
-                        // Dropping a stale sender closes its connection.
                     }
                 }
                 UpstreamProtocol::Http2 => {
@@ -197,14 +207,10 @@ impl ClusterPools {
                 }
                 Sender::H1(mut sr) => match sr.try_send_request(req).await {
                     Ok(resp) => {
-                        // The connection is busy until the response body has been read;
-                        // return it to the pool once it is ready for the next request.
-                        let pools = self.clone();
-                        tokio::task::spawn_local(async move {
-                            if sr.ready().await.is_ok() {
-                                pools.put_back(addr, sr);
-                            }
-                        });
+                        // Back in the pool at once: it stays busy (not `is_ready`) until
+                        // the response body has been read, and checkout skips it until
+                        // then. Cheaper than a task per request waiting for it.
+                        self.put_back(addr, sr);
                         return Ok(resp);
                     }
                     Err(mut e) => match e.take_message() {
