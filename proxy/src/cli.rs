@@ -1,4 +1,5 @@
-//! The command line: `wasmesh run`, `wasmesh check`, `wasmesh filter new`, `wasmesh --version`.
+//! The command line: `wasmesh run`, `wasmesh check`, `wasmesh filter new`, `wasmesh ca`,
+//! `wasmesh --version`.
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -28,6 +29,44 @@ pub enum Command {
         #[command(subcommand)]
         command: FilterCommand,
     },
+    /// A small mesh CA: create one, issue SPIFFE workload certificates from it.
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum CaCommand {
+    /// Create a CA: DIR/ca.crt (the trust bundle to give every proxy) and DIR/ca.key (0600).
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+        /// Lifetime of the CA certificate.
+        #[arg(long, default_value_t = crate::ca::DEFAULT_CA_DAYS)]
+        days: u32,
+        /// Replace an existing CA in DIR.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Issue a workload certificate with one SPIFFE ID: PREFIX.crt and PREFIX.key (0600).
+    Issue {
+        /// The CA's directory (from `wasmesh ca init`).
+        #[arg(long)]
+        dir: PathBuf,
+        /// The workload's identity, e.g. spiffe://mesh.local/ns/shop/sa/checkout.
+        #[arg(long)]
+        spiffe_id: String,
+        /// Where to write: PREFIX.crt and PREFIX.key.
+        #[arg(long)]
+        out: PathBuf,
+        /// Lifetime in days (default: 24 hours).
+        #[arg(long, conflicts_with = "hours")]
+        days: Option<u32>,
+        /// Lifetime in hours (default: 24).
+        #[arg(long)]
+        hours: Option<u32>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -56,6 +95,56 @@ pub fn filter_new(
     match crate::scaffold::new_filter(name, path, sdk_path) {
         Ok(created) => (created.next_steps(), 0),
         Err(e) => (format!("wasmesh filter new: {e}\n"), 1),
+    }
+}
+
+/// `wasmesh ca init` / `wasmesh ca issue`: what to print and the exit code.
+pub fn ca(command: &CaCommand) -> (String, i32) {
+    let unix = |t: std::time::SystemTime| {
+        t.duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0)
+    };
+    match command {
+        CaCommand::Init { dir, days, force } => match crate::ca::init(dir, *days, *force) {
+            Ok(w) => (
+                format!(
+                    "wrote {} and {} (valid until unix {})\ngive {} to every proxy as its trust_bundle; keep {} secret\n",
+                    w.cert.display(),
+                    w.key.display(),
+                    unix(w.not_after),
+                    w.cert.display(),
+                    w.key.display()
+                ),
+                0,
+            ),
+            Err(e) => (format!("wasmesh ca init: {e}\n"), 1),
+        },
+        CaCommand::Issue {
+            dir,
+            spiffe_id,
+            out,
+            days,
+            hours,
+        } => {
+            let secs = match (days, hours) {
+                (Some(d), _) => u64::from(*d) * 86_400,
+                (None, Some(h)) => u64::from(*h) * 3_600,
+                (None, None) => u64::from(crate::ca::DEFAULT_CERT_HOURS) * 3_600,
+            };
+            match crate::ca::issue(dir, spiffe_id, out, std::time::Duration::from_secs(secs)) {
+                Ok(w) => (
+                    format!(
+                        "wrote {} and {} for {spiffe_id} (valid until unix {})\n",
+                        w.cert.display(),
+                        w.key.display(),
+                        unix(w.not_after)
+                    ),
+                    0,
+                ),
+                Err(e) => (format!("wasmesh ca issue: {e}\n"), 1),
+            }
+        }
     }
 }
 

@@ -8,7 +8,8 @@
 
 use crate::config::{ClusterSpec, LbPolicy, LocalitySpec};
 use crate::pool::ClusterPools;
-use crate::telemetry::metrics::{ClusterLabel, Metrics};
+use crate::telemetry::metrics::{ClusterLabel, ClusterReasonLabel, Metrics};
+use crate::tls::ClientTls;
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use hyper_util::rt::TokioIo;
@@ -105,7 +106,13 @@ pub fn worker_index() -> usize {
 impl Cluster {
     /// Build a cluster and resolve its endpoints once. DNS failures leave the cluster without
     /// endpoints (requests get 503 `UH`) until a refresh succeeds; they do not fail the load.
-    pub async fn new(spec: &ClusterSpec, workers: usize, metrics: Arc<Metrics>) -> Arc<Self> {
+    /// `tls`: originate mTLS with this client config (the cluster's `tls` block).
+    pub async fn new(
+        spec: &ClusterSpec,
+        workers: usize,
+        metrics: Arc<Metrics>,
+        tls: Option<Arc<ClientTls>>,
+    ) -> Arc<Self> {
         let name: Arc<str> = Arc::from(spec.name.as_str());
         let label = Metrics::cluster_label(&name);
         let limit = Arc::new(Semaphore::new(spec.max_connections));
@@ -114,6 +121,7 @@ impl Cluster {
             limit,
             metrics: metrics.clone(),
             label: label.clone(),
+            tls,
         };
         let pools = Arc::new(ClusterPools::new(
             workers,
@@ -345,16 +353,23 @@ pub enum ConnectError {
     Io(#[from] std::io::Error),
     #[error("upstream address is not IP:PORT")]
     BadAddress,
+    #[error("upstream TLS handshake failed ({reason}): {source}")]
+    Tls {
+        reason: &'static str,
+        source: std::io::Error,
+    },
 }
 
 /// Opens upstream TCP connections: connect timeout, TCP_NODELAY, the cluster's connection
-/// limit, and connection metrics that follow the connection's life.
+/// limit, mTLS when the cluster originates it, and connection metrics that follow the
+/// connection's life.
 #[derive(Clone)]
 pub struct Connector {
     timeout: Duration,
     limit: Arc<Semaphore>,
     metrics: Arc<Metrics>,
     label: ClusterLabel,
+    tls: Option<Arc<ClientTls>>,
 }
 
 impl Connector {
@@ -388,6 +403,44 @@ impl Connector {
             }
         };
         let _ = stream.set_nodelay(true);
+        let stream = match &self.tls {
+            None => MaybeTls::Plain(stream),
+            Some(tls) => {
+                // The handshake shares the connect timeout: a peer that accepts TCP but never
+                // finishes TLS is a connect failure like any other.
+                let hs = tls.connector().connect(tls.server_name(addr), stream);
+                let r = match tokio::time::timeout(self.timeout, hs).await {
+                    Ok(r) => r,
+                    Err(_) => Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "TLS handshake timed out",
+                    )),
+                };
+                match r {
+                    Ok(s) => MaybeTls::Tls(Box::new(s)),
+                    Err(source) => {
+                        let reason = if source.kind() == std::io::ErrorKind::TimedOut {
+                            "timeout"
+                        } else {
+                            crate::tls::failure_reason(&source)
+                        };
+                        self.metrics
+                            .upstream_tls_handshake_failures
+                            .get_or_create(&ClusterReasonLabel {
+                                cluster: self.label.cluster.clone(),
+                                reason,
+                            })
+                            .inc();
+                        self.metrics
+                            .upstream_cx_connect_fail
+                            .get_or_create(&self.label)
+                            .inc();
+                        tracing::warn!(cluster = %self.label.cluster, upstream = %addr, reason, error = %source, "upstream TLS handshake failed");
+                        return Err(ConnectError::Tls { reason, source });
+                    }
+                }
+            }
+        };
         self.metrics
             .upstream_cx_total
             .get_or_create(&self.label)
@@ -406,11 +459,71 @@ impl Connector {
     }
 }
 
+/// An upstream connection: plain TCP, or TLS over it.
+pub enum MaybeTls {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl tokio::io::AsyncRead for MaybeTls {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            MaybeTls::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            MaybeTls::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for MaybeTls {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            MaybeTls::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            MaybeTls::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            MaybeTls::Plain(s) => Pin::new(s).poll_flush(cx),
+            MaybeTls::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            MaybeTls::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            MaybeTls::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            MaybeTls::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            MaybeTls::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            MaybeTls::Plain(s) => s.is_write_vectored(),
+            MaybeTls::Tls(s) => s.is_write_vectored(),
+        }
+    }
+}
+
 pin_project_lite::pin_project! {
     /// An upstream TCP connection holding its slot in the cluster's connection limit.
     pub struct UpstreamConn {
         #[pin]
-        io: TokioIo<TcpStream>,
+        io: TokioIo<MaybeTls>,
         _permit: OwnedSemaphorePermit,
         gauge: prometheus_client::metrics::gauge::Gauge,
     }

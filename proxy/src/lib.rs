@@ -8,9 +8,11 @@
 //! - [`routing`]: route matching and path normalization;
 //! - [`cluster`]: endpoints, load balancing and upstream connection pools;
 //! - [`filters`]: the WebAssembly filter host;
+//! - [`tls`]: mesh mTLS (SPIFFE identities, rotation); [`ca`]: `wasmesh ca`;
 //! - [`telemetry`]: metrics and access log; [`admin`]: the admin endpoint.
 
 pub mod admin;
+pub mod ca;
 pub mod cli;
 pub mod cluster;
 pub mod config;
@@ -24,4 +26,5 @@ pub mod routing;
 pub mod scaffold;
 pub mod server;
 pub mod telemetry;
+pub mod tls;
 pub mod trace;

@@ -200,22 +200,126 @@ async fn serve_http(
     listener: Arc<ListenerRuntime>,
     stream: TcpStream,
     peer: SocketAddr,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) {
     let local = stream.local_addr().unwrap_or(peer);
     let _ = stream.set_nodelay(true);
     let lc = listener.current.load_full();
-    let idle_timeout = lc.spec.limits.idle_timeout;
     let activity = Arc::new(Activity::new());
-    let io = TokioIo::new(IdleIo {
-        inner: stream,
-        activity: activity.clone(),
-    });
-    let conn_info = ConnInfo {
+    let mut conn_info = ConnInfo {
         peer,
         local,
         peer_identity: None,
     };
+    let Some(tls) = lc.tls.clone() else {
+        let io = IdleIo {
+            inner: stream,
+            activity: activity.clone(),
+        };
+        return serve_http_conn(
+            shared,
+            listener,
+            lc,
+            TokioIo::new(io),
+            conn_info,
+            activity,
+            shutdown,
+        )
+        .await;
+    };
+    // mTLS: told apart from plaintext by the first byte (a TLS record starts with 0x16, no
+    // HTTP method does), then the handshake, both bounded by the header timeout so a
+    // silent client cannot hold a connection slot.
+    let limit = lc.spec.limits.request_headers_timeout;
+    let refuse = |reason: &'static str| {
+        shared
+            .metrics
+            .tls_handshake_failures
+            .get_or_create(&ReasonLabel {
+                listener: listener.name.clone(),
+                reason,
+            })
+            .inc();
+    };
+    let mut first = [0u8; 1];
+    let is_tls = match tokio::time::timeout(limit, stream.peek(&mut first)).await {
+        Ok(Ok(1)) => first[0] == crate::tls::TLS_HANDSHAKE_BYTE,
+        Ok(_) => return, // closed before sending anything
+        Err(_) => {
+            refuse("timeout");
+            return;
+        }
+    };
+    let io = IdleIo {
+        inner: stream,
+        activity: activity.clone(),
+    };
+    if !is_tls {
+        if tls.mode == crate::config::TlsMode::Permissive {
+            return serve_http_conn(
+                shared,
+                listener,
+                lc,
+                TokioIo::new(io),
+                conn_info,
+                activity,
+                shutdown,
+            )
+            .await;
+        }
+        tracing::debug!(listener = %listener.name, %peer, "plaintext connection to a strict mTLS listener refused");
+        refuse("plaintext");
+        return;
+    }
+    let tls_stream = match tokio::time::timeout(limit, tls.acceptor().accept(io)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            let reason = crate::tls::failure_reason(&e);
+            // The error names the certificate problem, never key material.
+            tracing::info!(listener = %listener.name, %peer, reason, error = %e, "TLS handshake refused");
+            refuse(reason);
+            return;
+        }
+        Err(_) => {
+            refuse("timeout");
+            return;
+        }
+    };
+    shared
+        .metrics
+        .tls_handshakes
+        .get_or_create(&ListenerLabel {
+            listener: listener.name.clone(),
+        })
+        .inc();
+    conn_info.peer_identity = crate::tls::peer_identity(tls_stream.get_ref().1.peer_certificates());
+    serve_http_conn(
+        shared,
+        listener,
+        lc,
+        TokioIo::new(tls_stream),
+        conn_info,
+        activity,
+        shutdown,
+    )
+    .await
+}
+
+/// Serve HTTP/1.1 and HTTP/2 on an accepted (and, for TLS listeners, decrypted) connection
+/// until it ends, goes idle or the worker drains.
+async fn serve_http_conn<I>(
+    shared: Arc<Shared>,
+    listener: Arc<ListenerRuntime>,
+    lc: Arc<crate::server::ListenerConfig>,
+    io: I,
+    conn_info: ConnInfo,
+    activity: Arc<Activity>,
+    mut shutdown: watch::Receiver<bool>,
+) where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let peer = conn_info.peer;
+    let idle_timeout = lc.spec.limits.idle_timeout;
     let svc_shared = shared.clone();
     let svc_listener = listener.clone();
     let svc = service_fn(move |req| {

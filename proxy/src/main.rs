@@ -24,6 +24,15 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::from(code as u8)
         }
         Command::Run { manifest } => run(manifest),
+        Command::Ca { command } => {
+            let (out, code) = wasmesh::cli::ca(&command);
+            if code == 0 {
+                print!("{out}");
+            } else {
+                eprint!("{out}");
+            }
+            std::process::ExitCode::from(code as u8)
+        }
         Command::Filter {
             command:
                 FilterCommand::New {

@@ -52,6 +52,8 @@ struct Exchange {
     flags: Vec<String>,
     reason: Option<String>,
     bytes_in: Arc<AtomicU64>,
+    /// The mTLS peer's SPIFFE ID (interned: the metrics cache keys on the pointer).
+    peer_identity: Option<Arc<str>>,
 }
 
 /// Headers only the proxy may set; stripped from client requests so no one can forge them.
@@ -105,6 +107,7 @@ pub async fn handle(
         flags: Vec::new(),
         reason: None,
         bytes_in: bytes_in.clone(),
+        peer_identity: conn.peer_identity.clone(),
     };
     let body: Body = CountingBody::new(
         body.map_err(|e| Box::new(e) as BoxError).boxed_unsync(),
@@ -420,15 +423,18 @@ impl Done {
         let mut filters_ran = Vec::new();
         let mut attributes = Vec::new();
         if let Some(mut chain) = self.chain.take() {
-            let mut outcome_flags = flags.clone();
-            outcome_flags.extend(chain.response_flags().iter().cloned());
-            chain.done(&Outcome {
-                status: self.status,
-                response_flags: outcome_flags.join(","),
-                duration,
-                cluster: self.x.cluster.as_ref().map(|c| c.name.to_string()),
-                upstream: self.x.endpoint.as_ref().map(|e| e.addr.to_string()),
-            });
+            // Building the outcome costs a few allocations: only when a done hook reads it.
+            if chain.wants_done() {
+                let mut outcome_flags = flags.clone();
+                outcome_flags.extend(chain.response_flags().iter().cloned());
+                chain.done(&Outcome {
+                    status: self.status,
+                    response_flags: outcome_flags.join(","),
+                    duration,
+                    cluster: self.x.cluster.as_ref().map(|c| c.name.to_string()),
+                    upstream: self.x.endpoint.as_ref().map(|e| e.addr.to_string()),
+                });
+            }
             // Read after the done hooks: what they add still belongs in the log line.
             flags.extend(chain.response_flags().iter().cloned());
             filters_ran = chain.filters_ran().to_vec();
@@ -458,7 +464,10 @@ impl Done {
                 Direction::Outbound => shared.node.workload.clone(),
                 Direction::Inbound => shared.unknown.clone(),
             },
-            source_principal: shared.unknown.clone(),
+            source_principal: x
+                .peer_identity
+                .clone()
+                .unwrap_or_else(|| shared.unknown.clone()),
             destination_workload: match self.listener.direction {
                 Direction::Inbound => shared.node.workload.clone(),
                 Direction::Outbound => shared.unknown.clone(),
@@ -508,6 +517,7 @@ impl Done {
                 reason: x.reason.as_deref(),
                 filters: &filters_ran,
                 attributes: &attributes,
+                peer_identity: x.peer_identity.as_deref(),
             });
         }
     }

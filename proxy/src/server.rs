@@ -64,6 +64,8 @@ pub struct ListenerConfig {
     pub spec: ListenerSpec,
     pub routes: RouteTable,
     pub tcp_cluster: Option<Arc<Cluster>>,
+    /// mTLS termination (`tls` block), if any.
+    pub tls: Option<Arc<crate::tls::ServerTls>>,
 }
 
 /// A listener for the life of the process (its socket cannot change on reload).
@@ -114,6 +116,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
     on_start: impl FnOnce(&Started),
 ) -> Result<(), StartError> {
+    crate::tls::install_crypto_provider();
     let manifest = config::load(manifest_path)?;
     let workers = manifest
         .workers
@@ -291,6 +294,7 @@ pub async fn build(
     filters: &Arc<FilterHost>,
 ) -> Result<(Snapshot, Vec<ListenerConfig>), Vec<String>> {
     let mut clusters = HashMap::new();
+    let mut tls_errors = Vec::new();
     for spec in &manifest.clusters {
         let reused = prev
             .and_then(|p| p.clusters.get(&spec.name))
@@ -299,12 +303,36 @@ pub async fn build(
         let c = match reused {
             Some(c) => c,
             None => {
-                let c = Cluster::new(spec, workers, metrics.clone()).await;
+                // Originating mTLS: load the cluster's certificate now (a bad file fails the
+                // load or reload) and watch it for rotation while the cluster lives.
+                let tls = match &spec.tls {
+                    None => None,
+                    Some(t) => match crate::tls::ClientTls::new(
+                        &spec.name,
+                        t,
+                        spec.protocol == config::UpstreamProtocol::Http2,
+                        manifest_dir,
+                        metrics.clone(),
+                    ) {
+                        Ok(t) => {
+                            crate::tls::watch::spawn(&(t.clone() as Arc<dyn crate::tls::Rotate>));
+                            Some(t)
+                        }
+                        Err(e) => {
+                            tls_errors.push(format!("cluster `{}`: {e}", spec.name));
+                            continue;
+                        }
+                    },
+                };
+                let c = Cluster::new(spec, workers, metrics.clone(), tls).await;
                 c.spawn_dns_refresh();
                 c
             }
         };
         clusters.insert(spec.name.clone(), c);
+    }
+    if !tls_errors.is_empty() {
+        return Err(tls_errors);
     }
     let names: HashSet<String> = clusters.keys().cloned().collect();
     // A relative filter_dir is relative to the manifest's directory, so a manifest and its
@@ -331,10 +359,27 @@ pub async fn build(
                 continue;
             }
         };
+        // Terminating mTLS: the listener's certificate, watched for rotation.
+        let tls = match &l.tls {
+            None => None,
+            Some(t) => {
+                match crate::tls::ServerTls::new(&l.name, t, manifest_dir, metrics.clone()) {
+                    Ok(t) => {
+                        crate::tls::watch::spawn(&(t.clone() as Arc<dyn crate::tls::Rotate>));
+                        Some(t)
+                    }
+                    Err(e) => {
+                        errors.push(format!("listener `{}`: {e}", l.name));
+                        continue;
+                    }
+                }
+            }
+        };
         listener_configs.push(ListenerConfig {
             spec: l.clone(),
             routes,
             tcp_cluster: l.cluster.as_ref().and_then(|c| clusters.get(c).cloned()),
+            tls,
         });
     }
     if !errors.is_empty() {

@@ -57,6 +57,7 @@ pub mod __rt {
     pub use wit_bindgen;
 }
 
+pub mod crypto;
 pub mod log;
 pub mod metrics;
 pub mod state;

@@ -523,11 +523,22 @@ impl Drop for TcpEcho {
     }
 }
 
-/// An address nothing listens on: bound once to get a free port, then closed, so a connect
-/// there is refused.
+/// An address nothing listens on, for the life of the test process: a socket is bound to
+/// the port but never listens, so connects are refused and no other process of a parallel
+/// test run can take the port (dropping a listener and hoping was racy: a proxy started by
+/// another test binary once got the port and answered 404).
 pub fn refused_addr() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let addr = l.local_addr().expect("addr");
-    drop(l);
-    addr
+    let sock =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    let addr = SocketAddr::from(([127, 0, 0, 1], 0));
+    sock.bind(&addr.into())
+        .expect("bind a never-listening socket");
+    let bound = sock
+        .local_addr()
+        .expect("local addr")
+        .as_socket()
+        .expect("inet addr");
+    // Kept open until the process exits.
+    std::mem::forget(sock);
+    bound
 }

@@ -76,9 +76,50 @@ impl RequestData for wasmesh_sdk::Request {
 /// ```
 pub fn client_ip(addr: &str) -> String {
     match addr.parse::<std::net::SocketAddr>() {
+        // The text before the port of a valid IPv4 `IP:PORT` already is the address's
+        // canonical form (the parser takes no leading zeros or other spellings): slice it
+        // rather than format the address again (this runs on every request).
+        Ok(std::net::SocketAddr::V4(_)) => {
+            addr.rsplit_once(':').map_or(addr, |(ip, _)| ip).to_string()
+        }
         Ok(a) => a.ip().to_string(),
         Err(_) => addr.to_string(),
     }
+}
+
+/// Append `n` in decimal to `out`. Same text as `n.to_string()`, without the formatting
+/// machinery, which costs a filter several times more on its per-request path.
+///
+/// ```
+/// let mut s = String::from("n=");
+/// filter_common::push_u64(&mut s, 1200);
+/// assert_eq!(s, "n=1200");
+/// ```
+pub fn push_u64(out: &mut String, mut n: u64) {
+    let mut buf = [0u8; 20];
+    let mut len = 0;
+    for slot in buf.iter_mut().rev() {
+        *slot = b'0' + (n % 10) as u8;
+        n /= 10;
+        len += 1;
+        if n == 0 {
+            break;
+        }
+    }
+    for &d in buf.get(buf.len() - len..).unwrap_or_default() {
+        out.push(char::from(d));
+    }
+}
+
+/// `n` in decimal (see [`push_u64`]).
+///
+/// ```
+/// assert_eq!(filter_common::decimal(u64::MAX), u64::MAX.to_string());
+/// ```
+pub fn decimal(n: u64) -> String {
+    let mut s = String::with_capacity(20);
+    push_u64(&mut s, n);
+    s
 }
 
 /// Whether `name` is a valid lower-case HTTP header name (RFC 9110 token), not a pseudo-header.
@@ -87,6 +128,49 @@ pub fn valid_header_name(name: &str) -> bool {
         && name.bytes().all(|b| {
             b.is_ascii_lowercase() || b.is_ascii_digit() || b"!#$%&'*+-.^_`|~".contains(&b)
         })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn decimal_is_to_string() {
+        for n in [
+            0,
+            1,
+            9,
+            10,
+            99,
+            100,
+            12_345,
+            u64::from(u32::MAX),
+            u64::MAX - 1,
+            u64::MAX,
+        ] {
+            assert_eq!(super::decimal(n), n.to_string());
+        }
+    }
+
+    #[test]
+    fn client_ip_is_the_canonical_address() {
+        for (addr, ip) in [
+            ("10.1.2.3:5555", "10.1.2.3"),
+            ("0.0.0.0:0", "0.0.0.0"),
+            ("255.255.255.255:65535", "255.255.255.255"),
+            ("[::1]:80", "::1"),
+            ("[0:0:0:0:0:0:0:1]:80", "::1"),
+            ("[::ffff:10.0.0.1]:80", "::ffff:10.0.0.1"),
+            ("010.1.2.3:80", "010.1.2.3:80"),
+            ("10.1.2.3", "10.1.2.3"),
+            ("garbage", "garbage"),
+        ] {
+            let slow = match addr.parse::<std::net::SocketAddr>() {
+                Ok(a) => a.ip().to_string(),
+                Err(_) => addr.to_string(),
+            };
+            assert_eq!(super::client_ip(addr), ip, "{addr}");
+            assert_eq!(super::client_ip(addr), slow, "{addr}");
+        }
+    }
 }
 
 #[cfg(test)]

@@ -1,15 +1,16 @@
-//! JSON Web Keys (RFC 7517) and JWS signature checks (RFC 7515/7518) for RS256, ES256 and
-//! HS256, with RustCrypto's pure-Rust crates (no C: they build for wasm32-wasip2).
+//! JSON Web Keys (RFC 7517): which keys of a JWKS this filter uses, for which algorithm,
+//! and the host's verifying keys made from them (RFC 7518 checks for RS256, ES256 and
+//! HS256 run in the host, natively: in wasm, RSA and ECDSA cost milliseconds per token).
 //!
 //! A key only verifies the algorithm of its type (RSA: RS256, EC P-256: ES256, oct:
-//! HS256): an RSA public key is never used as an HMAC secret ("algorithm confusion").
+//! HS256): an RSA public key is never used as an HMAC secret ("algorithm confusion"). The
+//! host enforces the same rule and the minimum key sizes (RSA ≥ 2048 bits, HMAC ≥ 32 bytes).
 
 use crate::config::Alg;
 use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig};
 use base64::engine::DecodePaddingMode;
-use base64::Engine;
-use hmac::Mac;
 use serde_json::Value;
+use wasmesh_sdk::crypto::{SignatureAlgorithm, VerifyingKey};
 
 /// base64url, padding optional (RFC 7515 says none; some encoders add it).
 pub const B64: GeneralPurpose = GeneralPurpose::new(
@@ -21,54 +22,33 @@ pub const B64: GeneralPurpose = GeneralPurpose::new(
 
 /// Keys past this many in a JWKS are ignored (a JWKS is a handful of keys).
 const MAX_KEYS: usize = 32;
-/// RSA moduli smaller than this are refused.
-const MIN_RSA_BITS: usize = 2048;
-/// HS256 secrets shorter than the hash are refused (RFC 7518 §3.2).
-const MIN_HMAC_BYTES: usize = 32;
 
-enum Material {
-    Rsa(Box<rsa::pkcs1v15::VerifyingKey<sha2::Sha256>>),
-    Ec(Box<p256::ecdsa::VerifyingKey>),
-    Hmac(Vec<u8>),
+impl Alg {
+    fn host(self) -> SignatureAlgorithm {
+        match self {
+            Alg::Rs256 => SignatureAlgorithm::Rs256,
+            Alg::Es256 => SignatureAlgorithm::Es256,
+            Alg::Hs256 => SignatureAlgorithm::Hs256,
+        }
+    }
 }
 
 /// One usable key.
 pub struct Key {
     pub kid: Option<String>,
-    material: Material,
+    alg: Alg,
+    key: VerifyingKey,
 }
 
 impl Key {
     /// The algorithm this key verifies.
     pub fn alg(&self) -> Alg {
-        match self.material {
-            Material::Rsa(_) => Alg::Rs256,
-            Material::Ec(_) => Alg::Es256,
-            Material::Hmac(_) => Alg::Hs256,
-        }
+        self.alg
     }
 
-    /// Check `sig` over `input`.
+    /// Check `sig` over `input` (in the host).
     pub fn verify(&self, input: &[u8], sig: &[u8]) -> bool {
-        use p256::ecdsa::signature::Verifier;
-        match &self.material {
-            Material::Rsa(k) => {
-                rsa::pkcs1v15::Signature::try_from(sig).is_ok_and(|s| k.verify(input, &s).is_ok())
-            }
-            Material::Ec(k) => {
-                p256::ecdsa::Signature::from_slice(sig).is_ok_and(|s| k.verify(input, &s).is_ok())
-            }
-            Material::Hmac(secret) => {
-                match hmac::Hmac::<sha2::Sha256>::new_from_slice(secret) {
-                    Ok(mut mac) => {
-                        mac.update(input);
-                        // Constant-time comparison.
-                        mac.verify_slice(sig).is_ok()
-                    }
-                    Err(_) => false,
-                }
-            }
-        }
+        self.key.verify(self.alg.host(), input, sig)
     }
 }
 
@@ -129,108 +109,68 @@ impl KeySet {
     }
 }
 
-fn field<'a>(jwk: &'a Value, name: &str) -> Result<&'a str, String> {
-    jwk.get(name)
-        .and_then(Value::as_str)
-        .ok_or_else(|| format!("missing `{name}`"))
-}
-
-fn b64_field(jwk: &Value, name: &str) -> Result<Vec<u8>, String> {
-    B64.decode(field(jwk, name)?)
-        .map_err(|_| format!("`{name}` is not base64url"))
-}
-
-/// `Ok(None)`: a key for something else (encryption, another algorithm), skipped quietly.
-fn parse_key(jwk: &Value) -> Result<Option<Key>, String> {
+/// The algorithm a JWK is for, when this filter uses it: `None` for a key meant for
+/// something else (encryption, another algorithm or curve), skipped quietly.
+fn select(jwk: &Value) -> Option<Alg> {
     if jwk
         .get("use")
         .and_then(Value::as_str)
         .is_some_and(|u| u != "sig")
     {
-        return Ok(None);
+        return None;
     }
     let alg = jwk.get("alg").and_then(Value::as_str);
-    let kid = jwk.get("kid").and_then(Value::as_str).map(str::to_string);
-    let material = match field(jwk, "kty")? {
-        "RSA" => {
-            if alg.is_some_and(|a| a != "RS256") {
-                return Ok(None);
-            }
-            let n = rsa::BigUint::from_bytes_be(&b64_field(jwk, "n")?);
-            let e = rsa::BigUint::from_bytes_be(&b64_field(jwk, "e")?);
-            if n.bits() < MIN_RSA_BITS {
-                return Err(format!(
-                    "RSA key of {} bits (at least {MIN_RSA_BITS})",
-                    n.bits()
-                ));
-            }
-            let key = rsa::RsaPublicKey::new(n, e).map_err(|e| format!("bad RSA key: {e}"))?;
-            Material::Rsa(Box::new(rsa::pkcs1v15::VerifyingKey::new(key)))
-        }
-        "EC" => {
-            if alg.is_some_and(|a| a != "ES256") || field(jwk, "crv")? != "P-256" {
-                return Ok(None);
-            }
-            let x = b64_field(jwk, "x")?;
-            let y = b64_field(jwk, "y")?;
-            if x.len() != 32 || y.len() != 32 {
-                return Err("P-256 coordinates are 32 bytes".into());
-            }
-            let point = p256::EncodedPoint::from_affine_coordinates(
-                p256::FieldBytes::from_slice(&x),
-                p256::FieldBytes::from_slice(&y),
-                false,
-            );
-            let key = p256::ecdsa::VerifyingKey::from_encoded_point(&point)
-                .map_err(|_| "EC point not on P-256".to_string())?;
-            Material::Ec(Box::new(key))
-        }
-        "oct" => {
-            if alg.is_some_and(|a| a != "HS256") {
-                return Ok(None);
-            }
-            let k = b64_field(jwk, "k")?;
-            if k.len() < MIN_HMAC_BYTES {
-                return Err(format!(
-                    "HS256 secret of {} bytes (at least {MIN_HMAC_BYTES})",
-                    k.len()
-                ));
-            }
-            Material::Hmac(k)
-        }
-        _ => return Ok(None),
+    let (ours, name) = match jwk.get("kty").and_then(Value::as_str)? {
+        "RSA" => (Alg::Rs256, "RS256"),
+        "EC" if jwk.get("crv").and_then(Value::as_str) == Some("P-256") => (Alg::Es256, "ES256"),
+        "oct" => (Alg::Hs256, "HS256"),
+        _ => return None,
     };
-    Ok(Some(Key { kid, material }))
+    if alg.is_some_and(|a| a != name) {
+        return None;
+    }
+    Some(ours)
+}
+
+/// `Ok(None)`: a key for something else, skipped quietly; `Err`: a key of ours that the
+/// host refused (malformed, too weak).
+fn parse_key(jwk: &Value) -> Result<Option<Key>, String> {
+    if jwk.get("kty").is_none() {
+        return Err("missing `kty`".into());
+    }
+    let Some(alg) = select(jwk) else {
+        return Ok(None);
+    };
+    let kid = jwk.get("kid").and_then(Value::as_str).map(str::to_string);
+    let key = VerifyingKey::from_jwk(&jwk.to_string())?;
+    Ok(Some(Key { kid, alg, key }))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
+    // Parsing and checking keys is the host's (`wasmesh` `filters::crypto`, tested there);
+    // choosing keys is this filter's.
     #[test]
-    fn skips_foreign_and_weak_keys() {
-        let doc = serde_json::json!({"keys": [
-            {"kty": "oct", "k": "c2hvcnQ"},
-            {"kty": "oct", "use": "enc", "k": "c2hvcnQ"},
-            {"kty": "OKP", "crv": "Ed25519", "x": "AA"},
-            {"kty": "oct", "kid": "h", "k": B64.encode([7u8; 32])},
-        ]});
-        let set = KeySet::from_value(&doc).expect("parses");
-        assert_eq!(set.keys.len(), 1);
-        assert!(set.has_kid("h"));
-        assert_eq!(set.skipped.len(), 1, "{:?}", set.skipped);
-    }
-
-    #[test]
-    fn hmac_verifies() {
-        let secret = [9u8; 32];
-        let doc = serde_json::json!({"keys": [{"kty": "oct", "k": B64.encode(secret)}]});
-        let set = KeySet::from_value(&doc).expect("parses");
-        let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(&secret).expect("key");
-        mac.update(b"a.b");
-        let sig = mac.finalize().into_bytes();
-        let key = set.candidates(Alg::Hs256, None).next().expect("a key");
-        assert!(key.verify(b"a.b", &sig));
-        assert!(!key.verify(b"a.c", &sig));
+    fn selects_signing_keys_by_type_use_and_alg() {
+        let cases = [
+            (json!({"kty": "RSA", "n": "", "e": ""}), Some(Alg::Rs256)),
+            (
+                json!({"kty": "RSA", "alg": "RS256", "use": "sig"}),
+                Some(Alg::Rs256),
+            ),
+            (json!({"kty": "RSA", "alg": "PS256"}), None),
+            (json!({"kty": "RSA", "use": "enc"}), None),
+            (json!({"kty": "EC", "crv": "P-256"}), Some(Alg::Es256)),
+            (json!({"kty": "EC", "crv": "P-384"}), None),
+            (json!({"kty": "EC", "crv": "P-256", "alg": "HS256"}), None),
+            (json!({"kty": "oct", "k": "AA"}), Some(Alg::Hs256)),
+            (json!({"kty": "OKP", "crv": "Ed25519"}), None),
+        ];
+        for (jwk, want) in cases {
+            assert_eq!(select(&jwk), want, "{jwk}");
+        }
     }
 }

@@ -15,12 +15,15 @@
 //!   request that takes the lock waits for the callout, the others go on with the previous
 //!   keys (stale-while-revalidate);
 //! - before the first fetch completes there are no keys to go on with, and a hook cannot
-//!   wait without a callout of its own: requests that find the lock taken fetch too (the
-//!   host resumes each in `on_callout_response`). Only a cold start's concurrent requests
-//!   duplicate the fetch;
+//!   wait without a callout of its own: requests that find the lock taken ask for the same
+//!   fetch, and the host, which coalesces identical GET callouts in flight, sends one
+//!   request and gives its answer to each (resumed in `on_callout_response`). So a cold
+//!   start fetches once however many requests arrive;
 //! - a failed fetch keeps the old keys (if any) and blocks new fetches for `retry_interval`.
 //!
-//! Verified tokens are cached per instance by SHA-256 of the token until they expire.
+//! Signatures are checked by the host (`wasmesh_sdk::crypto`): keys are made once per key
+//! set and instance, then each check runs natively. Verified tokens are cached per
+//! instance by SHA-256 of the token until they expire.
 
 mod cache;
 mod config;
@@ -336,8 +339,22 @@ impl Jwt {
     /// A JWKS callout answered: keep the document (here and in shared state).
     fn fetched(&mut self, req: &Request, answer: Result<CalloutResponse, String>) {
         let id = req.id();
-        if state::get(LOCK_KEY).as_deref() == Some(id.as_bytes()) {
+        let leader = state::get(LOCK_KEY).as_deref() == Some(id.as_bytes());
+        if leader {
             state::delete(LOCK_KEY);
+        } else {
+            // A cold-start request that fetched while the lock holder did: the host gave
+            // it the holder's answer (identical callouts are coalesced), which the holder
+            // may have stored already. Then there is nothing to parse or count.
+            if self.adopt_shared() {
+                self.cache.clear();
+            }
+            let now = now_ms();
+            if let Some(r) = &self.remote {
+                if r.keys.is_some() && now.saturating_sub(r.fetched_ms) < r.cfg.refresh_ms {
+                    return;
+                }
+            }
         }
         let Some(remote) = self.remote.as_mut() else {
             return;

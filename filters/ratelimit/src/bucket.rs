@@ -80,7 +80,7 @@ pub fn take_token(
                 retry_after_ns: Some(ahead - capacity),
             });
         }
-        let value = new_tat.to_string();
+        let value = filter_common::decimal(new_tat);
         if store.compare_and_swap(key, current.as_deref(), value.as_bytes(), ttl_ms(ahead))? {
             return Ok(Decision {
                 allowed: true,
@@ -109,7 +109,7 @@ pub fn return_token(store: &impl Store, key: &str, now: u64, interval_ns: u64) {
             // Full bucket either way; leave the key to expire.
             return;
         }
-        let value = back.to_string();
+        let value = filter_common::decimal(back);
         match store.compare_and_swap(key, Some(&current), value.as_bytes(), ttl_ms(back - now)) {
             Ok(false) => continue,
             _ => return,

@@ -18,10 +18,31 @@ use wasmesh_sdk::{export_filter, state, Action, Filter, Hooks, LocalResponse, Re
 
 const SEC: u64 = 1_000_000_000;
 
-/// Bag keys: what the request side tells the response side (for `x-ratelimit-*` on passes).
-const BAG_LIMIT: &str = "ratelimit.limit";
-const BAG_REMAINING: &str = "ratelimit.remaining";
-const BAG_RESET: &str = "ratelimit.reset";
+/// Bag key: what the request side tells the response side for `x-ratelimit-*` on passes,
+/// as one value (see [`bag_value`]): one host call each way rather than one per header.
+const BAG_HEADERS: &str = "ratelimit.headers";
+
+/// The bag value for the response side: `LIMIT REMAINING`, then ` RESET` when the limit
+/// has one (values of `x-ratelimit-limit`, `-remaining`, `-reset`).
+fn bag_value(limit: u64, remaining: u64, reset_secs: Option<u64>) -> String {
+    let mut v = String::with_capacity(64);
+    filter_common::push_u64(&mut v, limit);
+    v.push(' ');
+    filter_common::push_u64(&mut v, remaining);
+    if let Some(reset) = reset_secs {
+        v.push(' ');
+        filter_common::push_u64(&mut v, reset);
+    }
+    v
+}
+
+/// The response headers a [`bag_value`] stands for: limit, remaining and reset, if any.
+fn bag_headers(value: &str) -> Option<(&str, &str, Option<&str>)> {
+    let mut parts = value.split(' ');
+    let limit = parts.next()?;
+    let remaining = parts.next()?;
+    Some((limit, remaining, parts.next()))
+}
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -406,13 +427,12 @@ impl Filter for RateLimit {
     }
 
     fn on_response_headers(&mut self, req: &Request, resp: &Response) -> Action {
-        if let (Some(limit), Some(remaining)) =
-            (req.get_property(BAG_LIMIT), req.get_property(BAG_REMAINING))
-        {
-            let _ = resp.set_header("x-ratelimit-limit", &limit);
-            let _ = resp.set_header("x-ratelimit-remaining", &remaining);
-            if let Some(reset) = req.get_property(BAG_RESET) {
-                let _ = resp.set_header("x-ratelimit-reset", &reset);
+        let value = req.get_property(BAG_HEADERS);
+        if let Some((limit, remaining, reset)) = value.as_deref().and_then(bag_headers) {
+            let _ = resp.set_header("x-ratelimit-limit", limit);
+            let _ = resp.set_header("x-ratelimit-remaining", remaining);
+            if let Some(reset) = reset {
+                let _ = resp.set_header("x-ratelimit-reset", reset);
             }
         }
         Action::Continue
@@ -461,11 +481,8 @@ impl RateLimit {
         }
         if self.response_headers {
             if let Some((limit, d)) = tightest {
-                req.set_property(BAG_LIMIT, &limit.burst.to_string());
-                req.set_property(BAG_REMAINING, &d.remaining.to_string());
-                if let Some(reset) = d.reset_ns {
-                    req.set_property(BAG_RESET, &secs_ceil(reset).to_string());
-                }
+                let value = bag_value(limit.burst, d.remaining, d.reset_ns.map(secs_ceil));
+                req.set_property(BAG_HEADERS, &value);
             }
         }
         Action::Continue
@@ -512,6 +529,16 @@ mod tests {
         assert_eq!(l.missing, Missing::Shared);
         let l = limit(r#"{"key": "global", "burst": 3, "refill": {"tokens": 0}}"#).unwrap();
         assert_eq!(l.kind, Kind::Quota { window_ns: None });
+    }
+
+    #[test]
+    fn bag_round_trip() {
+        assert_eq!(
+            bag_headers(&bag_value(1000, 999, Some(1))),
+            Some(("1000", "999", Some("1")))
+        );
+        assert_eq!(bag_headers(&bag_value(3, 0, None)), Some(("3", "0", None)));
+        assert_eq!(bag_headers("7"), None);
     }
 
     #[test]

@@ -192,7 +192,32 @@ pub fn validate(file: &Path, m: &Manifest) -> Vec<ConfigError> {
         if cl.connect_timeout.is_zero() {
             c.err(format!("{p}.connect_timeout"), "must be more than 0s");
         }
+        if let Some(t) = &cl.tls {
+            let tp = format!("{p}.tls");
+            if t.allowed_identities.is_empty() {
+                c.err(
+                    format!("{tp}.allowed_identities"),
+                    "list the SPIFFE IDs the upstream may present (at least one)",
+                );
+            }
+            check_identities(&mut c, &tp, &t.allowed_identities);
+            if let Some(sni) = &t.sni {
+                if rustls_pki_types::ServerName::try_from(sni.as_str()).is_err() {
+                    c.err(
+                        format!("{tp}.sni"),
+                        format!("`{sni}` is not a valid server name"),
+                    );
+                }
+            }
+            check_tls_files(&mut c, &tp, &t.cert, &t.key, &t.trust_bundle);
+        }
     }
+    let tls_clusters: HashSet<&str> = m
+        .clusters
+        .iter()
+        .filter(|cl| cl.tls.is_some())
+        .map(|cl| cl.name.as_str())
+        .collect();
 
     let mut filters = HashSet::new();
     for (i, f) in m.filters.iter().enumerate() {
@@ -290,6 +315,19 @@ pub fn validate(file: &Path, m: &Manifest) -> Vec<ConfigError> {
             }
         }
         check_limits(&mut c, &p, &l.limits);
+        if let Some(t) = &l.tls {
+            let tp = format!("{p}.tls");
+            if let Some(ids) = &t.allowed_identities {
+                if ids.is_empty() {
+                    c.err(
+                        format!("{tp}.allowed_identities"),
+                        "an empty list would refuse everyone; leave it out to accept any identity the trust bundle vouches for",
+                    );
+                }
+                check_identities(&mut c, &tp, ids);
+            }
+            check_tls_files(&mut c, &tp, &t.cert, &t.key, &t.trust_bundle);
+        }
         match l.protocol {
             ListenerProtocol::Tcp => {
                 match &l.cluster {
@@ -301,6 +339,20 @@ pub fn validate(file: &Path, m: &Manifest) -> Vec<ConfigError> {
                 }
                 if !l.routes.is_empty() {
                     c.err(format!("{p}.routes"), "a tcp listener has no routes");
+                }
+                if l.tls.is_some() {
+                    c.err(
+                        format!("{p}.tls"),
+                        "tls is supported on http listeners only",
+                    );
+                }
+                if let Some(cl) = &l.cluster {
+                    if tls_clusters.contains(cl.as_str()) {
+                        c.err(
+                            format!("{p}.cluster"),
+                            format!("cluster `{cl}` originates TLS, which tcp listeners do not support yet"),
+                        );
+                    }
                 }
             }
             ListenerProtocol::Http => {
@@ -323,6 +375,41 @@ pub fn validate(file: &Path, m: &Manifest) -> Vec<ConfigError> {
         }
     }
     c.errors
+}
+
+fn check_identities(c: &mut Checker<'_>, p: &str, ids: &[String]) {
+    for (j, id) in ids.iter().enumerate() {
+        if let Err(msg) = crate::tls::SpiffeId::parse(id) {
+            c.err(format!("{p}.allowed_identities[{j}]"), msg);
+        }
+    }
+}
+
+/// Load the certificate, key and bundle as the proxy will, so `wasmesh check` and a start
+/// report a missing file, a key that does not match or an expired certificate up front.
+/// Relative paths are relative to the manifest's directory.
+fn check_tls_files(c: &mut Checker<'_>, p: &str, cert: &Path, key: &Path, bundle: &Path) {
+    use crate::tls::TlsError;
+    let files = crate::tls::TlsFiles::resolve(cert, key, bundle, c.file.parent());
+    if let Err(e) = crate::tls::load_material(&files) {
+        let field = match &e {
+            TlsError::Read { file, .. }
+            | TlsError::NoCertificate { file }
+            | TlsError::Pem { file, .. } => {
+                if file == &files.key {
+                    "key"
+                } else if file == &files.trust_bundle {
+                    "trust_bundle"
+                } else {
+                    "cert"
+                }
+            }
+            TlsError::Key { .. } | TlsError::KeyMismatch { .. } => "key",
+            TlsError::Bundle { .. } => "trust_bundle",
+            _ => "cert",
+        };
+        c.err(format!("{p}.{field}"), e.to_string());
+    }
 }
 
 fn check_name(c: &mut Checker<'_>, path: String, name: &str) {

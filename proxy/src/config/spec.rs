@@ -165,6 +165,72 @@ pub struct ListenerSpec {
     pub limits: ListenerLimits,
     #[serde(default)]
     pub path_normalization: PathNormalizationSpec,
+    /// Terminate (m)TLS on this listener (HTTP listeners only). Default: plaintext.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<ListenerTlsSpec>,
+}
+
+/// Whether a TLS listener also takes plaintext.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum TlsMode {
+    /// mTLS only: plaintext connections and clients without a valid certificate are refused.
+    #[default]
+    Strict,
+    /// mTLS and plaintext on one port (told apart by the first byte), for migrations.
+    /// A TLS client must still present a valid certificate.
+    Permissive,
+}
+
+/// Lowest TLS version accepted or offered. TLS 1.3 is always preferred.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+pub enum TlsVersion {
+    #[serde(rename = "1.2")]
+    Tls12,
+    #[default]
+    #[serde(rename = "1.3")]
+    Tls13,
+}
+
+/// `listeners[].tls`: mesh mTLS on an inbound listener. Paths are relative to the
+/// manifest's directory (or absolute); the files are watched and rotated without a restart.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerTlsSpec {
+    #[serde(default)]
+    pub mode: TlsMode,
+    /// This workload's certificate chain (PEM, leaf first).
+    pub cert: PathBuf,
+    /// The certificate's private key (PEM: PKCS#8, SEC1 or PKCS#1).
+    pub key: PathBuf,
+    /// CA certificates (PEM) that client certificates must chain to.
+    pub trust_bundle: PathBuf,
+    /// `1.3` (default) or `1.2`.
+    #[serde(default)]
+    pub min_version: TlsVersion,
+    /// SPIFFE IDs allowed to connect. Default: any identity the trust bundle vouches for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allowed_identities: Option<Vec<String>>,
+}
+
+/// `clusters[].tls`: originate mTLS to the cluster's endpoints.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterTlsSpec {
+    /// The certificate this proxy presents (PEM, leaf first).
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// CA certificates (PEM) the upstream's certificate must chain to.
+    pub trust_bundle: PathBuf,
+    /// Server name sent in the ClientHello. Default: none (the endpoint's IP is used and no
+    /// SNI is sent). The peer is authenticated by its SPIFFE ID, never by this name.
+    #[serde(default)]
+    pub sni: Option<String>,
+    /// SPIFFE IDs the upstream may present; anything else is refused. At least one.
+    pub allowed_identities: Vec<String>,
+    /// `1.3` (default) or `1.2`.
+    #[serde(default)]
+    pub min_version: TlsVersion,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -437,6 +503,9 @@ pub struct ClusterSpec {
     /// Upstream connections open at once across the cluster (circuit breaker). Past it: 503 `UO`.
     #[serde(default = "default_max_upstream_connections")]
     pub max_connections: usize,
+    /// Originate mTLS to the endpoints. Default: plaintext.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<ClusterTlsSpec>,
 }
 
 fn default_connect_timeout() -> Duration {

@@ -12,9 +12,10 @@
 
 use super::bindings::wasmesh::filter::types::{self as wt, Action};
 use super::bindings::Hooks;
+use super::coalesce;
 use super::host::{CallData, Phase, RequestCtx, RequestSnapshot};
 use super::instance::{self, CallFailure};
-use super::slot::{Candidate, FilterSlot, FilterVersion};
+use super::slot::{Candidate, EntryShared, FilterSlot, FilterVersion};
 use super::{LocalResponse, Outcome, RequestInfo, Verdict};
 use crate::config::FailureMode;
 use bytes::Bytes;
@@ -76,14 +77,16 @@ impl Chain {
         let any = |h: Hooks| entries.iter().any(|e| e.version.hooks.contains(h));
         let wants_req_body = any(Hooks::REQUEST_BODY);
         let wants_resp_body = any(Hooks::RESPONSE_BODY);
+        let wants_done = any(Hooks::DONE);
         let wants_snapshot =
-            any(Hooks::RESPONSE_HEADERS) || any(Hooks::RESPONSE_BODY) || any(Hooks::DONE);
+            any(Hooks::RESPONSE_HEADERS) || any(Hooks::RESPONSE_BODY) || wants_done;
         ChainRun {
             entries,
             ctx: Some(Box::new(RequestCtx::new(info))),
             wants_req_body,
             wants_resp_body,
             wants_snapshot,
+            wants_done,
         }
     }
 }
@@ -141,6 +144,7 @@ pub struct ChainRun {
     wants_req_body: bool,
     wants_resp_body: bool,
     wants_snapshot: bool,
+    wants_done: bool,
 }
 
 impl ChainRun {
@@ -259,10 +263,19 @@ impl ChainRun {
         Ok(body)
     }
 
+    /// Some filter implements `on-done`: build an [`Outcome`] and call [`ChainRun::done`].
+    /// Without one, `done` does nothing, and the outcome need not be built.
+    pub fn wants_done(&self) -> bool {
+        self.wants_done
+    }
+
     /// The request is over: run `on-done` in reverse chain order. Failures are counted
     /// and logged; nothing can change the answer any more, but attributes and flags set
     /// here still reach the access log (read them after this call).
     pub fn done(&mut self, outcome: &Outcome) {
+        if !self.wants_done {
+            return;
+        }
         let o = wt::Outcome {
             status: outcome.status,
             response_flags: outcome.response_flags.clone(),
@@ -371,7 +384,9 @@ impl ChainRun {
                     return Step::Next;
                 }
                 Action::Callout(c) => {
-                    let answer = self.callout(idx, c).await;
+                    // `_flight`: callouts identical to this one get its answer until the
+                    // filter has seen it (e.g. stored a fetched JWKS for other requests).
+                    let (answer, _flight) = self.callout(idx, c).await;
                     action = match self.invoke(idx, phase, Hook::Callout(answer), io) {
                         Ok(a) => a,
                         Err(f) => return self.fail(idx, f),
@@ -388,26 +403,66 @@ impl ChainRun {
         )
     }
 
+    /// Send a hook's callout, or wait for the answer of an identical one in flight. When
+    /// this one leads, the returned [`coalesce::Leader`] keeps serving its answer to
+    /// identical callouts until dropped.
     async fn callout(
         &mut self,
         idx: usize,
         c: wt::CalloutRequest,
-    ) -> Result<wt::CalloutResponse, String> {
+    ) -> (
+        Result<wt::CalloutResponse, String>,
+        Option<coalesce::Leader>,
+    ) {
         let Some(entry) = self.entries.get(idx) else {
-            return Err("no such filter".to_string());
+            return (Err("no such filter".to_string()), None);
         };
         let shared = entry.version.entry.clone();
         if !shared.clusters.contains(&c.cluster) {
-            return Err(format!(
+            let e = format!(
                 "cluster {:?} is not in filter {}'s clusters list",
                 c.cluster, shared.name
-            ));
+            );
+            return (Err(e), None);
         }
-        let req = build_callout(&c)?;
+        let req = match build_callout(&c) {
+            Ok(r) => r,
+            Err(e) => return (Err(e), None),
+        };
         let timeout = match c.timeout_millis {
             0 => DEFAULT_CALLOUT_TIMEOUT,
             ms => Duration::from_millis(u64::from(ms)).min(MAX_CALLOUT_TIMEOUT),
         };
+        // An identical GET already in flight (e.g. every request of a cold start fetching
+        // the same JWKS): wait for its answer rather than send another request.
+        let leader = match coalesce::join(&c) {
+            coalesce::Role::Alone => None,
+            coalesce::Role::Leader(l) => Some(l),
+            coalesce::Role::Follower(rx) => {
+                match tokio::time::timeout(timeout, coalesce::wait(rx)).await {
+                    Ok(Some(answer)) => return (answer, None),
+                    // The leader went away without an answer: call for ourselves.
+                    Ok(None) => None,
+                    Err(_) => {
+                        let e = format!("callout to {} timed out after {timeout:?}", c.cluster);
+                        return (Err(e), None);
+                    }
+                }
+            }
+        };
+        let answer = Self::send_callout(&shared, &c, req, timeout).await;
+        if let Some(l) = &leader {
+            l.publish(&answer);
+        }
+        (answer, leader)
+    }
+
+    async fn send_callout(
+        shared: &EntryShared,
+        c: &wt::CalloutRequest,
+        req: http::Request<Bytes>,
+        timeout: Duration,
+    ) -> Result<wt::CalloutResponse, String> {
         let fut = shared.rt.callout.call(&c.cluster, req, timeout);
         let resp = match tokio::time::timeout(timeout, fut).await {
             Ok(Ok(r)) => r,

@@ -9,7 +9,8 @@
 
 use super::bindings::wasmesh::filter::{host, http as wit_http, types};
 use super::bindings::{RequestHandle, ResponseHandle};
-use super::metrics::{DynMetric, MetricOp};
+use super::crypto::KeyTable;
+use super::metrics::{DynMetric, MetricOp, SeriesCache};
 use super::slot::EntryShared;
 use super::stderr::FilterOutput;
 use super::RequestInfo;
@@ -59,6 +60,9 @@ pub struct RequestCtx {
     pub attributes: Vec<(String, String)>,
     pub cluster: Option<String>,
     pub filters_ran: Vec<String>,
+    /// `info.source_addr` as text, made on the first `source-address` call: several
+    /// filters of a chain read it (e.g. a rate limit and a header template).
+    source_text: Option<String>,
 }
 
 impl RequestCtx {
@@ -71,6 +75,7 @@ impl RequestCtx {
             attributes: Vec::new(),
             cluster: None,
             filters_ran: Vec::new(),
+            source_text: None,
         }
     }
 
@@ -106,6 +111,10 @@ pub struct HostState {
     output: Arc<FilterOutput>,
     pub entry: Arc<EntryShared>,
     metrics: Vec<Arc<DynMetric>>,
+    /// Series this instance recorded to (see [`SeriesCache`]).
+    series: SeriesCache,
+    /// Signature keys the instance made (`verifying-key`), by handle.
+    pub keys: KeyTable,
     pub call: CallData,
 }
 
@@ -135,6 +144,8 @@ impl HostState {
             output,
             entry,
             metrics: Vec::new(),
+            series: SeriesCache::default(),
+            keys: KeyTable::default(),
             call: CallData::default(),
         }
     }
@@ -176,13 +187,13 @@ impl HostState {
     }
 
     fn record(&mut self, metric: u32, labels: Vec<String>, op: MetricOp) {
-        let Some(m) = usize::try_from(metric)
+        let Some((idx, m)) = usize::try_from(metric)
             .ok()
-            .and_then(|i| self.metrics.get(i))
+            .and_then(|i| Some((i, self.metrics.get(i)?)))
         else {
             return;
         };
-        if m.record(&self.entry.name, &labels, op) {
+        if self.series.record(idx, m, &self.entry.name, labels, op) {
             self.entry.overflow(m.as_ref());
         }
     }
@@ -361,9 +372,12 @@ impl wit_http::HostRequest for HostState {
         Ok(())
     }
     fn source_address(&mut self, _: Resource<RequestHandle>) -> String {
-        self.info()
-            .map(|i| i.source_addr.to_string())
-            .unwrap_or_default()
+        let Some(ctx) = self.call.ctx.as_deref_mut() else {
+            return String::new();
+        };
+        ctx.source_text
+            .get_or_insert_with(|| ctx.info.source_addr.to_string())
+            .clone()
     }
     fn peer_identity(&mut self, _: Resource<RequestHandle>) -> Option<String> {
         self.info()?.peer_identity.clone()

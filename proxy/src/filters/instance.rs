@@ -13,8 +13,8 @@ use super::bindings::{Filter, Hooks};
 use super::engine::Compiled;
 use super::host::{HostState, Phase};
 use super::slot::{EntryShared, FilterVersion, RETIRED};
+use rustc_hash::FxHashMap;
 use std::cell::RefCell;
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use wasmtime::Store;
@@ -35,7 +35,8 @@ struct Pooled {
 
 #[derive(Default)]
 struct Pool {
-    by_version: HashMap<u64, Pooled>,
+    /// Keyed by the version's process-unique id (a hook call looks it up twice).
+    by_version: FxHashMap<u64, Pooled>,
     seen_retired: u64,
 }
 

@@ -230,30 +230,32 @@ impl DynMetric {
         }
     }
 
-    /// Apply `op` to the series of `filter` with `labels`. Returns true when the value
-    /// went to the overflow set. Wrong label count or wrong kind: ignored (false).
-    pub fn record(&self, filter: &str, labels: &[String], op: MetricOp) -> bool {
+    /// The series of `filter` with `labels` (created if needed, or the overflow set past
+    /// [`MAX_LABEL_SETS`]), and whether it is the overflow set. `None`: wrong label count.
+    fn series(&self, filter: &str, labels: &[String]) -> Option<(Series, bool)> {
         if labels.len() != self.label_names.len() {
-            return false;
+            return None;
         }
         let mut key = Vec::with_capacity(labels.len() + 1);
         key.push(filter.to_string());
         key.extend(labels.iter().cloned());
-        let found = self.series.read().get(&key).cloned();
-        let (series, overflow) = match found {
-            Some(s) => (s, false),
-            None => {
-                let mut map = self.series.write();
-                let overflow = map.len() >= MAX_LABEL_SETS && !map.contains_key(&key);
-                if overflow {
-                    key.truncate(1);
-                    key.extend(std::iter::repeat_n("overflow".to_string(), labels.len()));
-                }
-                let s = map.entry(key).or_insert_with(|| self.new_series()).clone();
-                (s, overflow)
-            }
-        };
-        match (series, op) {
+        if let Some(s) = self.series.read().get(&key) {
+            return Some((s.clone(), false));
+        }
+        let mut map = self.series.write();
+        let overflow = map.len() >= MAX_LABEL_SETS && !map.contains_key(&key);
+        if overflow {
+            key.truncate(1);
+            key.extend(std::iter::repeat_n("overflow".to_string(), labels.len()));
+        }
+        let s = map.entry(key).or_insert_with(|| self.new_series()).clone();
+        Some((s, overflow))
+    }
+}
+
+impl Series {
+    fn apply(&self, op: MetricOp) {
+        match (self, op) {
             (Series::Counter(c), MetricOp::CounterAdd(v)) => {
                 c.inc_by(v);
             }
@@ -265,6 +267,54 @@ impl DynMetric {
             }
             (Series::Histogram(h), MetricOp::Observe(v)) => h.observe(v),
             _ => {}
+        }
+    }
+}
+
+/// One filter instance's handles to the series it recorded to, by metric id (the
+/// instance's index) and label values. A filter records on every request, usually to a
+/// handful of label sets: after the first value, recording is one lookup in the
+/// instance's own map, without the metric's lock or building the shared map's key.
+/// Series are never removed from a metric, so a handle stays valid; overflow values are
+/// not cached, so each one is still counted as an overflow.
+#[derive(Default)]
+pub struct SeriesCache {
+    by_metric: Vec<HashMap<Vec<String>, Series>>,
+}
+
+impl SeriesCache {
+    /// Apply `op` to the series of `filter` with `labels`; `idx` is the metric's id in
+    /// this instance. Returns true when the value went to the overflow set. Wrong label
+    /// count or wrong kind: ignored (false).
+    pub fn record(
+        &mut self,
+        idx: usize,
+        m: &DynMetric,
+        filter: &str,
+        labels: Vec<String>,
+        op: MetricOp,
+    ) -> bool {
+        if let Some(s) = self
+            .by_metric
+            .get(idx)
+            .and_then(|c| c.get(labels.as_slice()))
+        {
+            s.apply(op);
+            return false;
+        }
+        let Some((series, overflow)) = m.series(filter, &labels) else {
+            return false;
+        };
+        series.apply(op);
+        if !overflow {
+            if self.by_metric.len() <= idx {
+                self.by_metric.resize_with(idx + 1, HashMap::new);
+            }
+            if let Some(c) = self.by_metric.get_mut(idx) {
+                if c.len() < MAX_LABEL_SETS {
+                    c.insert(labels, series);
+                }
+            }
         }
         overflow
     }

@@ -17,6 +17,8 @@
 
 pub mod bindings;
 pub mod chain;
+mod coalesce;
+pub mod crypto;
 pub mod engine;
 pub mod host;
 pub mod instance;

@@ -7,6 +7,7 @@
 
 use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 /// Keys one filter entry may hold.
@@ -33,6 +34,9 @@ impl Item {
 #[derive(Default)]
 pub struct SharedState {
     map: DashMap<String, Item>,
+    /// Keys in the map, kept beside it: `DashMap::len` locks every shard, too much for
+    /// each write. Approximate under races, like the bound it serves.
+    count: AtomicUsize,
 }
 
 fn expiry(ttl_ms: u64) -> Option<Instant> {
@@ -53,6 +57,58 @@ fn check(key: &str, value: Option<&[u8]>) -> Result<(), String> {
     Ok(())
 }
 
+/// Compare-and-swap on a present item (live or expired).
+fn cas_item(
+    item: &mut Item,
+    now: Instant,
+    expected: Option<&[u8]>,
+    value: Vec<u8>,
+    ttl_ms: u64,
+) -> bool {
+    let current = item.live(now).then_some(item.value.as_slice());
+    if current != expected {
+        return false;
+    }
+    *item = Item {
+        value,
+        expires: expiry(ttl_ms),
+    };
+    true
+}
+
+/// Increment on a present item (live or expired).
+fn increment_item(
+    item: &mut Item,
+    now: Instant,
+    key: &str,
+    delta: i64,
+    ttl_ms: u64,
+) -> Result<i64, String> {
+    if !item.live(now) {
+        item.value.clear();
+        item.expires = expiry(ttl_ms);
+    }
+    let current: i64 = if item.value.is_empty() {
+        0
+    } else {
+        std::str::from_utf8(&item.value)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| format!("value at {key:?} is not a decimal integer"))?
+    };
+    let next = current.saturating_add(delta);
+    item.value.clear();
+    write_decimal(&mut item.value, next);
+    Ok(next)
+}
+
+/// `n` in decimal, appended to `out` (no temporary `String`).
+fn write_decimal(out: &mut Vec<u8>, n: i64) {
+    use std::io::Write;
+    // Writing to a Vec cannot fail.
+    let _ = write!(out, "{n}");
+}
+
 impl SharedState {
     /// Number of keys, expired ones included until swept.
     pub fn len(&self) -> usize {
@@ -66,16 +122,33 @@ impl SharedState {
 
     /// Make room for one more key, or say why not.
     fn room_for(&self, key: &str) -> Result<(), String> {
+        if self.count.load(Ordering::Relaxed) < MAX_KEYS {
+            return Ok(());
+        }
         if self.map.len() < MAX_KEYS || self.map.contains_key(key) {
+            self.count.store(self.map.len(), Ordering::Relaxed);
             return Ok(());
         }
         let now = Instant::now();
         self.map.retain(|_, item| item.live(now));
-        if self.map.len() < MAX_KEYS {
+        let len = self.map.len();
+        self.count.store(len, Ordering::Relaxed);
+        if len < MAX_KEYS {
             Ok(())
         } else {
             Err(format!("shared state is full ({MAX_KEYS} keys)"))
         }
+    }
+
+    fn added(&self) {
+        self.count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn removed(&self) {
+        // Saturating: a sweep may have reset the count meanwhile.
+        let _ = self
+            .count
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |c| c.checked_sub(1));
     }
 
     pub fn get(&self, key: &str) -> Option<Vec<u8>> {
@@ -86,20 +159,27 @@ impl SharedState {
                 return Some(item.value.clone());
             }
         }
-        self.map.remove_if(key, |_, item| !item.live(now));
+        if self.map.remove_if(key, |_, item| !item.live(now)).is_some() {
+            self.removed();
+        }
         None
     }
 
     pub fn set(&self, key: &str, value: Vec<u8>, ttl_ms: u64) -> Result<(), String> {
         check(key, Some(&value))?;
+        let item = Item {
+            value,
+            expires: expiry(ttl_ms),
+        };
+        // A present key is replaced in place, without allocating the key again.
+        if let Some(mut e) = self.map.get_mut(key) {
+            *e = item;
+            return Ok(());
+        }
         self.room_for(key)?;
-        self.map.insert(
-            key.to_string(),
-            Item {
-                value,
-                expires: expiry(ttl_ms),
-            },
-        );
+        if self.map.insert(key.to_string(), item).is_none() {
+            self.added();
+        }
         Ok(())
     }
 
@@ -111,28 +191,20 @@ impl SharedState {
         ttl_ms: u64,
     ) -> Result<bool, String> {
         check(key, Some(&value))?;
-        self.room_for(key)?;
         let now = Instant::now();
+        // The common case, a key that exists: one shard lock, no allocation.
+        if let Some(mut e) = self.map.get_mut(key) {
+            return Ok(cas_item(&mut e, now, expected, value, ttl_ms));
+        }
+        self.room_for(key)?;
         match self.map.entry(key.to_string()) {
-            Entry::Occupied(mut e) => {
-                let current = e.get().live(now).then(|| e.get().value.as_slice());
-                if current != expected {
-                    return Ok(false);
-                }
-                e.insert(Item {
-                    value,
-                    expires: expiry(ttl_ms),
-                });
-                Ok(true)
-            }
+            Entry::Occupied(mut e) => Ok(cas_item(e.get_mut(), now, expected, value, ttl_ms)),
             Entry::Vacant(e) => {
-                if expected.is_some() {
-                    return Ok(false);
-                }
                 e.insert(Item {
                     value,
                     expires: expiry(ttl_ms),
                 });
+                self.added();
                 Ok(true)
             }
         }
@@ -140,32 +212,21 @@ impl SharedState {
 
     pub fn increment(&self, key: &str, delta: i64, ttl_ms: u64) -> Result<i64, String> {
         check(key, None)?;
-        self.room_for(key)?;
         let now = Instant::now();
+        if let Some(mut e) = self.map.get_mut(key) {
+            return increment_item(&mut e, now, key, delta, ttl_ms);
+        }
+        self.room_for(key)?;
         match self.map.entry(key.to_string()) {
-            Entry::Occupied(mut e) => {
-                let item = e.get_mut();
-                if !item.live(now) {
-                    item.value.clear();
-                    item.expires = expiry(ttl_ms);
-                }
-                let current: i64 = if item.value.is_empty() {
-                    0
-                } else {
-                    std::str::from_utf8(&item.value)
-                        .ok()
-                        .and_then(|s| s.parse().ok())
-                        .ok_or_else(|| format!("value at {key:?} is not a decimal integer"))?
-                };
-                let next = current.saturating_add(delta);
-                item.value = next.to_string().into_bytes();
-                Ok(next)
-            }
+            Entry::Occupied(mut e) => increment_item(e.get_mut(), now, key, delta, ttl_ms),
             Entry::Vacant(e) => {
+                let mut value = Vec::new();
+                write_decimal(&mut value, delta);
                 e.insert(Item {
-                    value: delta.to_string().into_bytes(),
+                    value,
                     expires: expiry(ttl_ms),
                 });
+                self.added();
                 Ok(delta)
             }
         }
@@ -173,7 +234,13 @@ impl SharedState {
 
     pub fn delete(&self, key: &str) -> bool {
         let now = Instant::now();
-        self.map.remove(key).is_some_and(|(_, item)| item.live(now))
+        match self.map.remove(key) {
+            Some((_, item)) => {
+                self.removed();
+                item.live(now)
+            }
+            None => false,
+        }
     }
 
     pub fn list_keys(&self, prefix: &str, limit: u32) -> Vec<String> {
@@ -214,5 +281,28 @@ mod tests {
         assert_eq!(keys, vec!["a", "b", "t"]);
         assert!(s.delete("a"));
         assert!(!s.delete("a"));
+    }
+
+    #[test]
+    fn full_map() {
+        let s = SharedState::default();
+        for i in 0..MAX_KEYS - 1 {
+            s.set(&format!("k{i}"), b"1".to_vec(), 0).ok();
+        }
+        s.set("short", b"v".to_vec(), 1).ok();
+        assert_eq!(s.len(), MAX_KEYS);
+        // Full: existing keys still change, a new one waits for the expired key to go.
+        assert_eq!(s.increment("k1", 1, 0), Ok(2));
+        assert_eq!(
+            s.compare_and_swap("k2", Some(b"1"), b"w".to_vec(), 0),
+            Ok(true)
+        );
+        assert!(s.set("k3", b"x".to_vec(), 0).is_ok());
+        assert!(s.set("new", b"x".to_vec(), 0).is_err());
+        std::thread::sleep(Duration::from_millis(5));
+        assert!(s.set("new", b"x".to_vec(), 0).is_ok());
+        assert!(s.increment("new2", 1, 0).is_err());
+        assert!(s.delete("new"));
+        assert_eq!(s.increment("new2", 1, 0), Ok(1));
     }
 }

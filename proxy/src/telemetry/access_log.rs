@@ -42,6 +42,9 @@ pub struct Entry<'a> {
         serialize_with = "attrs_as_map"
     )]
     pub attributes: &'a [(String, String)],
+    /// The mTLS peer's SPIFFE ID (listeners with `tls` only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peer_identity: Option<&'a str>,
 }
 
 fn attrs_as_map<S: serde::Serializer>(

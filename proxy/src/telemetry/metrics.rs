@@ -50,6 +50,27 @@ pub struct ReasonLabel {
     pub reason: &'static str,
 }
 
+/// A refused upstream TLS handshake.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClusterReasonLabel {
+    pub cluster: Arc<str>,
+    pub reason: &'static str,
+}
+
+/// A TLS owner's certificate (`owner` is `listener/NAME` or `cluster/NAME`; `kind` is
+/// `certificate` or `trust_bundle`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TlsCertLabel {
+    pub owner: Arc<str>,
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TlsReloadLabel {
+    pub owner: Arc<str>,
+    pub result: &'static str,
+}
+
 fn duration_buckets() -> Histogram {
     // Istio's default duration buckets, in milliseconds.
     Histogram::new([
@@ -84,6 +105,11 @@ pub struct Metrics {
     pub tcp_cx_total: Family<ListenerLabel, Counter>,
     pub reloads: Family<ResultLabel, Counter>,
     pub access_log_dropped: Counter,
+    pub tls_handshakes: Family<ListenerLabel, Counter>,
+    pub tls_handshake_failures: Family<ReasonLabel, Counter>,
+    pub upstream_tls_handshake_failures: Family<ClusterReasonLabel, Counter>,
+    pub tls_cert_expiry: Family<TlsCertLabel, Gauge>,
+    pub tls_cert_reloads: Family<TlsReloadLabel, Counter>,
 }
 
 impl Metrics {
@@ -133,6 +159,11 @@ impl Metrics {
             tcp_cx_total: Family::default(),
             reloads: Family::default(),
             access_log_dropped: Counter::default(),
+            tls_handshakes: Family::default(),
+            tls_handshake_failures: Family::default(),
+            upstream_tls_handshake_failures: Family::default(),
+            tls_cert_expiry: Family::default(),
+            tls_cert_reloads: Family::default(),
             registry: Mutex::new(Registry::default()),
         };
         {
@@ -196,6 +227,31 @@ impl Metrics {
                 "access_log_dropped",
                 "Access-log lines dropped because the writer fell behind",
                 m.access_log_dropped.clone(),
+            );
+            reg.register(
+                "tls_handshakes",
+                "Downstream TLS handshakes completed",
+                m.tls_handshakes.clone(),
+            );
+            reg.register(
+                "tls_handshake_failures",
+                "Downstream connections refused at the TLS layer, by reason (plaintext, unknown_ca, expired, no_spiffe_id, identity_not_allowed, ...)",
+                m.tls_handshake_failures.clone(),
+            );
+            reg.register(
+                "upstream_tls_handshake_failures",
+                "Upstream TLS handshakes that failed, by reason",
+                m.upstream_tls_handshake_failures.clone(),
+            );
+            reg.register(
+                "tls_certificate_expiry_timestamp_seconds",
+                "When the certificate in use (or the earliest CA of the trust bundle) expires, unix seconds",
+                m.tls_cert_expiry.clone(),
+            );
+            reg.register(
+                "tls_certificate_reloads",
+                "Certificate (re)loads by result; a failure keeps the previous certificate",
+                m.tls_cert_reloads.clone(),
             );
         }
         let m = Metrics {
