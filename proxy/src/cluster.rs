@@ -71,6 +71,30 @@ pub struct Endpoint {
     pub total: AtomicUsize,
 }
 
+/// What a request tells the load balancer about itself.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct PickContext<'a> {
+    /// Endpoints this request already tried: a retry prefers another one.
+    pub tried: &'a [SocketAddr],
+    /// Hash of the request's affinity key, for hashing load balancers.
+    pub hash: Option<u64>,
+    /// The region this request should be served from (an override or the client's location).
+    pub region: Option<&'a str>,
+}
+
+/// How one upstream attempt ended, as the load balancer's health tracking sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamOutcome {
+    /// The upstream answered with this status.
+    Response(u16),
+    /// The connection could not be made (refused, connect timeout, TLS handshake).
+    ConnectFailure,
+    /// The connection broke before or during the response head.
+    Reset,
+    /// No response head before the (per-try) timeout.
+    Timeout,
+}
+
 /// The endpoints currently in use and a precomputed weighted round-robin schedule.
 struct EndpointSet {
     endpoints: Vec<Arc<Endpoint>>,
@@ -234,7 +258,7 @@ impl Cluster {
     }
 
     /// Choose an endpoint for a request.
-    pub fn pick(&self) -> Option<Arc<Endpoint>> {
+    pub fn pick(&self, ctx: &PickContext<'_>) -> Option<Arc<Endpoint>> {
         let set = self.set.load();
         let n = set.endpoints.len();
         if n == 0 {
@@ -243,6 +267,25 @@ impl Cluster {
         if n == 1 {
             return set.endpoints.first().cloned();
         }
+        if !ctx.tried.is_empty() {
+            // A retry: a few more draws to find an endpoint not yet tried, else any.
+            let mut first = None;
+            for _ in 0..n.min(4) {
+                let e = self.pick_one(&set, n)?;
+                if !ctx.tried.contains(&e.addr) {
+                    return Some(e);
+                }
+                first.get_or_insert(e);
+            }
+            return first;
+        }
+        self.pick_one(&set, n)
+    }
+
+    /// Record how an attempt to `endpoint` ended (passive health: outlier detection).
+    pub fn record_outcome(&self, _endpoint: &Endpoint, _outcome: UpstreamOutcome) {}
+
+    fn pick_one(&self, set: &EndpointSet, n: usize) -> Option<Arc<Endpoint>> {
         match self.spec.lb_policy {
             LbPolicy::RoundRobin => {
                 let i = self.rr.fetch_add(1, Ordering::Relaxed) % set.schedule.len().max(1);

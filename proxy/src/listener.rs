@@ -396,7 +396,7 @@ async fn serve_tcp(
             listener: listener.name.clone(),
         })
         .inc();
-    let Some(endpoint) = cluster.pick() else {
+    let Some(endpoint) = cluster.pick(&Default::default()) else {
         tracing::warn!(listener = %listener.name, cluster = %cluster.name, %peer, "no healthy upstream for tcp connection");
         return;
     };

@@ -272,7 +272,7 @@ async fn serve(
         },
     };
     x.cluster = Some(cluster.clone());
-    let endpoint = match cluster.pick() {
+    let endpoint = match cluster.pick(&Default::default()) {
         Some(e) => e,
         None => return Err((ProxyError::NoHealthyUpstream, chain)),
     };

@@ -525,7 +525,7 @@ impl Callout for ClusterCallout {
                 .cloned()
                 .ok_or_else(|| format!("unknown cluster `{cluster}`"))?;
             let ep = c
-                .pick()
+                .pick(&Default::default())
                 .ok_or_else(|| format!("cluster `{cluster}`: no healthy upstream"))?;
             let (mut parts, body) = req.into_parts();
             let pq = parts
