@@ -6,6 +6,7 @@
 //! ever driven by the thread that opened it. A shared semaphore bounds the cluster's upstream
 //! connections across all workers: past it a request fails fast with `UO` instead of queueing.
 
+use crate::breaker::Breakers;
 use crate::config::{ClusterSpec, LbPolicy, LocalitySpec};
 use crate::pool::ClusterPools;
 use crate::telemetry::metrics::{ClusterLabel, ClusterReasonLabel, Metrics};
@@ -110,6 +111,8 @@ pub struct Cluster {
     /// Connection pools, one per worker thread.
     pools: Arc<ClusterPools>,
     metrics: Arc<Metrics>,
+    /// Limits on requests, pending requests and retries in flight.
+    pub breakers: Arc<Breakers>,
 }
 
 thread_local! {
@@ -139,7 +142,7 @@ impl Cluster {
     ) -> Arc<Self> {
         let name: Arc<str> = Arc::from(spec.name.as_str());
         let label = Metrics::cluster_label(&name);
-        let limit = Arc::new(Semaphore::new(spec.max_connections));
+        let limit = Arc::new(Semaphore::new(spec.circuit_breakers.max_connections));
         let connector = Connector {
             timeout: spec.connect_timeout,
             limit,
@@ -147,8 +150,10 @@ impl Cluster {
             label: label.clone(),
             tls,
         };
+        let breakers = Arc::new(Breakers::new(&spec.circuit_breakers));
         let pools = Arc::new(ClusterPools::new(
             workers,
+            breakers.clone(),
             connector,
             spec.protocol,
             spec.idle_timeout,
@@ -165,6 +170,7 @@ impl Cluster {
             rr: AtomicUsize::new(0),
             pools,
             metrics,
+            breakers,
         });
         cluster.resolve().await;
         cluster
@@ -268,16 +274,22 @@ impl Cluster {
             return set.endpoints.first().cloned();
         }
         if !ctx.tried.is_empty() {
-            // A retry: a few more draws to find an endpoint not yet tried, else any.
-            let mut first = None;
-            for _ in 0..n.min(4) {
-                let e = self.pick_one(&set, n)?;
-                if !ctx.tried.contains(&e.addr) {
-                    return Some(e);
+            // A retry: an endpoint not tried yet, by weight, if there is one.
+            let untried: Vec<&Arc<Endpoint>> = set
+                .endpoints
+                .iter()
+                .filter(|e| !ctx.tried.contains(&e.addr))
+                .collect();
+            let total: u64 = untried.iter().map(|e| u64::from(e.weight)).sum();
+            if total > 0 {
+                let mut r = rand::random_range(0..total);
+                for e in untried {
+                    if r < u64::from(e.weight) {
+                        return Some(e.clone());
+                    }
+                    r -= u64::from(e.weight);
                 }
-                first.get_or_insert(e);
             }
-            return first;
         }
         self.pick_one(&set, n)
     }
@@ -390,6 +402,8 @@ fn gcd(a: u32, b: u32) -> u32 {
 pub enum ConnectError {
     #[error("upstream connection limit reached")]
     Overflow,
+    #[error("too many requests waiting for an upstream connection")]
+    PendingOverflow,
     #[error("upstream connect timeout")]
     Timeout,
     #[error("upstream connect failed: {0}")]
@@ -415,7 +429,41 @@ pub struct Connector {
     tls: Option<Arc<ClientTls>>,
 }
 
+/// Holds a gauge up while alive.
+pub struct GaugeGuard(prometheus_client::metrics::gauge::Gauge);
+
+impl GaugeGuard {
+    pub fn new(g: &prometheus_client::metrics::gauge::Gauge) -> Self {
+        g.inc();
+        Self(g.clone())
+    }
+}
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 impl Connector {
+    /// Count a request refused by `max_pending_requests`.
+    pub fn pending_overflow(&self) {
+        self.metrics
+            .upstream_rq_pending_overflow
+            .get_or_create(&self.label)
+            .inc();
+    }
+
+    /// The cluster's pending-requests gauge, raised while the guard lives.
+    pub fn pending_gauge(&self) -> GaugeGuard {
+        GaugeGuard::new(
+            &self
+                .metrics
+                .upstream_rq_pending_active
+                .get_or_create(&self.label),
+        )
+    }
+
     /// Open a connection to `addr`, holding a slot of the cluster's connection limit.
     pub async fn connect(&self, addr: SocketAddr) -> Result<UpstreamConn, ConnectError> {
         let permit = match self.limit.clone().try_acquire_owned() {

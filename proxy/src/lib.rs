@@ -12,16 +12,20 @@
 //! - [`telemetry`]: metrics and access log; [`admin`]: the admin endpoint.
 
 pub mod admin;
+pub mod breaker;
 pub mod ca;
 pub mod cli;
 pub mod cluster;
 pub mod config;
 pub mod error;
 pub mod filters;
+pub mod forward;
 pub mod listener;
+pub mod mirror;
 pub mod pool;
 pub mod proxy;
 pub mod reload;
+pub mod retry;
 pub mod routing;
 pub mod scaffold;
 pub mod server;

@@ -11,6 +11,7 @@
 //! generic pool hashes a (scheme, authority) key under a shared lock and spawns a
 //! bookkeeping task per request, which was a measurable share of a proxied request's CPU.
 
+use crate::breaker::Breakers;
 use crate::cluster::{Body, ConnectError, Connector, UpstreamConn};
 use crate::config::UpstreamProtocol;
 use http::{Request, Response};
@@ -58,6 +59,7 @@ struct WorkerPool {
 /// The pools of one cluster, one per worker thread (plus one for other threads).
 pub struct ClusterPools {
     workers: Vec<Mutex<WorkerPool>>,
+    breakers: std::sync::Arc<Breakers>,
     connector: Connector,
     protocol: UpstreamProtocol,
     idle_timeout: Duration,
@@ -67,6 +69,7 @@ pub struct ClusterPools {
 impl ClusterPools {
     pub fn new(
         slots: usize,
+        breakers: std::sync::Arc<Breakers>,
         connector: Connector,
         protocol: UpstreamProtocol,
         idle_timeout: Duration,
@@ -76,6 +79,7 @@ impl ClusterPools {
             workers: (0..slots.max(1))
                 .map(|_| Mutex::new(WorkerPool::default()))
                 .collect(),
+            breakers,
             connector,
             protocol,
             idle_timeout,
@@ -128,6 +132,13 @@ impl ClusterPools {
     }
 
     async fn connect(&self, addr: SocketAddr) -> Result<Sender, PoolError> {
+        // A request waiting for its connection is "pending" (Envoy's term): bounded, so a
+        // slow-to-accept upstream cannot pile up connecting requests.
+        let Some(_pending) = self.breakers.pending.try_enter() else {
+            self.connector.pending_overflow();
+            return Err(PoolError::Connect(ConnectError::PendingOverflow));
+        };
+        let _gauge = self.connector.pending_gauge();
         let io: UpstreamConn = self.connector.connect(addr).await?;
         match self.protocol {
             UpstreamProtocol::Http1 => {

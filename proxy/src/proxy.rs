@@ -3,11 +3,10 @@
 //! response-side filters → log. Each step is a call into its own module; this file only
 //! strings them together and turns every failure into an answer (see `crate::error`).
 
-use crate::cluster::{Body, BoxError, Cluster, ConnectError, Endpoint};
+use crate::cluster::{Body, BoxError, Cluster, Endpoint, PickContext};
 use crate::config::Direction;
 use crate::error::ProxyError;
 use crate::filters::{ChainRun, LocalResponse, Outcome, RequestInfo, Verdict};
-use crate::pool::PoolError;
 use crate::routing::{normalize_path, RequestView, Route, RouteAction};
 use crate::server::{ListenerRuntime, Shared};
 use crate::telemetry::access_log::{now_rfc3339, Entry};
@@ -35,25 +34,27 @@ pub struct ConnInfo {
 }
 
 /// Request-scoped facts collected along the path, for the log and metrics.
-struct Exchange {
-    start: Instant,
-    method: http::Method,
-    authority: String,
-    original_path: String,
-    protocol: &'static str,
-    request_id: String,
-    client: SocketAddr,
+pub(crate) struct Exchange {
+    pub(crate) start: Instant,
+    pub(crate) method: http::Method,
+    pub(crate) authority: String,
+    pub(crate) original_path: String,
+    pub(crate) protocol: &'static str,
+    pub(crate) request_id: String,
+    pub(crate) client: SocketAddr,
     /// The connection's peer: the hop appended to `x-forwarded-for`.
-    peer: SocketAddr,
-    user_agent: Option<String>,
-    route: Option<Arc<str>>,
-    cluster: Option<Arc<Cluster>>,
-    endpoint: Option<Arc<Endpoint>>,
-    flags: Vec<String>,
-    reason: Option<String>,
-    bytes_in: Arc<AtomicU64>,
+    pub(crate) peer: SocketAddr,
+    pub(crate) user_agent: Option<String>,
+    pub(crate) route: Option<Arc<str>>,
+    pub(crate) cluster: Option<Arc<Cluster>>,
+    pub(crate) endpoint: Option<Arc<Endpoint>>,
+    pub(crate) flags: Vec<String>,
+    pub(crate) reason: Option<String>,
+    pub(crate) bytes_in: Arc<AtomicU64>,
     /// The mTLS peer's SPIFFE ID (interned: the metrics cache keys on the pointer).
-    peer_identity: Option<Arc<str>>,
+    pub(crate) peer_identity: Option<Arc<str>>,
+    /// The cluster's `max_requests` slot, held until the response is done.
+    pub(crate) inflight: Option<crate::breaker::GateGuard>,
 }
 
 /// Headers only the proxy may set; stripped from client requests so no one can forge them.
@@ -108,6 +109,7 @@ pub async fn handle(
         reason: None,
         bytes_in: bytes_in.clone(),
         peer_identity: conn.peer_identity.clone(),
+        inflight: None,
     };
     let body: Body = CountingBody::new(
         body.map_err(|e| Box::new(e) as BoxError).boxed_unsync(),
@@ -296,34 +298,18 @@ async fn serve(
         x,
         upgrade,
     );
-    let upstream_req = Request::from_parts(parts, body);
-
-    endpoint.active.fetch_add(1, Ordering::Relaxed);
-    endpoint.total.fetch_add(1, Ordering::Relaxed);
-    let active = cluster
-        .metrics()
-        .upstream_rq_active
-        .get_or_create(cluster.label())
-        .clone();
-    active.inc();
-    let sent = cluster.pools().send(endpoint.addr, upstream_req);
-    let result = match route.timeout {
-        Some(t) => match tokio::time::timeout(t, sent).await {
-            Ok(r) => r.map_err(classify_upstream_error),
-            Err(_) => {
-                cluster
-                    .metrics()
-                    .upstream_rq_timeout
-                    .get_or_create(cluster.label())
-                    .inc();
-                Err(ProxyError::UpstreamTimeout)
-            }
-        },
-        None => sent.await.map_err(classify_upstream_error),
-    };
-    endpoint.active.fetch_sub(1, Ordering::Relaxed);
-    active.dec();
-    let mut resp = match result {
+    let resp = crate::forward::forward(
+        route,
+        &cluster,
+        endpoint,
+        PickContext::default(),
+        parts,
+        body,
+        upgrade,
+        x,
+    )
+    .await;
+    let mut resp = match resp {
         Ok(r) => r,
         Err(e) => return Err((e, chain)),
     };
@@ -552,39 +538,6 @@ fn local_response(local: LocalResponse, x: &mut Exchange) -> Response<Body> {
     *resp.status_mut() = local.status;
     *resp.headers_mut() = local.headers;
     resp
-}
-
-fn classify_upstream_error(e: PoolError) -> ProxyError {
-    match e {
-        PoolError::Connect(ConnectError::Overflow) => ProxyError::Overflow,
-        PoolError::Connect(_) | PoolError::Handshake(_) | PoolError::NotOnWorker => {
-            ProxyError::ConnectFailure
-        }
-        PoolError::Send(e) => {
-            if request_body_failed(&e) {
-                // The client's body broke (bad chunked encoding, client gone): not the upstream's fault.
-                return ProxyError::DownstreamBody("request body read failed");
-            }
-            tracing::debug!(error = %e, source = ?std::error::Error::source(&e), "upstream request failed");
-            ProxyError::UpstreamReset
-        }
-    }
-}
-
-/// Whether the upstream call failed because the request body we were streaming (the
-/// downstream's) returned an error: hyper reports a failing user body as a "user" error
-/// that carries the body's error as its source.
-fn request_body_failed(e: &(dyn std::error::Error + 'static)) -> bool {
-    let mut cur = Some(e);
-    while let Some(err) = cur {
-        if let Some(h) = err.downcast_ref::<hyper::Error>() {
-            if h.is_user() && std::error::Error::source(h).is_some() {
-                return true;
-            }
-        }
-        cur = err.source();
-    }
-    false
 }
 
 /// Conflicting framing is how request smuggling starts: refuse it (RFC 9112 §6.1, §6.3).

@@ -25,6 +25,8 @@ pub struct Route {
     /// None: no timeout.
     pub timeout: Option<Duration>,
     pub chain: Chain,
+    pub retry: Option<crate::retry::RetryPolicy>,
+    pub mirrors: Vec<crate::mirror::MirrorPolicy>,
 }
 
 pub enum RouteAction {
@@ -349,6 +351,19 @@ impl RouteTable {
                 response_headers: HeaderMutation::build(&s.response_headers).map_err(ctx)?,
                 timeout: (!s.timeout.is_zero()).then_some(s.timeout),
                 chain: chain_for(s.filters.as_ref()).map_err(ctx)?,
+                retry: s.retry_policy.as_ref().map(crate::retry::RetryPolicy::new),
+                mirrors: s
+                    .request_mirror_policies
+                    .iter()
+                    .map(|m| {
+                        Ok(crate::mirror::MirrorPolicy {
+                            cluster: cluster(&m.cluster)?,
+                            fraction: m.percent / 100.0,
+                            max_body: m.max_body_bytes,
+                            timeout: m.timeout,
+                        })
+                    })
+                    .collect::<Result<_, String>>()?,
             });
         }
         Ok(Self { routes })

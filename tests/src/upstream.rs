@@ -40,6 +40,8 @@ pub enum Behavior {
     Echo,
     /// Wait, then 200 `slow`.
     Delay(Duration),
+    /// Wait, then this status with body `upstream NAME`.
+    SlowStatus(Duration, u16),
     /// Read the request, never answer (the connection stays open).
     Hang,
     /// Close the connection without answering (h2: reset the stream).
@@ -305,6 +307,10 @@ async fn handle(
         Behavior::Delay(d) => {
             tokio::time::sleep(d).await;
             text(200, "slow")
+        }
+        Behavior::SlowStatus(d, status) => {
+            tokio::time::sleep(d).await;
+            text(status, format!("upstream {}", st.name))
         }
         Behavior::Hang => std::future::pending().await,
         Behavior::ResetBeforeResponse => return Err("reset before response (on purpose)".into()),

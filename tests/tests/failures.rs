@@ -162,7 +162,7 @@ async fn upstream_connection_limit_overflows_with_uo() {
     up.push(Behavior::Hang);
     let proxy = Proxy::start(json!({
         "listeners": [{"name": "in", "address": "127.0.0.1:0", "routes": [{"cluster": "small", "timeout": "0s"}]}],
-        "clusters": [{"name": "small", "max_connections": 1, "endpoints": [{"address": up.addr().to_string()}]}],
+        "clusters": [{"name": "small", "circuit_breakers": {"max_connections": 1}, "endpoints": [{"address": up.addr().to_string()}]}],
     }))
     .await;
     let l = proxy.listener("in");

@@ -186,8 +186,23 @@ pub fn validate(file: &Path, m: &Manifest) -> Vec<ConfigError> {
                 c.err(format!("{p}.endpoints[{j}].weight"), "must be at least 1");
             }
         }
-        if cl.max_connections == 0 {
-            c.err(format!("{p}.max_connections"), "must be at least 1");
+        let cb = &cl.circuit_breakers;
+        for (k, v) in [
+            ("max_connections", cb.max_connections),
+            ("max_pending_requests", cb.max_pending_requests),
+            ("max_requests", cb.max_requests),
+        ] {
+            if v == 0 {
+                c.err(format!("{p}.circuit_breakers.{k}"), "must be at least 1");
+            }
+        }
+        if let Some(b) = &cb.retry_budget {
+            if !(b.budget_percent > 0.0 && b.budget_percent <= 100.0) {
+                c.err(
+                    format!("{p}.circuit_breakers.retry_budget.budget_percent"),
+                    "must be more than 0 and at most 100",
+                );
+            }
         }
         if cl.connect_timeout.is_zero() {
             c.err(format!("{p}.connect_timeout"), "must be more than 0s");
@@ -587,6 +602,63 @@ fn check_route(
         for (k, v) in &d.headers {
             c.header_name(format!("{p}.direct_response.headers.{k}"), k);
             c.header_value(format!("{p}.direct_response.headers.{k}"), v);
+        }
+    }
+    if let Some(rp) = &r.retry_policy {
+        let pp = format!("{p}.retry_policy");
+        if r.cluster.is_none() && r.weighted_clusters.is_none() {
+            c.err(
+                pp.clone(),
+                "retries need a `cluster` or `weighted_clusters` route",
+            );
+        }
+        if let Err(msg) = crate::retry::parse_retry_on(&rp.retry_on) {
+            c.err(format!("{pp}.retry_on"), msg);
+        }
+        if rp.num_retries > 10 {
+            c.err(format!("{pp}.num_retries"), "must be at most 10");
+        }
+        if rp.per_try_timeout.is_some_and(|t| t.is_zero()) {
+            c.err(format!("{pp}.per_try_timeout"), "must be more than 0s");
+        }
+        for (j, code) in rp.retriable_status_codes.iter().enumerate() {
+            if !(100..=599).contains(code) {
+                c.err(
+                    format!("{pp}.retriable_status_codes[{j}]"),
+                    "must be an HTTP status (100 to 599)",
+                );
+            }
+        }
+        let bo = &rp.retry_back_off;
+        if bo.base_interval.is_zero() {
+            c.err(
+                format!("{pp}.retry_back_off.base_interval"),
+                "must be more than 0s",
+            );
+        }
+        if bo.max_interval.is_some_and(|m| m < bo.base_interval) {
+            c.err(
+                format!("{pp}.retry_back_off.max_interval"),
+                "must be at least `base_interval`",
+            );
+        }
+    }
+    for (j, mp) in r.request_mirror_policies.iter().enumerate() {
+        let mpp = format!("{p}.request_mirror_policies[{j}]");
+        if !clusters.contains(mp.cluster.as_str()) {
+            c.err(
+                format!("{mpp}.cluster"),
+                format!("unknown cluster `{}`", mp.cluster),
+            );
+        }
+        if !(mp.percent > 0.0 && mp.percent <= 100.0) {
+            c.err(
+                format!("{mpp}.percent"),
+                "must be more than 0 and at most 100",
+            );
+        }
+        if mp.timeout.is_zero() {
+            c.err(format!("{mpp}.timeout"), "must be more than 0s");
         }
     }
     if r.prefix_rewrite.is_some() && m.prefix.is_none() {

@@ -358,10 +358,104 @@ pub struct RouteSpec {
     /// Filter chain for this route; overrides the listener's default chain.
     #[serde(default)]
     pub filters: Option<Vec<String>>,
+    /// Retry failed upstream attempts (Envoy's `retry_policy`). Default: no retries.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_policy: Option<RetryPolicySpec>,
+    /// Shadow a share of this route's requests to other clusters; their answers are discarded.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub request_mirror_policies: Vec<MirrorPolicySpec>,
 }
 
 fn default_route_timeout() -> Duration {
     Duration::from_secs(15)
+}
+
+/// When and how to retry (Envoy's route `retry_policy`).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RetryPolicySpec {
+    /// Comma-separated conditions, as in Envoy: `5xx`, `gateway-error`, `reset`,
+    /// `connect-failure`, `refused-stream`, `retriable-status-codes`, `retriable-4xx`.
+    pub retry_on: String,
+    /// Retries after the first attempt. Default 1.
+    #[serde(default = "default_num_retries")]
+    pub num_retries: u32,
+    /// Timeout of each attempt, until its response headers. Default: none (the route's
+    /// `timeout` bounds all attempts together).
+    #[serde(
+        default,
+        with = "humantime_serde::option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub per_try_timeout: Option<Duration>,
+    /// Statuses retried under `retriable-status-codes`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub retriable_status_codes: Vec<u16>,
+    #[serde(default)]
+    pub retry_back_off: RetryBackOffSpec,
+    /// Request bodies up to this size are kept to be sent again; a request with a larger
+    /// body is not retried. Default 64 KiB.
+    #[serde(default = "default_retry_buffer")]
+    pub per_request_buffer_limit_bytes: usize,
+}
+
+fn default_num_retries() -> u32 {
+    1
+}
+fn default_retry_buffer() -> usize {
+    64 * 1024
+}
+
+/// Exponential back-off with full jitter between attempts (Envoy's `retry_back_off`).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RetryBackOffSpec {
+    /// Default 25ms.
+    #[serde(default = "default_backoff_base", with = "humantime_serde")]
+    pub base_interval: Duration,
+    /// Default 10 × `base_interval`.
+    #[serde(
+        default,
+        with = "humantime_serde::option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub max_interval: Option<Duration>,
+}
+
+impl Default for RetryBackOffSpec {
+    fn default() -> Self {
+        Self {
+            base_interval: default_backoff_base(),
+            max_interval: None,
+        }
+    }
+}
+
+fn default_backoff_base() -> Duration {
+    Duration::from_millis(25)
+}
+
+/// Shadow traffic (Envoy's `request_mirror_policies`).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct MirrorPolicySpec {
+    pub cluster: String,
+    /// Share of the route's requests mirrored, 0 to 100. Default 100.
+    #[serde(default = "default_mirror_percent")]
+    pub percent: f64,
+    /// Bodies larger than this are not mirrored (the copy is dropped and counted). Default 64 KiB.
+    #[serde(default = "default_retry_buffer")]
+    pub max_body_bytes: usize,
+    /// A mirrored request still unanswered after this long is abandoned. Default 5s.
+    #[serde(default = "default_mirror_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+fn default_mirror_percent() -> f64 {
+    100.0
+}
+fn default_mirror_timeout() -> Duration {
+    Duration::from_secs(5)
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
@@ -500,9 +594,9 @@ pub struct ClusterSpec {
     /// Idle connections kept per endpoint.
     #[serde(default = "default_max_idle")]
     pub max_idle_per_endpoint: usize,
-    /// Upstream connections open at once across the cluster (circuit breaker). Past it: 503 `UO`.
-    #[serde(default = "default_max_upstream_connections")]
-    pub max_connections: usize,
+    /// Limits that fail requests fast instead of queueing them (Envoy's thresholds).
+    #[serde(default)]
+    pub circuit_breakers: CircuitBreakersSpec,
     /// Originate mTLS to the endpoints. Default: plaintext.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<ClusterTlsSpec>,
@@ -522,6 +616,59 @@ fn default_max_idle() -> usize {
 }
 fn default_max_upstream_connections() -> usize {
     1024
+}
+
+/// A cluster's circuit breakers (Envoy's `circuit_breakers.thresholds`), all workers together.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CircuitBreakersSpec {
+    /// Upstream connections open at once. Past it: 503 `UO`. Default 1024.
+    #[serde(default = "default_max_upstream_connections")]
+    pub max_connections: usize,
+    /// Requests waiting for an upstream connection to open. Past it: 503 `UO`. Default 1024.
+    #[serde(default = "default_max_upstream_connections")]
+    pub max_pending_requests: usize,
+    /// Requests in flight to the cluster. Past it: 503 `UO`. Default 1024.
+    #[serde(default = "default_max_upstream_connections")]
+    pub max_requests: usize,
+    /// Retries in flight. Past it a retry is skipped and the last answer returned. Default 3.
+    #[serde(default = "default_max_retries")]
+    pub max_retries: usize,
+    /// When set, replaces `max_retries`: retries in flight may be at most this share of the
+    /// requests in flight (at least `min_retry_concurrency`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_budget: Option<RetryBudgetSpec>,
+}
+
+impl Default for CircuitBreakersSpec {
+    fn default() -> Self {
+        Self {
+            max_connections: default_max_upstream_connections(),
+            max_pending_requests: default_max_upstream_connections(),
+            max_requests: default_max_upstream_connections(),
+            max_retries: default_max_retries(),
+            retry_budget: None,
+        }
+    }
+}
+
+fn default_max_retries() -> usize {
+    3
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RetryBudgetSpec {
+    /// Percent of active requests. Default 20.
+    #[serde(default = "default_budget_percent")]
+    pub budget_percent: f64,
+    /// Retries always allowed in flight, whatever the share. Default 3.
+    #[serde(default = "default_max_retries")]
+    pub min_retry_concurrency: usize,
+}
+
+fn default_budget_percent() -> f64 {
+    20.0
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]

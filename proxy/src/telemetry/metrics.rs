@@ -102,6 +102,17 @@ pub struct Metrics {
     pub upstream_cx_overflow: Family<ClusterLabel, Counter>,
     pub upstream_rq_active: Family<ClusterLabel, Gauge>,
     pub upstream_rq_timeout: Family<ClusterLabel, Counter>,
+    pub upstream_rq_retry: Family<ClusterLabel, Counter>,
+    pub upstream_rq_retry_success: Family<ClusterLabel, Counter>,
+    pub upstream_rq_retry_overflow: Family<ClusterLabel, Counter>,
+    pub upstream_rq_retry_limit_exceeded: Family<ClusterLabel, Counter>,
+    pub upstream_rq_retry_not_replayable: Family<ClusterLabel, Counter>,
+    pub upstream_rq_per_try_timeout: Family<ClusterLabel, Counter>,
+    pub upstream_rq_pending_active: Family<ClusterLabel, Gauge>,
+    pub upstream_rq_pending_overflow: Family<ClusterLabel, Counter>,
+    pub upstream_rq_overflow: Family<ClusterLabel, Counter>,
+    pub mirror_requests: Family<ClusterLabel, Counter>,
+    pub mirror_dropped: Family<ClusterReasonLabel, Counter>,
     pub tcp_cx_total: Family<ListenerLabel, Counter>,
     pub reloads: Family<ResultLabel, Counter>,
     pub access_log_dropped: Counter,
@@ -156,6 +167,17 @@ impl Metrics {
             upstream_cx_overflow: Family::default(),
             upstream_rq_active: Family::default(),
             upstream_rq_timeout: Family::default(),
+            upstream_rq_retry: Family::default(),
+            upstream_rq_retry_success: Family::default(),
+            upstream_rq_retry_overflow: Family::default(),
+            upstream_rq_retry_limit_exceeded: Family::default(),
+            upstream_rq_retry_not_replayable: Family::default(),
+            upstream_rq_per_try_timeout: Family::default(),
+            upstream_rq_pending_active: Family::default(),
+            upstream_rq_pending_overflow: Family::default(),
+            upstream_rq_overflow: Family::default(),
+            mirror_requests: Family::default(),
+            mirror_dropped: Family::default(),
             tcp_cx_total: Family::default(),
             reloads: Family::default(),
             access_log_dropped: Counter::default(),
@@ -212,6 +234,61 @@ impl Metrics {
                 "upstream_rq_timeout",
                 "Upstream requests that timed out",
                 m.upstream_rq_timeout.clone(),
+            );
+            reg.register(
+                "upstream_rq_retry",
+                "Retries sent to the cluster",
+                m.upstream_rq_retry.clone(),
+            );
+            reg.register(
+                "upstream_rq_retry_success",
+                "Retries that got an answer the retry policy accepts",
+                m.upstream_rq_retry_success.clone(),
+            );
+            reg.register(
+                "upstream_rq_retry_overflow",
+                "Retries skipped because the cluster's max_retries or retry budget was reached",
+                m.upstream_rq_retry_overflow.clone(),
+            );
+            reg.register(
+                "upstream_rq_retry_limit_exceeded",
+                "Requests whose retries ran out (num_retries) while still failing",
+                m.upstream_rq_retry_limit_exceeded.clone(),
+            );
+            reg.register(
+                "upstream_rq_retry_not_replayable",
+                "Retries skipped because the request body was larger than per_request_buffer_limit_bytes",
+                m.upstream_rq_retry_not_replayable.clone(),
+            );
+            reg.register(
+                "upstream_rq_per_try_timeout",
+                "Upstream attempts that hit the per-try timeout",
+                m.upstream_rq_per_try_timeout.clone(),
+            );
+            reg.register(
+                "upstream_rq_pending_active",
+                "Requests waiting for an upstream connection to open",
+                m.upstream_rq_pending_active.clone(),
+            );
+            reg.register(
+                "upstream_rq_pending_overflow",
+                "Requests refused (503 UO) by the cluster's max_pending_requests",
+                m.upstream_rq_pending_overflow.clone(),
+            );
+            reg.register(
+                "upstream_rq_overflow",
+                "Requests refused (503 UO) by the cluster's max_requests",
+                m.upstream_rq_overflow.clone(),
+            );
+            reg.register(
+                "mirror_requests",
+                "Mirrored (shadow) requests sent, by mirror cluster",
+                m.mirror_requests.clone(),
+            );
+            reg.register(
+                "mirror_dropped",
+                "Mirrored requests dropped, by mirror cluster and reason (body_too_large, slow, overflow, timeout, failed)",
+                m.mirror_dropped.clone(),
             );
             reg.register(
                 "tcp_cx",

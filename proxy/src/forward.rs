@@ -1,0 +1,454 @@
+//! The upstream leg of a request, after routing and the request-side filters: the
+//! cluster's circuit breakers, mirroring, then attempts retried per the route's policy.
+//!
+//! One attempt: send to an endpoint and wait for the response head (bounded by the
+//! per-try timeout and what is left of the route's timeout). A failed attempt is retried
+//! when the policy names its failure, the retry count and the cluster's retry limit allow
+//! it, and the request body can be sent again; the retry prefers another endpoint and
+//! waits a jittered back-off (or the upstream's `retry-after`) first. When no retry is
+//! allowed, the last failure is what the client gets: the upstream's own answer, or the
+//! proxy's (`UF`, `UR`, `UT`, `UO`).
+
+use crate::cluster::{Body, BoxError, Cluster, Endpoint, PickContext, UpstreamOutcome};
+use crate::error::ProxyError;
+use crate::mirror::MirrorBody;
+use crate::pool::PoolError;
+use crate::proxy::Exchange;
+use crate::retry::{grpc_timeout, retry_after, AttemptFailure};
+use crate::routing::Route;
+use bytes::{Bytes, BytesMut};
+use http::{HeaderMap, Request, Response};
+use http_body::{Body as _, Frame};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// Send the prepared upstream request (`parts` already carry the upstream's URI and
+/// headers) to `cluster`, starting with `first`. `ctx` carries the request's affinity hash
+/// and region for the load balancer.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn forward(
+    route: &Route,
+    cluster: &Arc<Cluster>,
+    first: Arc<Endpoint>,
+    ctx: PickContext<'_>,
+    parts: http::request::Parts,
+    body: Body,
+    upgrade: bool,
+    x: &mut Exchange,
+) -> Result<Response<Incoming>, ProxyError> {
+    // Circuit breaker on requests in flight, held until the response is done.
+    let Some(inflight) = cluster.breakers.requests.try_enter() else {
+        cluster
+            .metrics()
+            .upstream_rq_overflow
+            .get_or_create(cluster.label())
+            .inc();
+        return Err(ProxyError::Overflow);
+    };
+    x.inflight = Some(inflight);
+
+    let deadline = overall_timeout(route, &parts.headers).map(|t| Instant::now() + t);
+    // An upgrade cannot be replayed: the upstream may have switched protocols.
+    let policy = route.retry.as_ref().filter(|_| !upgrade);
+    let mut body = match policy {
+        Some(p) => ReqBody::prepare(body, p.buffer_limit).await?,
+        None if body.is_end_stream() => ReqBody::Replay {
+            data: Bytes::new(),
+            trailers: None,
+        },
+        None => ReqBody::Once(Some(body)),
+    };
+    for m in &route.mirrors {
+        if !m.sampled() {
+            continue;
+        }
+        match &mut body {
+            ReqBody::Replay { data, .. } => {
+                m.send(&parts, MirrorBody::Whole(data));
+            }
+            ReqBody::Once(real) => {
+                if let Some(b) = real.take() {
+                    *real = m.send(&parts, MirrorBody::Stream(b));
+                }
+            }
+        }
+    }
+
+    let mut head = Some(parts);
+    let mut tried: Vec<SocketAddr> = Vec::new();
+    let mut endpoint = first;
+    let mut retries = 0u32;
+    let mut _retry_slot = None;
+    loop {
+        let more_possible = policy.is_some_and(|p| retries < p.num_retries) && body.replayable();
+        let parts = if more_possible {
+            head.clone()
+        } else {
+            head.take()
+        };
+        let Some(parts) = parts else {
+            return Err(ProxyError::UpstreamReset);
+        };
+        let per_try = policy.and_then(|p| p.per_try_timeout);
+        let req = Request::from_parts(parts, body.take());
+        let result = attempt(cluster, &endpoint, req, per_try, deadline).await;
+        x.endpoint = Some(endpoint.clone());
+        match &result {
+            Ok(resp) => {
+                cluster.record_outcome(&endpoint, UpstreamOutcome::Response(resp.status().as_u16()))
+            }
+            Err(Attempt::Failed(f, _)) => cluster.record_outcome(&endpoint, f.outcome()),
+            Err(Attempt::Fatal(_)) => {}
+        }
+
+        let failure = match (&result, policy) {
+            (Ok(resp), Some(p)) => {
+                Some(AttemptFailure::Status(resp.status().as_u16())).filter(|f| p.retries(*f))
+            }
+            (Err(Attempt::Failed(f, _)), Some(p)) => Some(*f).filter(|f| p.retries(*f)),
+            _ => None,
+        };
+        let (Some(failure), Some(p)) = (failure, policy) else {
+            if retries > 0 && result.is_ok() {
+                cluster
+                    .metrics()
+                    .upstream_rq_retry_success
+                    .get_or_create(cluster.label())
+                    .inc();
+            }
+            return result.map_err(Attempt::into_error);
+        };
+        // The attempt failed in a way the policy retries: may we?
+        let refused = if retries >= p.num_retries {
+            x.flags.push("URX".into());
+            Some(&cluster.metrics().upstream_rq_retry_limit_exceeded)
+        } else if !body.replayable() {
+            Some(&cluster.metrics().upstream_rq_retry_not_replayable)
+        } else {
+            None
+        };
+        if let Some(counter) = refused {
+            counter.get_or_create(cluster.label()).inc();
+            return result.map_err(Attempt::into_error);
+        }
+        // This request's previous retry slot is given back before asking again, so it
+        // does not count against itself.
+        _retry_slot = None;
+        let Some(slot) = cluster
+            .breakers
+            .retries
+            .try_acquire(cluster.breakers.requests.active())
+        else {
+            // Envoy's rule: past the retry limit, the client gets the upstream's answer.
+            cluster
+                .metrics()
+                .upstream_rq_retry_overflow
+                .get_or_create(cluster.label())
+                .inc();
+            return result.map_err(Attempt::into_error);
+        };
+        let wait = match &result {
+            Ok(resp) => retry_after(resp.headers()).map(|ra| ra.max(p.back_off(retries + 1))),
+            Err(_) => None,
+        }
+        .unwrap_or_else(|| p.back_off(retries + 1));
+        if deadline.is_some_and(|d| Instant::now() + wait >= d) {
+            // No time left for another attempt: answer with this one.
+            return result.map_err(Attempt::into_error);
+        }
+        drop(result);
+        // One retry of this request in flight at a time: the slot is held until the next
+        // decision (or the end of the request).
+        _retry_slot = Some(slot);
+        tokio::time::sleep(wait).await;
+        retries += 1;
+        cluster
+            .metrics()
+            .upstream_rq_retry
+            .get_or_create(cluster.label())
+            .inc();
+        tracing::debug!(cluster = %cluster.name, upstream = %endpoint.addr, ?failure, retry = retries, "retrying");
+        tried.push(endpoint.addr);
+        endpoint = match cluster.pick(&PickContext {
+            tried: &tried,
+            ..ctx
+        }) {
+            Some(e) => e,
+            None => return Err(ProxyError::NoHealthyUpstream),
+        };
+    }
+}
+
+/// The route's timeout over all attempts, shortened by a gRPC client's `grpc-timeout`.
+fn overall_timeout(route: &Route, h: &HeaderMap) -> Option<Duration> {
+    match (route.timeout, grpc_timeout(h)) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// How an attempt went wrong.
+enum Attempt {
+    /// A failure a retry policy may retry, and the answer if it is not retried.
+    Failed(AttemptFailure, ProxyError),
+    /// Not retried whatever the policy: the route's deadline passed, a breaker is open,
+    /// the client's body broke.
+    Fatal(ProxyError),
+}
+
+impl Attempt {
+    fn into_error(self) -> ProxyError {
+        match self {
+            Attempt::Failed(_, e) | Attempt::Fatal(e) => e,
+        }
+    }
+}
+
+/// One try at one endpoint, until the response head.
+async fn attempt(
+    cluster: &Arc<Cluster>,
+    endpoint: &Arc<Endpoint>,
+    req: Request<Body>,
+    per_try: Option<Duration>,
+    deadline: Option<Instant>,
+) -> Result<Response<Incoming>, Attempt> {
+    let now = Instant::now();
+    let left = deadline.map(|d| d.saturating_duration_since(now));
+    if left.is_some_and(|l| l.is_zero()) {
+        return Err(route_timeout(cluster));
+    }
+    // Whichever ends first: this try's own timeout or the route's.
+    let (limit, is_per_try) = match (per_try, left) {
+        (Some(p), Some(l)) if p < l => (Some(p), true),
+        (Some(p), None) => (Some(p), true),
+        (_, l) => (l, false),
+    };
+
+    endpoint.active.fetch_add(1, Ordering::Relaxed);
+    endpoint.total.fetch_add(1, Ordering::Relaxed);
+    let active = cluster
+        .metrics()
+        .upstream_rq_active
+        .get_or_create(cluster.label())
+        .clone();
+    active.inc();
+    let sent = cluster.pools().send(endpoint.addr, req);
+    let result = match limit {
+        Some(t) => tokio::time::timeout(t, sent).await.ok(),
+        None => Some(sent.await),
+    };
+    endpoint.active.fetch_sub(1, Ordering::Relaxed);
+    active.dec();
+    match result {
+        Some(Ok(resp)) => Ok(resp),
+        Some(Err(e)) => Err(classify(e)),
+        None if is_per_try => {
+            cluster
+                .metrics()
+                .upstream_rq_per_try_timeout
+                .get_or_create(cluster.label())
+                .inc();
+            Err(Attempt::Failed(
+                AttemptFailure::Timeout,
+                ProxyError::UpstreamTimeout,
+            ))
+        }
+        None => Err(route_timeout(cluster)),
+    }
+}
+
+fn route_timeout(cluster: &Cluster) -> Attempt {
+    cluster
+        .metrics()
+        .upstream_rq_timeout
+        .get_or_create(cluster.label())
+        .inc();
+    Attempt::Fatal(ProxyError::UpstreamTimeout)
+}
+
+fn classify(e: PoolError) -> Attempt {
+    use crate::cluster::ConnectError;
+    match e {
+        PoolError::Connect(ConnectError::Overflow | ConnectError::PendingOverflow) => {
+            Attempt::Fatal(ProxyError::Overflow)
+        }
+        PoolError::Connect(_) | PoolError::Handshake(_) | PoolError::NotOnWorker => {
+            Attempt::Failed(AttemptFailure::ConnectFailure, ProxyError::ConnectFailure)
+        }
+        PoolError::Send(e) => {
+            if request_body_failed(&e) {
+                // The client's body broke (bad chunked encoding, client gone): not the
+                // upstream's fault, and nothing to retry.
+                return Attempt::Fatal(ProxyError::DownstreamBody("request body read failed"));
+            }
+            tracing::debug!(error = %e, source = ?std::error::Error::source(&e), "upstream request failed");
+            if refused_stream(&e) {
+                Attempt::Failed(AttemptFailure::RefusedStream, ProxyError::UpstreamReset)
+            } else {
+                Attempt::Failed(AttemptFailure::Reset, ProxyError::UpstreamReset)
+            }
+        }
+    }
+}
+
+/// Whether the upstream call failed because the request body we were streaming (the
+/// downstream's) returned an error: hyper reports a failing user body as a "user" error
+/// that carries the body's error as its source.
+fn request_body_failed(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if let Some(h) = err.downcast_ref::<hyper::Error>() {
+            if h.is_user() && std::error::Error::source(h).is_some() {
+                return true;
+            }
+        }
+        cur = err.source();
+    }
+    false
+}
+
+/// An HTTP/2 REFUSED_STREAM: the upstream guarantees it did not process the request.
+fn refused_stream(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if let Some(h2) = err.downcast_ref::<h2::Error>() {
+            return h2.reason() == Some(h2::Reason::REFUSED_STREAM);
+        }
+        cur = err.source();
+    }
+    false
+}
+
+/// The request body across attempts.
+enum ReqBody {
+    /// Held whole: every attempt sends a copy.
+    Replay {
+        data: Bytes,
+        trailers: Option<HeaderMap>,
+    },
+    /// Streamed once: only the first attempt has it.
+    Once(Option<Body>),
+}
+
+impl ReqBody {
+    /// Keep the body for replay if it fits in `limit` bytes; a larger one streams as it
+    /// comes (what was read so far first) and cannot be retried.
+    async fn prepare(mut body: Body, limit: usize) -> Result<Self, ProxyError> {
+        if body.is_end_stream() {
+            return Ok(ReqBody::Replay {
+                data: Bytes::new(),
+                trailers: None,
+            });
+        }
+        if body.size_hint().lower() > limit as u64 {
+            return Ok(ReqBody::Once(Some(body)));
+        }
+        let mut chunks: Vec<Bytes> = Vec::new();
+        let mut len = 0usize;
+        let mut trailers = None;
+        while let Some(frame) = body.frame().await {
+            let frame =
+                frame.map_err(|_| ProxyError::DownstreamBody("request body read failed"))?;
+            match frame.into_data() {
+                Ok(data) => {
+                    len += data.len();
+                    chunks.push(data);
+                    if len > limit {
+                        return Ok(ReqBody::Once(Some(prefixed(chunks, body))));
+                    }
+                }
+                Err(frame) => {
+                    if let Ok(t) = frame.into_trailers() {
+                        trailers = Some(t);
+                    }
+                }
+            }
+        }
+        let data = match chunks.len() {
+            0 => Bytes::new(),
+            1 => chunks.pop().unwrap_or_default(),
+            _ => {
+                let mut b = BytesMut::with_capacity(len);
+                for c in chunks {
+                    b.extend_from_slice(&c);
+                }
+                b.freeze()
+            }
+        };
+        Ok(ReqBody::Replay { data, trailers })
+    }
+
+    fn replayable(&self) -> bool {
+        matches!(self, ReqBody::Replay { .. })
+    }
+
+    /// The body for the next attempt.
+    fn take(&mut self) -> Body {
+        match self {
+            ReqBody::Replay {
+                data,
+                trailers: None,
+            } => crate::proxy::full(data.clone()),
+            ReqBody::Replay {
+                data,
+                trailers: Some(t),
+            } => {
+                let frames: Vec<Result<Frame<Bytes>, BoxError>> = vec![
+                    Ok(Frame::data(data.clone())),
+                    Ok(Frame::trailers(t.clone())),
+                ];
+                http_body_util::StreamBody::new(futures_util::stream::iter(frames)).boxed_unsync()
+            }
+            ReqBody::Once(b) => b.take().unwrap_or_else(crate::proxy::empty),
+        }
+    }
+}
+
+/// What was read already, then the rest of the body as it streams.
+fn prefixed(read: Vec<Bytes>, rest: Body) -> Body {
+    use futures_util::StreamExt;
+    let head = futures_util::stream::iter(read.into_iter().map(|b| Ok(Frame::data(b))));
+    let tail = http_body_util::BodyStream::new(rest);
+    http_body_util::StreamBody::new(head.chain(tail)).boxed_unsync()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunked(parts: &[&'static str]) -> Body {
+        let frames: Vec<Result<Frame<Bytes>, BoxError>> = parts
+            .iter()
+            .map(|p| Ok(Frame::data(Bytes::from_static(p.as_bytes()))))
+            .collect();
+        http_body_util::StreamBody::new(futures_util::stream::iter(frames)).boxed_unsync()
+    }
+
+    #[tokio::test]
+    async fn small_bodies_replay_large_ones_stream_once() {
+        let mut small = ReqBody::prepare(chunked(&["ab", "cd"]), 8)
+            .await
+            .expect("prepare");
+        assert!(small.replayable());
+        for _ in 0..2 {
+            let b = small.take().collect().await.expect("body").to_bytes();
+            assert_eq!(&b[..], b"abcd");
+        }
+        let mut large = ReqBody::prepare(chunked(&["abcd", "efgh", "ij"]), 6)
+            .await
+            .expect("prepare");
+        assert!(!large.replayable());
+        let b = large.take().collect().await.expect("body").to_bytes();
+        assert_eq!(
+            &b[..],
+            b"abcdefghij",
+            "the prefix read for buffering is not lost"
+        );
+        assert!(large.take().is_end_stream());
+    }
+}
