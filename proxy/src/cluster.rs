@@ -324,6 +324,12 @@ impl Cluster {
         }
     }
 
+    /// A raw connection to `addr` for TCP proxying, through the cluster's connector:
+    /// connection limit, connect timeout, mTLS origination and connection metrics.
+    pub async fn connect_stream(&self, addr: SocketAddr) -> Result<UpstreamConn, ConnectError> {
+        self.pools.connector().connect(addr).await
+    }
+
     /// The cluster's connection pools. Requests must be sent from a worker thread.
     pub fn pools(&self) -> &Arc<ClusterPools> {
         &self.pools
@@ -622,6 +628,33 @@ pin_project_lite::pin_project! {
         fn drop(this: Pin<&mut Self>) {
             this.gauge.dec();
         }
+    }
+}
+
+// Tokio's traits too, for TCP proxying (`copy_bidirectional`).
+impl tokio::io::AsyncRead for UpstreamConn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(self.project().io.get_mut().inner_mut()).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for UpstreamConn {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(self.project().io.get_mut().inner_mut()).poll_write(cx, buf)
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(self.project().io.get_mut().inner_mut()).poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(self.project().io.get_mut().inner_mut()).poll_shutdown(cx)
     }
 }
 

@@ -158,6 +158,7 @@ async fn spawn_conns(
                         match listener.protocol {
                             ListenerProtocol::Http => serve_http(shared, listener, stream, peer, shutdown).await,
                             ListenerProtocol::Tcp => serve_tcp(shared, listener, stream, peer, shutdown).await,
+                            ListenerProtocol::TlsPassthrough => serve_passthrough(shared, listener, stream, peer, shutdown).await,
                         }
                         gauge.dec();
                         drop(permit);
@@ -211,7 +212,7 @@ async fn serve_http(
         local,
         peer_identity: None,
     };
-    let Some(tls) = lc.tls.clone() else {
+    if lc.tls.is_none() && lc.public_tls.is_none() {
         let io = IdleIo {
             inner: stream,
             activity: activity.clone(),
@@ -226,11 +227,43 @@ async fn serve_http(
             shutdown,
         )
         .await;
+    }
+    let Some((io, identity)) = terminate(&shared, &listener, &lc, stream, &activity).await else {
+        return;
     };
-    // mTLS: told apart from plaintext by the first byte (a TLS record starts with 0x16, no
-    // HTTP method does), then the handshake, both bounded by the header timeout so a
-    // silent client cannot hold a connection slot.
+    conn_info.peer_identity = identity;
+    serve_http_conn(
+        shared,
+        listener,
+        lc,
+        TokioIo::new(io),
+        conn_info,
+        activity,
+        shutdown,
+    )
+    .await
+}
+
+/// A downstream connection after the listener's TLS (if any) has been dealt with.
+pub enum Downstream {
+    Plain(IdleIo),
+    Tls(Box<tokio_rustls::server::TlsStream<IdleIo>>),
+}
+
+/// Terminate the listener's TLS on a new connection: mesh mTLS (`tls`: told apart from
+/// plaintext by the first byte, a TLS record starts with 0x16 and no HTTP method does;
+/// plaintext passes only in permissive mode) or public TLS (`public_tls`). Both are bounded
+/// by the header timeout, so a silent client cannot hold a connection slot. Refusals are
+/// counted by reason. Returns the stream and the peer's SPIFFE ID (mesh mTLS only).
+async fn terminate(
+    shared: &Arc<Shared>,
+    listener: &Arc<ListenerRuntime>,
+    lc: &crate::server::ListenerConfig,
+    stream: TcpStream,
+    activity: &Arc<Activity>,
+) -> Option<(Downstream, Option<Arc<str>>)> {
     let limit = lc.spec.limits.request_headers_timeout;
+    let peer = stream.peer_addr().ok();
     let refuse = |reason: &'static str| {
         shared
             .metrics
@@ -241,48 +274,46 @@ async fn serve_http(
             })
             .inc();
     };
-    let mut first = [0u8; 1];
-    let is_tls = match tokio::time::timeout(limit, stream.peek(&mut first)).await {
-        Ok(Ok(1)) => first[0] == crate::tls::TLS_HANDSHAKE_BYTE,
-        Ok(_) => return, // closed before sending anything
-        Err(_) => {
-            refuse("timeout");
-            return;
-        }
-    };
-    let io = IdleIo {
+    let io = |stream| IdleIo {
         inner: stream,
         activity: activity.clone(),
     };
-    if !is_tls {
-        if tls.mode == crate::config::TlsMode::Permissive {
-            return serve_http_conn(
-                shared,
-                listener,
-                lc,
-                TokioIo::new(io),
-                conn_info,
-                activity,
-                shutdown,
-            )
-            .await;
+    let acceptor = match (&lc.tls, &lc.public_tls) {
+        (Some(mesh), _) => {
+            let mut first = [0u8; 1];
+            let is_tls = match tokio::time::timeout(limit, stream.peek(&mut first)).await {
+                Ok(Ok(1)) => first[0] == crate::tls::TLS_HANDSHAKE_BYTE,
+                Ok(_) => return None, // closed before sending anything
+                Err(_) => {
+                    refuse("timeout");
+                    return None;
+                }
+            };
+            if !is_tls {
+                if mesh.mode == crate::config::TlsMode::Permissive {
+                    return Some((Downstream::Plain(io(stream)), None));
+                }
+                tracing::debug!(listener = %listener.name, ?peer, "plaintext connection to a strict mTLS listener refused");
+                refuse("plaintext");
+                return None;
+            }
+            mesh.acceptor()
         }
-        tracing::debug!(listener = %listener.name, %peer, "plaintext connection to a strict mTLS listener refused");
-        refuse("plaintext");
-        return;
-    }
-    let tls_stream = match tokio::time::timeout(limit, tls.acceptor().accept(io)).await {
+        (None, Some(public)) => public.acceptor(),
+        (None, None) => return Some((Downstream::Plain(io(stream)), None)),
+    };
+    let tls_stream = match tokio::time::timeout(limit, acceptor.accept(io(stream))).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             let reason = crate::tls::failure_reason(&e);
             // The error names the certificate problem, never key material.
-            tracing::info!(listener = %listener.name, %peer, reason, error = %e, "TLS handshake refused");
+            tracing::info!(listener = %listener.name, ?peer, reason, error = %e, "TLS handshake refused");
             refuse(reason);
-            return;
+            return None;
         }
         Err(_) => {
             refuse("timeout");
-            return;
+            return None;
         }
     };
     shared
@@ -292,17 +323,66 @@ async fn serve_http(
             listener: listener.name.clone(),
         })
         .inc();
-    conn_info.peer_identity = crate::tls::peer_identity(tls_stream.get_ref().1.peer_certificates());
-    serve_http_conn(
-        shared,
-        listener,
-        lc,
-        TokioIo::new(tls_stream),
-        conn_info,
-        activity,
-        shutdown,
-    )
-    .await
+    let identity = if lc.tls.is_some() {
+        crate::tls::peer_identity(tls_stream.get_ref().1.peer_certificates())
+    } else {
+        None
+    };
+    Some((Downstream::Tls(Box::new(tls_stream)), identity))
+}
+
+impl AsyncRead for Downstream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Downstream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Downstream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Downstream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Downstream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Downstream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Downstream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Downstream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Downstream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Downstream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Downstream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Downstream::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Downstream::Plain(s) => s.is_write_vectored(),
+            Downstream::Tls(s) => s.is_write_vectored(),
+        }
+    }
 }
 
 /// Serve HTTP/1.1 and HTTP/2 on an accepted (and, for TLS listeners, decrypted) connection
@@ -376,19 +456,108 @@ fn classify_conn_error(
     }
 }
 
-/// Raw TCP: pick an endpoint of the listener's cluster, connect, splice both ways until
-/// either side closes or nothing moves for the idle timeout.
+/// Raw TCP: terminate the listener's TLS if it has some, then splice to the cluster.
 async fn serve_tcp(
     shared: Arc<Shared>,
     listener: Arc<ListenerRuntime>,
     stream: TcpStream,
     peer: SocketAddr,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) {
     let lc = listener.current.load_full();
     let Some(cluster): Option<Arc<Cluster>> = lc.tcp_cluster.clone() else {
         return;
     };
+    count_tcp(&shared, &listener);
+    let activity = Arc::new(Activity::new());
+    let Some((down, _identity)) = terminate(&shared, &listener, &lc, stream, &activity).await
+    else {
+        return;
+    };
+    splice(
+        &listener,
+        &cluster,
+        down,
+        Vec::new(),
+        peer,
+        activity,
+        shutdown,
+    )
+    .await
+}
+
+/// TLS passthrough: read the ClientHello, choose the cluster by its server name, and
+/// splice the still-encrypted connection (ClientHello first) to it.
+async fn serve_passthrough(
+    shared: Arc<Shared>,
+    listener: Arc<ListenerRuntime>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    shutdown: watch::Receiver<bool>,
+) {
+    let lc = listener.current.load_full();
+    count_tcp(&shared, &listener);
+    let refuse = |reason: &'static str| {
+        shared
+            .metrics
+            .tls_handshake_failures
+            .get_or_create(&ReasonLabel {
+                listener: listener.name.clone(),
+                reason,
+            })
+            .inc();
+    };
+    let activity = Arc::new(Activity::new());
+    let mut down = IdleIo {
+        inner: stream,
+        activity: activity.clone(),
+    };
+    let limit = lc.spec.limits.request_headers_timeout;
+    let (hello, name) = match tokio::time::timeout(
+        limit,
+        crate::tls::sni::read_client_hello(&mut down),
+    )
+    .await
+    {
+        Ok(Ok(h)) => h,
+        Ok(Err(e)) => {
+            tracing::info!(listener = %listener.name, %peer, error = %e, "passthrough connection refused");
+            refuse("bad_client_hello");
+            return;
+        }
+        Err(_) => {
+            refuse("timeout");
+            return;
+        }
+    };
+    let routed = name.as_deref().and_then(|n| {
+        lc.sni_routes
+            .iter()
+            .find(|(patterns, _)| {
+                patterns
+                    .iter()
+                    .any(|p| crate::tls::public::name_matches(p, n))
+            })
+            .map(|(_, c)| c.clone())
+    });
+    let Some(cluster) = routed.or_else(|| lc.tcp_cluster.clone()) else {
+        tracing::info!(listener = %listener.name, %peer, server_name = ?name, "no sni_route for this server name");
+        refuse("no_sni_route");
+        return;
+    };
+    splice(
+        &listener,
+        &cluster,
+        Downstream::Plain(down),
+        hello,
+        peer,
+        activity,
+        shutdown,
+    )
+    .await
+}
+
+fn count_tcp(shared: &Shared, listener: &ListenerRuntime) {
     shared
         .metrics
         .tcp_cx_total
@@ -396,66 +565,42 @@ async fn serve_tcp(
             listener: listener.name.clone(),
         })
         .inc();
+}
+
+/// Connect to an endpoint of `cluster` (through its connector: connection limit, connect
+/// timeout, mTLS if the cluster originates it), send `prefix`, then copy both ways until
+/// either side closes or nothing moves for the cluster's idle timeout.
+async fn splice(
+    listener: &ListenerRuntime,
+    cluster: &Arc<Cluster>,
+    mut down: Downstream,
+    prefix: Vec<u8>,
+    peer: SocketAddr,
+    activity: Arc<Activity>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let Some(endpoint) = cluster.pick(&Default::default()) else {
         tracing::warn!(listener = %listener.name, cluster = %cluster.name, %peer, "no healthy upstream for tcp connection");
         return;
     };
-    let upstream = match tokio::time::timeout(
-        cluster.spec.connect_timeout,
-        TcpStream::connect(endpoint.addr),
-    )
-    .await
-    {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            cluster
-                .metrics()
-                .upstream_cx_connect_fail
-                .get_or_create(cluster.label())
-                .inc();
+    let mut up = match cluster.connect_stream(endpoint.addr).await {
+        Ok(c) => c,
+        Err(e) => {
             tracing::warn!(listener = %listener.name, upstream = %endpoint.addr, error = %e, "tcp upstream connect failed");
-            return;
-        }
-        Err(_) => {
-            cluster
-                .metrics()
-                .upstream_cx_connect_fail
-                .get_or_create(cluster.label())
-                .inc();
-            tracing::warn!(listener = %listener.name, upstream = %endpoint.addr, "tcp upstream connect timeout");
+            cluster.record_outcome(&endpoint, crate::cluster::UpstreamOutcome::ConnectFailure);
             return;
         }
     };
-    let _ = upstream.set_nodelay(true);
-    cluster
-        .metrics()
-        .upstream_cx_total
-        .get_or_create(cluster.label())
-        .inc();
-    let gauge = cluster
-        .metrics()
-        .upstream_cx_active
-        .get_or_create(cluster.label())
-        .clone();
-    gauge.inc();
-    endpoint
-        .active
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    endpoint
-        .total
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let activity = Arc::new(Activity::new());
-    let mut down = IdleIo {
-        inner: stream,
-        activity: activity.clone(),
-    };
-    let mut up = IdleIo {
-        inner: upstream,
-        activity: activity.clone(),
-    };
+    endpoint.active.fetch_add(1, Ordering::Relaxed);
+    endpoint.total.fetch_add(1, Ordering::Relaxed);
     let idle = cluster.spec.idle_timeout;
     {
-        let copy = tokio::io::copy_bidirectional(&mut down, &mut up);
+        let copy = async {
+            if !prefix.is_empty() {
+                tokio::io::AsyncWriteExt::write_all(&mut up, &prefix).await?;
+            }
+            tokio::io::copy_bidirectional(&mut down, &mut up).await
+        };
         let mut copy = pin!(copy);
         loop {
             let idle_at = activity.last() + idle;
@@ -471,10 +616,7 @@ async fn serve_tcp(
             }
         }
     }
-    endpoint
-        .active
-        .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-    gauge.dec();
+    endpoint.active.fetch_sub(1, Ordering::Relaxed);
 }
 
 pin_project_lite::pin_project! {

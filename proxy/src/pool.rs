@@ -87,6 +87,10 @@ impl ClusterPools {
         }
     }
 
+    pub fn connector(&self) -> &Connector {
+        &self.connector
+    }
+
     fn pool(&self) -> &Mutex<WorkerPool> {
         let i = crate::cluster::worker_index().min(self.workers.len() - 1);
         &self.workers[i]

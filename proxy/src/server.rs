@@ -66,6 +66,10 @@ pub struct ListenerConfig {
     pub tcp_cluster: Option<Arc<Cluster>>,
     /// mTLS termination (`tls` block), if any.
     pub tls: Option<Arc<crate::tls::ServerTls>>,
+    /// Public TLS termination (`public_tls` block), if any.
+    pub public_tls: Option<Arc<crate::tls::public::PublicTls>>,
+    /// `tls_passthrough`: (server name patterns, cluster), first match wins.
+    pub sni_routes: Vec<(Vec<String>, Arc<Cluster>)>,
 }
 
 /// A listener for the life of the process (its socket cannot change on reload).
@@ -375,11 +379,52 @@ pub async fn build(
                 }
             }
         };
+        let public_tls = match &l.public_tls {
+            None => None,
+            Some(p) => {
+                let alpn: &[&[u8]] = match l.protocol {
+                    crate::config::ListenerProtocol::Http => &[b"h2", b"http/1.1"],
+                    _ => &[],
+                };
+                match crate::tls::public::PublicTls::new(
+                    &l.name,
+                    p,
+                    manifest_dir,
+                    alpn,
+                    metrics.clone(),
+                ) {
+                    Ok(t) => {
+                        for c in &t.certs {
+                            crate::tls::watch::spawn(&(c.clone() as Arc<dyn crate::tls::Rotate>));
+                        }
+                        Some(t)
+                    }
+                    Err(e) => {
+                        errors.push(format!("listener `{}`: {e}", l.name));
+                        continue;
+                    }
+                }
+            }
+        };
+        let sni_routes = l
+            .sni_routes
+            .iter()
+            .filter_map(|r| {
+                let names = r
+                    .server_names
+                    .iter()
+                    .map(|n| n.to_ascii_lowercase())
+                    .collect();
+                clusters.get(&r.cluster).map(|c| (names, c.clone()))
+            })
+            .collect();
         listener_configs.push(ListenerConfig {
             spec: l.clone(),
             routes,
             tcp_cluster: l.cluster.as_ref().and_then(|c| clusters.get(c).cloned()),
             tls,
+            public_tls,
+            sni_routes,
         });
     }
     if !errors.is_empty() {

@@ -343,9 +343,77 @@ pub fn validate(file: &Path, m: &Manifest) -> Vec<ConfigError> {
             }
             check_tls_files(&mut c, &tp, &t.cert, &t.key, &t.trust_bundle);
         }
+        if let Some(pt) = &l.public_tls {
+            let pp = format!("{p}.public_tls");
+            if l.tls.is_some() {
+                c.err(
+                    pp.clone(),
+                    "use either `tls` (mesh mTLS) or `public_tls`, not both",
+                );
+            }
+            if pt.certificates.is_empty() {
+                c.err(
+                    format!("{pp}.certificates"),
+                    "needs at least one certificate",
+                );
+            }
+            for (j, ck) in pt.certificates.iter().enumerate() {
+                let files =
+                    crate::tls::TlsFiles::resolve(&ck.cert, &ck.key, &ck.cert, c.file.parent());
+                if let Err(e) = crate::tls::public::load_cert(&files) {
+                    c.err(format!("{pp}.certificates[{j}]"), e.to_string());
+                }
+            }
+        }
+        let passthrough = l.protocol == ListenerProtocol::TlsPassthrough;
+        if !passthrough && !l.sni_routes.is_empty() {
+            c.err(
+                format!("{p}.sni_routes"),
+                "only tls_passthrough listeners take sni_routes",
+            );
+        }
+        if passthrough {
+            if l.tls.is_some() || l.public_tls.is_some() {
+                c.err(
+                    p.clone(),
+                    "a tls_passthrough listener does not terminate TLS: remove `tls`/`public_tls`",
+                );
+            }
+            if l.sni_routes.is_empty() && l.cluster.is_none() {
+                c.err(
+                    format!("{p}.sni_routes"),
+                    "a tls_passthrough listener needs sni_routes or a cluster",
+                );
+            }
+            for (j, r) in l.sni_routes.iter().enumerate() {
+                let rp = format!("{p}.sni_routes[{j}]");
+                if r.server_names.is_empty() {
+                    c.err(format!("{rp}.server_names"), "needs at least one name");
+                }
+                for (k, n) in r.server_names.iter().enumerate() {
+                    let bare = n.strip_prefix("*.").unwrap_or(n);
+                    if rustls_pki_types::DnsName::try_from(bare).is_err() || bare.contains('*') {
+                        c.err(
+                            format!("{rp}.server_names[{k}]"),
+                            format!("`{n}` is not a DNS name or `*.suffix`"),
+                        );
+                    }
+                }
+                if !clusters.contains(r.cluster.as_str()) {
+                    c.err(
+                        format!("{rp}.cluster"),
+                        format!("unknown cluster `{}`", r.cluster),
+                    );
+                }
+                if tls_clusters.contains(r.cluster.as_str()) {
+                    c.err(format!("{rp}.cluster"), "passthrough forwards the client's TLS; the cluster must not originate its own");
+                }
+            }
+        }
         match l.protocol {
-            ListenerProtocol::Tcp => {
+            ListenerProtocol::Tcp | ListenerProtocol::TlsPassthrough => {
                 match &l.cluster {
+                    None if passthrough => {}
                     None => c.err(format!("{p}.cluster"), "a tcp listener needs a cluster"),
                     Some(cl) if !clusters.contains(cl.as_str()) => {
                         c.err(format!("{p}.cluster"), format!("unknown cluster `{cl}`"))
@@ -355,17 +423,11 @@ pub fn validate(file: &Path, m: &Manifest) -> Vec<ConfigError> {
                 if !l.routes.is_empty() {
                     c.err(format!("{p}.routes"), "a tcp listener has no routes");
                 }
-                if l.tls.is_some() {
-                    c.err(
-                        format!("{p}.tls"),
-                        "tls is supported on http listeners only",
-                    );
-                }
                 if let Some(cl) = &l.cluster {
-                    if tls_clusters.contains(cl.as_str()) {
+                    if passthrough && tls_clusters.contains(cl.as_str()) {
                         c.err(
                             format!("{p}.cluster"),
-                            format!("cluster `{cl}` originates TLS, which tcp listeners do not support yet"),
+                            "passthrough forwards the client's TLS; the cluster must not originate its own",
                         );
                     }
                 }

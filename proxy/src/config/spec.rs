@@ -124,8 +124,11 @@ pub enum ListenerProtocol {
     /// HTTP/1.1 and HTTP/2 (prior knowledge, h2c) on the same port.
     #[default]
     Http,
-    /// Raw TCP forwarded to `cluster`.
+    /// Raw TCP forwarded to `cluster` (optionally after terminating `tls` or `public_tls`).
     Tcp,
+    /// TLS connections routed by the ClientHello's SNI to `sni_routes` (or `cluster`)
+    /// without being decrypted.
+    TlsPassthrough,
 }
 
 #[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
@@ -165,9 +168,52 @@ pub struct ListenerSpec {
     pub limits: ListenerLimits,
     #[serde(default)]
     pub path_normalization: PathNormalizationSpec,
-    /// Terminate (m)TLS on this listener (HTTP listeners only). Default: plaintext.
+    /// Terminate mesh mTLS on this listener (http and tcp listeners). Default: plaintext.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<ListenerTlsSpec>,
+    /// Terminate public TLS (no client certificate), the certificate chosen by SNI
+    /// (http and tcp listeners). Exclusive with `tls`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_tls: Option<PublicTlsSpec>,
+    /// `tls_passthrough` listeners: clusters by the ClientHello's server name, first match
+    /// wins; `cluster` takes connections no route matches.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sni_routes: Vec<SniRouteSpec>,
+}
+
+/// `listeners[].public_tls`: server certificates for clients outside the mesh.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PublicTlsSpec {
+    /// Certificates, each used for the DNS names in its subjectAltName (`*.example.com`
+    /// wildcards included); the first is the default for clients sending no or an unknown
+    /// server name. Watched and rotated like mesh certificates.
+    pub certificates: Vec<CertKeySpec>,
+    /// `1.3` or `1.2` (default: public clients are older).
+    #[serde(default = "default_public_min_version")]
+    pub min_version: TlsVersion,
+}
+
+fn default_public_min_version() -> TlsVersion {
+    TlsVersion::Tls12
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CertKeySpec {
+    /// Certificate chain (PEM, leaf first).
+    pub cert: PathBuf,
+    /// Its private key (PEM).
+    pub key: PathBuf,
+}
+
+/// A `tls_passthrough` route.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SniRouteSpec {
+    /// Exact names or `*.suffix` wildcards (one label), matched case-insensitively.
+    pub server_names: Vec<String>,
+    pub cluster: String,
 }
 
 /// Whether a TLS listener also takes plaintext.

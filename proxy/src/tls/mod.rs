@@ -18,6 +18,8 @@
 //!
 //! This module never logs key material: errors name files and reasons only.
 
+pub mod public;
+pub mod sni;
 pub mod spiffe;
 pub mod verify;
 pub mod watch;
