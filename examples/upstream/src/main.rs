@@ -58,6 +58,11 @@ struct Args {
     /// Number of tokio worker threads.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
     threads: u16,
+
+    /// Answer this percentage of requests, chosen at random, with `503`: a misbehaving
+    /// endpoint for resilience demos and benchmarks.
+    #[arg(long, value_name = "PERCENT", default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=100))]
+    fail_percent: u8,
 }
 
 /// What every connection shares.
@@ -65,6 +70,9 @@ struct State {
     name: String,
     /// `Some` in bench mode: the fixed reply body.
     bench_body: Option<Bytes>,
+    fail_percent: u64,
+    /// Requests seen: the failure draw is a hash of this count (reproducible, no RNG state).
+    seen: std::sync::atomic::AtomicU64,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -85,6 +93,8 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     let state = Arc::new(State {
         bench_body: args.body_size.map(|n| Bytes::from(vec![b'x'; n])),
         name: args.name,
+        fail_percent: u64::from(args.fail_percent),
+        seen: std::sync::atomic::AtomicU64::new(0),
     });
 
     {
@@ -152,6 +162,15 @@ async fn handle(
     state: Arc<State>,
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
+    if state.fail_percent > 0 {
+        let n = state
+            .seen
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if splitmix64(n) % 100 < state.fail_percent {
+            let _ = count_body(req.into_body()).await;
+            return Ok(plain(StatusCode::SERVICE_UNAVAILABLE, "injected failure\n"));
+        }
+    }
     if let Some(body) = &state.bench_body {
         // Drain the request body so HTTP/1.1 connections stay reusable.
         if count_body(req.into_body()).await.is_err() {
@@ -244,6 +263,14 @@ async fn count_body(mut body: Incoming) -> Result<u64, hyper::Error> {
         }
     }
     Ok(n)
+}
+
+/// SplitMix64: a well-spread 64-bit hash of a counter.
+fn splitmix64(n: u64) -> u64 {
+    let mut z = n.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
 }
 
 fn plain(status: StatusCode, msg: &'static str) -> Response<Full<Bytes>> {
