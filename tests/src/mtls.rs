@@ -279,3 +279,103 @@ pub async fn mtls_get(addr: SocketAddr, client: Option<&CertFiles>, path: &str) 
         },
     }
 }
+
+/// A TLS server that requires a client certificate chaining to `bundle`, records each
+/// client's leaf serial, and answers every connection with one `200 ok` and a close (so
+/// each request through a proxy is a new handshake).
+pub struct ClientCertRecorder {
+    pub addr: SocketAddr,
+    serials: Arc<std::sync::Mutex<Vec<String>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl ClientCertRecorder {
+    pub async fn start(server: &CertFiles, bundle: &Path) -> ClientCertRecorder {
+        use rustls::pki_types::pem::PemObject;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut roots = rustls::RootCertStore::empty();
+        for c in rustls::pki_types::CertificateDer::pem_file_iter(bundle).expect("bundle") {
+            roots.add(c.expect("PEM")).expect("root");
+        }
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            Arc::new(roots),
+            provider.clone(),
+        )
+        .build()
+        .expect("client verifier");
+        let chain: Vec<_> = rustls::pki_types::CertificateDer::pem_file_iter(&server.cert)
+            .expect("cert")
+            .collect::<Result<_, _>>()
+            .expect("PEM");
+        let key = rustls::pki_types::PrivateKeyDer::from_pem_file(&server.key).expect("key");
+        let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(chain, key)
+            .expect("server config");
+        cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let serials = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let rec = serials.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((s, _)) = l.accept().await {
+                let acceptor = acceptor.clone();
+                let rec = rec.clone();
+                tokio::spawn(async move {
+                    let Ok(mut tls) = acceptor.accept(s).await else {
+                        return;
+                    };
+                    let serial = tls
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .and_then(|c| c.first().cloned())
+                        .and_then(|leaf| {
+                            x509_parser::parse_x509_certificate(&leaf)
+                                .ok()
+                                .map(|(_, x)| hex(x.tbs_certificate.raw_serial()))
+                        });
+                    if let (Some(s), Ok(mut r)) = (serial, rec.lock()) {
+                        r.push(s);
+                    }
+                    let mut buf = vec![0u8; 8192];
+                    let mut head = Vec::new();
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match tls.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => head.extend_from_slice(buf.get(..n).unwrap_or_default()),
+                        }
+                    }
+                    let _ = tls
+                        .write_all(
+                            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok",
+                        )
+                        .await;
+                    let _ = tls.shutdown().await;
+                });
+            }
+        });
+        ClientCertRecorder {
+            addr,
+            serials,
+            task,
+        }
+    }
+
+    /// The client serials seen, in order.
+    pub fn serials(&self) -> Vec<String> {
+        self.serials.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+}
+
+impl Drop for ClientCertRecorder {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

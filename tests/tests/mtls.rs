@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 use std::time::Duration;
 use wasmesh_e2e::client::Req;
 use wasmesh_e2e::mtls::{
-    cluster_tls, listener_tls, mtls_get, serial_of, wasmesh, CertFiles, MeshCa,
+    cluster_tls, listener_tls, mtls_get, serial_of, wasmesh, CertFiles, ClientCertRecorder, MeshCa,
 };
 use wasmesh_e2e::{cluster, Behavior, Proxy, Upstream};
 
@@ -531,4 +531,41 @@ async fn certificates_rotate_under_load_without_failed_requests() {
         total += ok;
     }
     assert!(total > 20, "only {total} requests went through");
+}
+
+#[tokio::test]
+async fn a_rotated_client_certificate_is_presented_on_new_handshakes() {
+    let m = mesh("mtls-client-rotate");
+    let probe = m.ca.issue("probe", CHECKOUT);
+    let server = ClientCertRecorder::start(&probe, &m.ca.bundle()).await;
+    let a = proxy_a(
+        server.addr,
+        "http1",
+        cluster_tls(&m.frontend, &m.ca.bundle(), &[CHECKOUT]),
+    )
+    .await;
+    let out = a.listener("out");
+    let old = serial_of(&m.frontend.cert);
+    let r = Req::get("/before").send(out).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(server.serials().last(), Some(&old));
+
+    let renewed = m.ca.issue("frontend", FRONTEND);
+    let new = serial_of(&renewed.cert);
+    assert_ne!(new, old);
+    a.wait_for(
+        Duration::from_secs(10),
+        "A to load its new client certificate",
+        || async { (reloads(&a, "cluster/b").await >= 1.0).then_some(()) },
+    )
+    .await;
+    // The server closes every connection, so this request is a new handshake.
+    let r = Req::get("/after").send(out).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        server.serials().last(),
+        Some(&new),
+        "{:?}",
+        server.serials()
+    );
 }
