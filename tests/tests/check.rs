@@ -6,11 +6,17 @@ use std::path::PathBuf;
 use std::process::Command;
 use wasmesh_e2e::binary::wasmesh_bin;
 
-/// Run `wasmesh check golden/NAME.json`; compare its output with `golden/NAME.txt`.
+/// Run `wasmesh check golden/NAME.json` (or `golden/NAME.yaml` when there is one);
+/// compare its output with `golden/NAME.txt`.
 fn check_golden(name: &str, expect_code: i32) {
     let crate_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let file = if crate_dir.join(format!("golden/{name}.yaml")).exists() {
+        format!("golden/{name}.yaml")
+    } else {
+        format!("golden/{name}.json")
+    };
     let out = Command::new(wasmesh_bin())
-        .args(["check", &format!("golden/{name}.json")])
+        .args(["check", &file])
         .current_dir(&crate_dir)
         .output()
         .expect("run wasmesh check");
@@ -41,7 +47,7 @@ fn check_golden(name: &str, expect_code: i32) {
     });
     assert!(
         text == want,
-        "`wasmesh check golden/{name}.json` output changed (UPDATE_GOLDEN=1 to accept):\n--- want\n{want}--- got\n{text}"
+        "`wasmesh check {file}` output changed (UPDATE_GOLDEN=1 to accept):\n--- want\n{want}--- got\n{text}"
     );
 }
 
@@ -63,6 +69,13 @@ fn an_unknown_field_lists_the_known_ones() {
 #[test]
 fn a_valid_manifest_is_summarised() {
     check_golden("check_ok", 0);
+}
+
+#[test]
+fn yaml_manifests_are_checked_like_json() {
+    check_golden("check_yaml_ok", 0);
+    check_golden("check_yaml_type", 1);
+    check_golden("check_yaml_errors", 1);
 }
 
 #[test]

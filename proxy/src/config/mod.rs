@@ -74,8 +74,20 @@ pub fn load(file: &Path) -> Result<Manifest, ConfigErrors> {
     }
 }
 
-/// Parse JSON text into a [`Manifest`]; the error carries the field path serde was at.
+/// Whether a manifest file is YAML (by its extension); anything else is read as JSON.
+pub fn is_yaml(file: &Path) -> bool {
+    matches!(
+        file.extension().and_then(|e| e.to_str()),
+        Some("yaml" | "yml")
+    )
+}
+
+/// Parse manifest text (YAML for a `.yaml`/`.yml` file, JSON otherwise) into a
+/// [`Manifest`]; the error carries the field path serde was at.
 pub fn parse(file: &Path, text: &str) -> Result<Manifest, ConfigError> {
+    if is_yaml(file) {
+        return parse_yaml(file, text);
+    }
     let de = &mut serde_json::Deserializer::from_str(text);
     serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
@@ -89,6 +101,32 @@ pub fn parse(file: &Path, text: &str) -> Result<Manifest, ConfigError> {
         } else {
             // serde_json appends " at line X column Y"; keep it, it helps in long files.
             inner.to_string()
+        };
+        ConfigError {
+            file: file.to_path_buf(),
+            path,
+            message,
+        }
+    })
+}
+
+fn parse_yaml(file: &Path, text: &str) -> Result<Manifest, ConfigError> {
+    let de = serde_yaml_ng::Deserializer::from_str(text);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        // serde_yaml_ng's message already says where (`at line X column Y`) when it knows,
+        // and starts with the field path, which the error prints on its own.
+        let text = inner.to_string();
+        let text = text
+            .strip_prefix(&format!("{path}: "))
+            .map(str::to_string)
+            .unwrap_or(text);
+        let message = match inner.location() {
+            Some(l) if !text.contains("line") => {
+                format!("{text} at line {} column {}", l.line(), l.column())
+            }
+            _ => text,
         };
         ConfigError {
             file: file.to_path_buf(),
