@@ -21,6 +21,7 @@ pub mod error;
 pub mod filters;
 pub mod forward;
 pub mod listener;
+pub mod memory;
 pub mod mirror;
 pub mod pool;
 pub mod proxy;

@@ -121,6 +121,7 @@ pub async fn run(
     on_start: impl FnOnce(&Started),
 ) -> Result<(), StartError> {
     crate::tls::install_crypto_provider();
+    crate::memory::spawn_idle_trim();
     let manifest = config::load(manifest_path)?;
     let workers = manifest
         .workers
