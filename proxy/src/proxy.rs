@@ -3,7 +3,9 @@
 //! response-side filters → log. Each step is a call into its own module; this file only
 //! strings them together and turns every failure into an answer (see `crate::error`).
 
-use crate::cluster::{Body, BoxError, Cluster, ConnectError, Endpoint};
+use crate::cluster::{
+    Body, BoxError, Cluster, ConnectError, Endpoint, PickContext, UpstreamOutcome,
+};
 use crate::config::Direction;
 use crate::error::ProxyError;
 use crate::filters::{ChainRun, LocalResponse, Outcome, RequestInfo, Verdict};
@@ -272,7 +274,16 @@ async fn serve(
         },
     };
     x.cluster = Some(cluster.clone());
-    let endpoint = match cluster.pick(&Default::default()) {
+    // What the balancer hears about this request: its affinity hash and its region.
+    let pick = PickContext {
+        tried: &[],
+        hash: route.hash_policy.hash(&parts.headers, x.client.ip()),
+        region: route
+            .locality_routing
+            .as_ref()
+            .and_then(|l| l.region(&parts.headers, x.client.ip())),
+    };
+    let endpoint = match cluster.pick(&pick) {
         Some(e) => e,
         None => return Err((ProxyError::NoHealthyUpstream, chain)),
     };
@@ -323,6 +334,9 @@ async fn serve(
     };
     endpoint.active.fetch_sub(1, Ordering::Relaxed);
     active.dec();
+    if let Some(outcome) = upstream_outcome(&result) {
+        cluster.record_outcome(&endpoint, outcome);
+    }
     let mut resp = match result {
         Ok(r) => r,
         Err(e) => return Err((e, chain)),
@@ -552,6 +566,18 @@ fn local_response(local: LocalResponse, x: &mut Exchange) -> Response<Body> {
     *resp.status_mut() = local.status;
     *resp.headers_mut() = local.headers;
     resp
+}
+
+/// What an upstream attempt tells outlier detection; None when the upstream is not to
+/// blame (our own connection limit, the client's body).
+fn upstream_outcome(r: &Result<Response<Incoming>, ProxyError>) -> Option<UpstreamOutcome> {
+    match r {
+        Ok(resp) => Some(UpstreamOutcome::Response(resp.status().as_u16())),
+        Err(ProxyError::ConnectFailure) => Some(UpstreamOutcome::ConnectFailure),
+        Err(ProxyError::UpstreamReset) => Some(UpstreamOutcome::Reset),
+        Err(ProxyError::UpstreamTimeout) => Some(UpstreamOutcome::Timeout),
+        Err(_) => None,
+    }
 }
 
 fn classify_upstream_error(e: PoolError) -> ProxyError {

@@ -25,6 +25,10 @@ pub struct Route {
     /// None: no timeout.
     pub timeout: Option<Duration>,
     pub chain: Chain,
+    /// What a hashing load balancer hashes for this route's requests.
+    pub hash_policy: crate::lb::HashPolicy,
+    /// Which region serves a request (None: the proxy's own locality).
+    pub locality_routing: Option<crate::lb::LocalityRouting>,
 }
 
 pub enum RouteAction {
@@ -349,6 +353,13 @@ impl RouteTable {
                 response_headers: HeaderMutation::build(&s.response_headers).map_err(ctx)?,
                 timeout: (!s.timeout.is_zero()).then_some(s.timeout),
                 chain: chain_for(s.filters.as_ref()).map_err(ctx)?,
+                hash_policy: crate::lb::HashPolicy::build(&s.hash_policy).map_err(ctx)?,
+                locality_routing: s
+                    .locality_routing
+                    .as_ref()
+                    .map(crate::lb::LocalityRouting::build)
+                    .transpose()
+                    .map_err(ctx)?,
             });
         }
         Ok(Self { routes })
