@@ -1,15 +1,26 @@
-//! Clusters: named groups of upstream endpoints, their connection pools and load balancing.
+//! Clusters: named groups of upstream endpoints, their connection pools, load balancing and
+//! endpoint health.
 //!
 //! A cluster resolves its endpoints (static IPs, or DNS names re-resolved on an interval),
-//! picks one per request (weighted round robin or least-request with two choices), and owns
-//! one HTTP client (connection pool) per worker thread, as Envoy does, so a connection is only
-//! ever driven by the thread that opened it. A shared semaphore bounds the cluster's upstream
-//! connections across all workers: past it a request fails fast with `UO` instead of queueing.
+//! picks one per request (weighted round robin, least-request with two choices, or a
+//! consistent-hash ring), and owns one HTTP client (connection pool) per worker thread, as
+//! Envoy does, so a connection is only ever driven by the thread that opened it. A shared
+//! semaphore bounds the cluster's upstream connections across all workers: past it a
+//! request fails fast with `UO` instead of queueing.
+//!
+//! Health (see `crate::health` for the state and the math): outlier detection ejects
+//! endpoints from the outcomes the request path reports ([`Cluster::record_outcome`]);
+//! active checks probe every endpoint from a background task; the balancer skips unhealthy
+//! endpoints, fails over across locality priority levels, and spreads over every endpoint
+//! in panic mode. While every endpoint is healthy and no locality or hashing is asked for,
+//! picking is the plain round robin / least request it always was.
 
 use crate::breaker::Breakers;
 use crate::config::{ClusterSpec, LbPolicy, LocalitySpec};
+use crate::health::{self, EndpointHealth};
+use crate::lb::{self, Ring};
 use crate::pool::ClusterPools;
-use crate::telemetry::metrics::{ClusterLabel, ClusterReasonLabel, Metrics};
+use crate::telemetry::metrics::{ClusterLabel, ClusterReasonLabel, EndpointLabel, Metrics};
 use crate::tls::ClientTls;
 use arc_swap::ArcSwap;
 use bytes::Bytes;
@@ -17,9 +28,9 @@ use hyper_util::rt::TokioIo;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant, SystemTime};
 use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -70,6 +81,8 @@ pub struct Endpoint {
     /// Requests in flight to this endpoint (least-request balancing, `/clusters`).
     pub active: AtomicUsize,
     pub total: AtomicUsize,
+    /// Outlier detection and active health-check state.
+    pub health: EndpointHealth,
 }
 
 /// What a request tells the load balancer about itself.
@@ -96,10 +109,13 @@ pub enum UpstreamOutcome {
     Timeout,
 }
 
-/// The endpoints currently in use and a precomputed weighted round-robin schedule.
+/// The endpoints currently in use, a precomputed weighted round-robin schedule, each
+/// endpoint's locality priority level (relative to this proxy's locality) and the hash ring.
 struct EndpointSet {
     endpoints: Vec<Arc<Endpoint>>,
     schedule: Vec<u32>,
+    levels: Vec<u8>,
+    ring: Option<Ring>,
 }
 
 pub struct Cluster {
@@ -113,6 +129,17 @@ pub struct Cluster {
     metrics: Arc<Metrics>,
     /// Limits on requests, pending requests and retries in flight.
     pub breakers: Arc<Breakers>,
+    /// This proxy's locality (`node.locality`): the first priority level of `locality_lb`.
+    node_locality: LocalitySpec,
+    /// Opens health-check connections (same TLS and connection limit as requests).
+    connector: Connector,
+    /// Health times are milliseconds since this instant.
+    epoch: Instant,
+    /// Endpoints not healthy at the last look: 0 lets `pick` take the plain fast path. May
+    /// overstate (an ejection that just ran out), never understate for long.
+    degraded: AtomicUsize,
+    /// Serialises ejection decisions (rare) so `max_ejection_percent` holds exactly.
+    eject_lock: Mutex<()>,
 }
 
 thread_local! {
@@ -130,15 +157,43 @@ pub fn worker_index() -> usize {
     WORKER.with(|w| w.get())
 }
 
+/// An endpoint's priority level: 0 same zone, 1 same region, 2 elsewhere (with
+/// `locality_lb`; otherwise all 0). A request's `region` puts that region first and shifts
+/// the rest down one level, unless it is this proxy's own region under `locality_lb`.
+fn level_of(ep: &LocalitySpec, node: &LocalitySpec, locality_lb: bool, region: Option<&str>) -> u8 {
+    let same_zone = ep.region == node.region && node.zone.is_some() && ep.zone == node.zone;
+    let base = if !locality_lb || node.region.is_none() || same_zone {
+        0
+    } else if ep.region == node.region {
+        1
+    } else {
+        2
+    };
+    match region {
+        Some(r) if !(locality_lb && node.region.as_deref() == Some(r)) => {
+            if ep.region.as_deref() == Some(r) {
+                0
+            } else {
+                base + 1
+            }
+        }
+        _ => base,
+    }
+}
+
 impl Cluster {
     /// Build a cluster and resolve its endpoints once. DNS failures leave the cluster without
     /// endpoints (requests get 503 `UH`) until a refresh succeeds; they do not fail the load.
-    /// `tls`: originate mTLS with this client config (the cluster's `tls` block).
+    /// `tls`: originate mTLS with this client config (the cluster's `tls` block). `node`:
+    /// this proxy's locality. With active health checks, the first check of every endpoint
+    /// has finished (passed, failed or timed out) when this returns, so a new cluster starts
+    /// serving with its endpoints' health known rather than all of them unhealthy.
     pub async fn new(
         spec: &ClusterSpec,
         workers: usize,
         metrics: Arc<Metrics>,
         tls: Option<Arc<ClientTls>>,
+        node: &LocalitySpec,
     ) -> Arc<Self> {
         let name: Arc<str> = Arc::from(spec.name.as_str());
         let label = Metrics::cluster_label(&name);
@@ -154,7 +209,7 @@ impl Cluster {
         let pools = Arc::new(ClusterPools::new(
             workers,
             breakers.clone(),
-            connector,
+            connector.clone(),
             spec.protocol,
             spec.idle_timeout,
             spec.max_idle_per_endpoint,
@@ -166,19 +221,34 @@ impl Cluster {
             set: ArcSwap::from_pointee(EndpointSet {
                 endpoints: Vec::new(),
                 schedule: Vec::new(),
+                levels: Vec::new(),
+                ring: None,
             }),
             rr: AtomicUsize::new(0),
             pools,
             metrics,
             breakers,
+            node_locality: node.clone(),
+            connector,
+            epoch: Instant::now(),
+            degraded: AtomicUsize::new(0),
+            eject_lock: Mutex::new(()),
         });
         cluster.resolve().await;
+        if cluster.spec.health_check.is_some() {
+            cluster.check_all().await;
+            cluster.spawn_health_checks();
+        }
+        if cluster.spec.outlier_detection.is_some() {
+            cluster.spawn_outlier_sweep();
+        }
         cluster
     }
 
-    /// Whether this cluster was built from the same spec (so a reload can keep it, pools and all).
-    pub fn same_spec(&self, spec: &ClusterSpec) -> bool {
-        &self.spec == spec
+    /// Whether this cluster was built from the same spec and node locality (so a reload can
+    /// keep it, pools, health and all).
+    pub fn same_spec(&self, spec: &ClusterSpec, node: &LocalitySpec) -> bool {
+        &self.spec == spec && &self.node_locality == node
     }
 
     pub fn has_dns_endpoints(&self) -> bool {
@@ -188,6 +258,22 @@ impl Cluster {
                 Ok(EndpointAddr::Dns { .. })
             )
         })
+    }
+
+    /// Whether endpoints' health is tracked (and exported per endpoint).
+    fn tracks_health(&self) -> bool {
+        self.spec.health_check.is_some() || self.spec.outlier_detection.is_some()
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    fn endpoint_label(&self, e: &Endpoint) -> EndpointLabel {
+        EndpointLabel {
+            cluster: self.name.clone(),
+            endpoint: Arc::from(e.addr.to_string()),
+        }
     }
 
     /// Resolve every endpoint again; keeps the previous addresses of a name that fails to resolve.
@@ -216,7 +302,7 @@ impl Cluster {
                 if endpoints.iter().any(|e| e.addr == addr) {
                     continue;
                 }
-                // Keep the existing object (and its counters) when the address is unchanged.
+                // Keep the existing object (and its counters and health) when the address is unchanged.
                 let existing = old
                     .endpoints
                     .iter()
@@ -231,6 +317,7 @@ impl Cluster {
                             locality: ep.locality.clone(),
                             active: AtomicUsize::new(0),
                             total: AtomicUsize::new(0),
+                            health: EndpointHealth::new(self.spec.health_check.is_some()),
                         }),
                         Err(_) => continue,
                     },
@@ -238,11 +325,46 @@ impl Cluster {
                 endpoints.push(e);
             }
         }
-        let schedule = smooth_wrr_schedule(&endpoints.iter().map(|e| e.weight).collect::<Vec<_>>());
+        if self.tracks_health() {
+            // Series of endpoints that left go with them: one series per endpoint at most.
+            for o in &old.endpoints {
+                if !endpoints.iter().any(|e| e.addr == o.addr) {
+                    self.metrics
+                        .endpoint_healthy
+                        .remove(&self.endpoint_label(o));
+                }
+            }
+        }
+        let weights: Vec<u32> = endpoints.iter().map(|e| e.weight).collect();
+        let schedule = smooth_wrr_schedule(&weights);
+        let levels = endpoints
+            .iter()
+            .map(|e| {
+                level_of(
+                    &e.locality,
+                    &self.node_locality,
+                    self.spec.locality_lb,
+                    None,
+                )
+            })
+            .collect();
+        let ring = (self.spec.lb_policy == LbPolicy::RingHash).then(|| {
+            let keys: Vec<String> = endpoints.iter().map(|e| e.addr.to_string()).collect();
+            let size = self
+                .spec
+                .ring_hash
+                .as_ref()
+                .map(|r| r.minimum_ring_size)
+                .unwrap_or(1024);
+            Ring::build(&keys, &weights, size)
+        });
         self.set.store(Arc::new(EndpointSet {
             endpoints,
             schedule,
+            levels,
+            ring,
         }));
+        self.refresh_health();
     }
 
     /// Re-resolve DNS endpoints every `dns_refresh_rate` while the cluster is alive.
@@ -263,12 +385,159 @@ impl Cluster {
         });
     }
 
+    /// Recount unhealthy endpoints (the fast-path hint), clear ejections that ran out, and
+    /// set the health gauges.
+    fn refresh_health(&self) {
+        let now = self.now_ms();
+        let set = self.set.load();
+        let mut unhealthy = 0;
+        let mut ejected = 0;
+        for e in &set.endpoints {
+            let until = e.health.ejected_until.load(Ordering::Relaxed);
+            if until != 0 && until <= now {
+                e.health.ejected_until.store(0, Ordering::Relaxed);
+            }
+            if e.health.is_ejected(now) {
+                ejected += 1;
+            }
+            let healthy = e.health.is_healthy(now);
+            if !healthy {
+                unhealthy += 1;
+            }
+            if self.tracks_health() {
+                self.metrics
+                    .endpoint_healthy
+                    .get_or_create(&self.endpoint_label(e))
+                    .set(i64::from(healthy));
+            }
+        }
+        self.degraded.store(unhealthy, Ordering::Relaxed);
+        if self.spec.outlier_detection.is_some() {
+            self.metrics
+                .outlier_ejections_active
+                .get_or_create(&self.label)
+                .set(ejected);
+        }
+    }
+
+    /// Check every endpoint once, concurrently; each check is bounded by the check timeout.
+    async fn check_all(&self) {
+        let Some(spec) = &self.spec.health_check else {
+            return;
+        };
+        let set = self.set.load_full();
+        let host = spec.host.clone().unwrap_or_else(|| self.spec.name.clone());
+        let checks = set.endpoints.iter().map(|e| {
+            let host = host.as_str();
+            async move {
+                let r =
+                    health::probe(&self.connector, e.addr, spec, host, self.spec.protocol).await;
+                self.metrics
+                    .health_check_attempts
+                    .get_or_create(&self.label)
+                    .inc();
+                if let Err(err) = &r {
+                    self.metrics
+                        .health_check_failures
+                        .get_or_create(&self.label)
+                        .inc();
+                    tracing::debug!(cluster = %self.name, endpoint = %e.addr, error = %err, "health check failed");
+                }
+                if health::apply_check(&e.health, r.is_ok(), spec) {
+                    let state = if r.is_ok() { "healthy" } else { "unhealthy" };
+                    tracing::info!(cluster = %self.name, endpoint = %e.addr, state, "health check changed the endpoint's state");
+                }
+            }
+        });
+        futures_util::future::join_all(checks).await;
+        self.refresh_health();
+    }
+
+    /// Check every endpoint each `interval` (plus up to `interval_jitter`) while the cluster
+    /// is alive: the task holds a weak reference, so a reload that drops the cluster stops it.
+    fn spawn_health_checks(self: &Arc<Self>) {
+        let Some(spec) = &self.spec.health_check else {
+            return;
+        };
+        let weak: Weak<Self> = Arc::downgrade(self);
+        let (interval, jitter) = (spec.interval, spec.interval_jitter);
+        tokio::spawn(async move {
+            loop {
+                let extra = if jitter.is_zero() {
+                    Duration::ZERO
+                } else {
+                    jitter.mul_f64(rand::random::<f64>())
+                };
+                tokio::time::sleep(interval + extra).await;
+                match weak.upgrade() {
+                    Some(c) => c.check_all().await,
+                    None => return,
+                }
+            }
+        });
+    }
+
+    /// Every `interval` (outlier detection's): success-rate ejections. More often (at most a
+    /// second apart): ejections that ran out come back, gauges are refreshed.
+    fn spawn_outlier_sweep(self: &Arc<Self>) {
+        let Some(od) = &self.spec.outlier_detection else {
+            return;
+        };
+        let weak: Weak<Self> = Arc::downgrade(self);
+        let interval = od.interval;
+        let tick = interval.min(Duration::from_secs(1));
+        tokio::spawn(async move {
+            let mut last_eval = Instant::now();
+            loop {
+                tokio::time::sleep(tick).await;
+                let Some(c) = weak.upgrade() else { return };
+                if last_eval.elapsed() >= interval {
+                    last_eval = Instant::now();
+                    c.evaluate_success_rate();
+                }
+                c.refresh_health();
+            }
+        });
+    }
+
+    /// Envoy's success-rate ejection over the interval's counts, which start over.
+    fn evaluate_success_rate(&self) {
+        let Some(od) = &self.spec.outlier_detection else {
+            return;
+        };
+        let set = self.set.load();
+        let mut rates = Vec::new();
+        for (i, e) in set.endpoints.iter().enumerate() {
+            let total = e.health.interval_total.swap(0, Ordering::Relaxed);
+            let ok = e.health.interval_success.swap(0, Ordering::Relaxed);
+            if total >= od.success_rate_request_volume && total > 0 {
+                rates.push((i, ok as f64 * 100.0 / total as f64));
+            }
+        }
+        for i in health::success_rate_outliers(
+            &rates,
+            od.success_rate_minimum_hosts,
+            od.success_rate_stdev_factor,
+        ) {
+            if let Some(e) = set.endpoints.get(i) {
+                self.eject(e, "success_rate");
+            }
+        }
+    }
+
     /// Choose an endpoint for a request.
     pub fn pick(&self, ctx: &PickContext<'_>) -> Option<Arc<Endpoint>> {
         let set = self.set.load();
         let n = set.endpoints.len();
         if n == 0 {
             return None;
+        }
+        let plain = self.degraded.load(Ordering::Relaxed) == 0
+            && !self.spec.locality_lb
+            && ctx.region.is_none()
+            && self.spec.lb_policy != LbPolicy::RingHash;
+        if !plain {
+            return self.pick_balanced(&set, ctx);
         }
         if n == 1 {
             return set.endpoints.first().cloned();
@@ -294,12 +563,218 @@ impl Cluster {
         self.pick_one(&set, n)
     }
 
-    /// Record how an attempt to `endpoint` ended (passive health: outlier detection).
-    pub fn record_outcome(&self, _endpoint: &Endpoint, _outcome: UpstreamOutcome) {}
+    /// The full balancer: health, locality priority levels, panic mode, hashing.
+    fn pick_balanced(&self, set: &EndpointSet, ctx: &PickContext<'_>) -> Option<Arc<Endpoint>> {
+        let now = self.now_ms();
+        let eps = &set.endpoints;
+        let n = eps.len();
+        let healthy: Vec<bool> = eps.iter().map(|e| e.health.is_healthy(now)).collect();
+        let region_levels: Vec<u8>;
+        let levels: &[u8] = match ctx.region {
+            None => &set.levels,
+            Some(r) => {
+                region_levels = eps
+                    .iter()
+                    .map(|e| {
+                        level_of(
+                            &e.locality,
+                            &self.node_locality,
+                            self.spec.locality_lb,
+                            Some(r),
+                        )
+                    })
+                    .collect();
+                &region_levels
+            }
+        };
+        let healthy_n = healthy.iter().filter(|h| **h).count();
+        // Panic mode (Envoy): too few healthy endpoints to carry the load, so use them all
+        // rather than overload the few left.
+        let panic = self.spec.healthy_panic_threshold > 0.0
+            && (healthy_n as f64) * 100.0 < self.spec.healthy_panic_threshold * n as f64;
+        let level = if panic {
+            self.metrics
+                .lb_healthy_panic
+                .get_or_create(&self.label)
+                .inc();
+            None
+        } else {
+            if healthy_n == 0 {
+                return None;
+            }
+            let nlevels = levels.iter().copied().max().unwrap_or(0) as usize + 1;
+            let mut counts = vec![(0usize, 0usize); nlevels];
+            for (l, h) in levels.iter().zip(&healthy) {
+                if let Some(c) = counts.get_mut(*l as usize) {
+                    c.1 += 1;
+                    if *h {
+                        c.0 += 1;
+                    }
+                }
+            }
+            let loads = lb::priority_loads(&counts);
+            // A hashed request draws its level from its hash, so it stays put while health does.
+            let draw = match ctx.hash {
+                Some(h) => h % 100,
+                None => rand::random_range(0..100),
+            };
+            lb::level_for(&loads, draw)
+        };
+        let eligible = |i: usize| -> bool {
+            panic
+                || (healthy.get(i).copied().unwrap_or(false)
+                    && level.is_some()
+                    && levels.get(i).map(|l| *l as usize) == level)
+        };
+        // A retry prefers endpoints it has not tried yet.
+        let fresh =
+            |i: usize| eligible(i) && eps.get(i).is_some_and(|e| !ctx.tried.contains(&e.addr));
+        let prefer_fresh = !ctx.tried.is_empty() && (0..n).any(fresh);
+        let ok = |i: usize| {
+            if prefer_fresh {
+                fresh(i)
+            } else {
+                eligible(i)
+            }
+        };
+        let idx = match (self.spec.lb_policy, &set.ring, ctx.hash) {
+            // Walk clockwise past unhealthy endpoints: only the keys they owned move.
+            (LbPolicy::RingHash, Some(ring), Some(h)) => ring.walk(h).find(|i| ok(*i)),
+            (LbPolicy::LeastRequest, _, _) => {
+                let cands: Vec<usize> = (0..n).filter(|i| ok(*i)).collect();
+                let a = cands
+                    .get(rand::random_range(0..cands.len().max(1)))
+                    .copied();
+                let b = cands
+                    .get(rand::random_range(0..cands.len().max(1)))
+                    .copied();
+                let load = |i: usize| {
+                    eps.get(i).map_or(u64::MAX, |e| {
+                        (e.active.load(Ordering::Relaxed) as u64 + 1) * 1000
+                            / u64::from(e.weight.max(1))
+                    })
+                };
+                match (a, b) {
+                    (Some(a), Some(b)) if load(b) < load(a) => Some(b),
+                    (a, _) => a,
+                }
+            }
+            _ => {
+                // Weighted round robin over the eligible endpoints.
+                let cands: Vec<usize> = (0..n).filter(|i| ok(*i)).collect();
+                let total: u64 = cands
+                    .iter()
+                    .filter_map(|i| eps.get(*i))
+                    .map(|e| u64::from(e.weight))
+                    .sum();
+                if total == 0 {
+                    None
+                } else {
+                    let mut r = self.rr.fetch_add(1, Ordering::Relaxed) as u64 % total;
+                    let mut chosen = None;
+                    for i in cands {
+                        let w = eps.get(i).map_or(0, |e| u64::from(e.weight));
+                        if r < w {
+                            chosen = Some(i);
+                            break;
+                        }
+                        r -= w;
+                    }
+                    chosen
+                }
+            }
+        };
+        idx.and_then(|i| eps.get(i).cloned())
+    }
+
+    /// Record how an attempt to `endpoint` ended (passive health: outlier detection). On the
+    /// request path: atomics only, and no write at all for a success after a success.
+    pub fn record_outcome(&self, endpoint: &Endpoint, outcome: UpstreamOutcome) {
+        let Some(od) = &self.spec.outlier_detection else {
+            return;
+        };
+        let h = &endpoint.health;
+        let (is_5xx, is_gateway) = health::classify(outcome);
+        if od.success_rate_stdev_factor > 0 {
+            h.interval_total.fetch_add(1, Ordering::Relaxed);
+            if !is_5xx {
+                h.interval_success.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        if !is_5xx {
+            if h.consecutive_5xx.load(Ordering::Relaxed) != 0 {
+                h.consecutive_5xx.store(0, Ordering::Relaxed);
+            }
+            if h.consecutive_gateway.load(Ordering::Relaxed) != 0 {
+                h.consecutive_gateway.store(0, Ordering::Relaxed);
+            }
+            return;
+        }
+        let gateway = if is_gateway {
+            h.consecutive_gateway.fetch_add(1, Ordering::Relaxed) + 1
+        } else {
+            h.consecutive_gateway.store(0, Ordering::Relaxed);
+            0
+        };
+        let fives = h.consecutive_5xx.fetch_add(1, Ordering::Relaxed) + 1;
+        // Gateway failures first, as Envoy checks them.
+        if od.consecutive_gateway_failure > 0 && gateway >= od.consecutive_gateway_failure {
+            self.eject(endpoint, "consecutive_gateway_failure");
+        } else if od.consecutive_5xx > 0 && fives >= od.consecutive_5xx {
+            self.eject(endpoint, "consecutive_5xx");
+        }
+    }
+
+    /// Eject `e` unless it already is or `max_ejection_percent` would be exceeded (checked
+    /// before this ejection, as Envoy does, so one endpoint can always be ejected).
+    fn eject(&self, e: &Endpoint, reason: &'static str) {
+        let Some(od) = &self.spec.outlier_detection else {
+            return;
+        };
+        let _guard = match self.eject_lock.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        let h = &e.health;
+        // Whatever the verdict, it takes a fresh run of failures to try again.
+        h.consecutive_5xx.store(0, Ordering::Relaxed);
+        h.consecutive_gateway.store(0, Ordering::Relaxed);
+        let now = self.now_ms();
+        if h.is_ejected(now) {
+            return;
+        }
+        let set = self.set.load();
+        let total = set.endpoints.len().max(1);
+        let ejected = set
+            .endpoints
+            .iter()
+            .filter(|o| o.health.is_ejected(now))
+            .count();
+        if (ejected as f64) * 100.0 / total as f64 >= od.max_ejection_percent {
+            tracing::debug!(cluster = %self.name, endpoint = %e.addr, reason, "not ejected: max_ejection_percent reached");
+            return;
+        }
+        let times = h.times_ejected.fetch_add(1, Ordering::Relaxed) + 1;
+        let duration =
+            health::ejection_duration(od.base_ejection_time, od.max_ejection_time, times);
+        h.ejected_until
+            .store(now + duration.as_millis().max(1) as u64, Ordering::Relaxed);
+        self.metrics
+            .outlier_ejections
+            .get_or_create(&ClusterReasonLabel {
+                cluster: self.name.clone(),
+                reason,
+            })
+            .inc();
+        tracing::info!(cluster = %self.name, endpoint = %e.addr, reason, times, duration = ?duration, "endpoint ejected");
+        self.refresh_health();
+    }
 
     fn pick_one(&self, set: &EndpointSet, n: usize) -> Option<Arc<Endpoint>> {
         match self.spec.lb_policy {
-            LbPolicy::RoundRobin => {
+            // Ring hash without a key, on the plain path, is random (Envoy's behaviour);
+            // hashed requests never come here.
+            LbPolicy::RoundRobin | LbPolicy::RingHash => {
                 let i = self.rr.fetch_add(1, Ordering::Relaxed) % set.schedule.len().max(1);
                 let idx = set.schedule.get(i).copied().unwrap_or(0) as usize;
                 set.endpoints.get(idx).cloned()
@@ -346,19 +821,78 @@ impl Cluster {
     /// State for the admin endpoint's `/clusters`.
     pub fn status_json(&self) -> serde_json::Value {
         let set = self.set.load();
+        let now = self.now_ms();
+        let endpoints: Vec<serde_json::Value> = set
+            .endpoints
+            .iter()
+            .zip(&set.levels)
+            .map(|(e, level)| {
+                let h = &e.health;
+                let until = h.ejected_until.load(Ordering::Relaxed);
+                let state = if h.check_failed.load(Ordering::Relaxed) {
+                    "unhealthy"
+                } else if h.is_ejected(now) {
+                    "ejected"
+                } else {
+                    "healthy"
+                };
+                let mut v = serde_json::json!({
+                    "address": e.addr.to_string(),
+                    "weight": e.weight,
+                    "locality": e.locality,
+                    "health": state,
+                    "active_requests": e.active.load(Ordering::Relaxed),
+                    "total_requests": e.total.load(Ordering::Relaxed),
+                });
+                if self.spec.locality_lb {
+                    v["priority"] = serde_json::json!(level);
+                }
+                if self.spec.outlier_detection.is_some() {
+                    v["times_ejected"] = serde_json::json!(h.times_ejected.load(Ordering::Relaxed));
+                    if h.is_ejected(now) {
+                        let left = Duration::from_millis(until.saturating_sub(now));
+                        v["ejected_until"] = serde_json::json!(
+                            crate::telemetry::access_log::rfc3339(SystemTime::now() + left)
+                        );
+                    }
+                }
+                if self.spec.health_check.is_some() {
+                    v["health_check"] = serde_json::json!({
+                        "passing": !h.check_failed.load(Ordering::Relaxed),
+                        "checked": h.checked.load(Ordering::Relaxed),
+                    });
+                }
+                v
+            })
+            .collect();
+        let healthy = set
+            .endpoints
+            .iter()
+            .filter(|e| e.health.is_healthy(now))
+            .count();
         serde_json::json!({
             "name": &*self.name,
             "lb_policy": self.spec.lb_policy,
             "protocol": self.spec.protocol,
-            "endpoints": set.endpoints.iter().map(|e| serde_json::json!({
-                "address": e.addr.to_string(),
-                "weight": e.weight,
-                "locality": e.locality,
-                "health": "healthy",
-                "active_requests": e.active.load(Ordering::Relaxed),
-                "total_requests": e.total.load(Ordering::Relaxed),
-            })).collect::<Vec<_>>(),
+            "healthy_endpoints": healthy,
+            "panic": self.spec.healthy_panic_threshold > 0.0
+                && (healthy as f64) * 100.0
+                    < self.spec.healthy_panic_threshold * set.endpoints.len() as f64,
+            "endpoints": endpoints,
         })
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        // A cluster rebuilt by a reload sets its series again on its next health tick.
+        if self.tracks_health() {
+            for e in &self.set.load().endpoints {
+                self.metrics
+                    .endpoint_healthy
+                    .remove(&self.endpoint_label(e));
+            }
+        }
     }
 }
 

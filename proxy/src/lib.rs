@@ -6,7 +6,8 @@
 //! - [`listener`]: sockets, worker threads and downstream connections;
 //! - [`proxy`]: the HTTP request path, top to bottom;
 //! - [`routing`]: route matching and path normalization;
-//! - [`cluster`]: endpoints, load balancing and upstream connection pools;
+//! - [`cluster`]: endpoints, load balancing and upstream connection pools; [`health`]:
+//!   outlier detection and active health checks; [`lb`]: hashing and locality algorithms;
 //! - [`filters`]: the WebAssembly filter host;
 //! - [`tls`]: mesh mTLS (SPIFFE identities, rotation); [`ca`]: `wasmesh ca`;
 //! - [`telemetry`]: metrics and access log; [`admin`]: the admin endpoint.
@@ -20,6 +21,8 @@ pub mod config;
 pub mod error;
 pub mod filters;
 pub mod forward;
+pub mod health;
+pub mod lb;
 pub mod listener;
 pub mod memory;
 pub mod mirror;

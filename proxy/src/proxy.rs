@@ -274,7 +274,20 @@ async fn serve(
         },
     };
     x.cluster = Some(cluster.clone());
-    let endpoint = match cluster.pick(&Default::default()) {
+    // What the balancer hears about this request: its affinity hash and its region.
+    // (The region is copied out: the request's headers are rewritten for the upstream
+    // before retries pick again; it is only computed when the route routes by locality.)
+    let region: Option<String> = route
+        .locality_routing
+        .as_ref()
+        .and_then(|l| l.region(&parts.headers, x.client.ip()))
+        .map(str::to_string);
+    let pick = PickContext {
+        tried: &[],
+        hash: route.hash_policy.hash(&parts.headers, x.client.ip()),
+        region: region.as_deref(),
+    };
+    let endpoint = match cluster.pick(&pick) {
         Some(e) => e,
         None => return Err((ProxyError::NoHealthyUpstream, chain)),
     };
@@ -298,17 +311,8 @@ async fn serve(
         x,
         upgrade,
     );
-    let resp = crate::forward::forward(
-        route,
-        &cluster,
-        endpoint,
-        PickContext::default(),
-        parts,
-        body,
-        upgrade,
-        x,
-    )
-    .await;
+    let resp =
+        crate::forward::forward(route, &cluster, endpoint, pick, parts, body, upgrade, x).await;
     let mut resp = match resp {
         Ok(r) => r,
         Err(e) => return Err((e, chain)),

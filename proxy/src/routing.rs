@@ -27,6 +27,10 @@ pub struct Route {
     pub chain: Chain,
     pub retry: Option<crate::retry::RetryPolicy>,
     pub mirrors: Vec<crate::mirror::MirrorPolicy>,
+    /// What a hashing load balancer hashes for this route's requests.
+    pub hash_policy: crate::lb::HashPolicy,
+    /// Which region serves a request (None: the proxy's own locality).
+    pub locality_routing: Option<crate::lb::LocalityRouting>,
 }
 
 pub enum RouteAction {
@@ -364,6 +368,13 @@ impl RouteTable {
                         })
                     })
                     .collect::<Result<_, String>>()?,
+                hash_policy: crate::lb::HashPolicy::build(&s.hash_policy).map_err(ctx)?,
+                locality_routing: s
+                    .locality_routing
+                    .as_ref()
+                    .map(crate::lb::LocalityRouting::build)
+                    .transpose()
+                    .map_err(ctx)?,
             });
         }
         Ok(Self { routes })

@@ -303,7 +303,7 @@ pub async fn build(
     for spec in &manifest.clusters {
         let reused = prev
             .and_then(|p| p.clusters.get(&spec.name))
-            .filter(|c| c.same_spec(spec))
+            .filter(|c| c.same_spec(spec, &manifest.node.locality))
             .cloned();
         let c = match reused {
             Some(c) => c,
@@ -329,7 +329,8 @@ pub async fn build(
                         }
                     },
                 };
-                let c = Cluster::new(spec, workers, metrics.clone(), tls).await;
+                let c = Cluster::new(spec, workers, metrics.clone(), tls, &manifest.node.locality)
+                    .await;
                 c.spawn_dns_refresh();
                 c
             }

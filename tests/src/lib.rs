@@ -24,6 +24,7 @@
 //! builds it before `cargo test`; if it is missing the harness builds it once (see
 //! [`binary::wasmesh_bin`]).
 
+pub mod balance;
 pub mod binary;
 pub mod client;
 pub mod filter_builds;

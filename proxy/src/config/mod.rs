@@ -264,6 +264,7 @@ pub fn validate(file: &Path, m: &Manifest) -> Vec<ConfigError> {
             }
             check_tls_files(&mut c, &tp, &t.cert, &t.key, &t.trust_bundle);
         }
+        check_cluster_health(&mut c, &p, cl, m.node.locality.region.is_some());
     }
     let tls_clusters: HashSet<&str> = m
         .clusters
@@ -491,6 +492,170 @@ pub fn validate(file: &Path, m: &Manifest) -> Vec<ConfigError> {
     }
     c.errors
 }
+
+/// Outlier detection, health checks, panic threshold, locality and hashing of a cluster.
+fn check_cluster_health(c: &mut Checker<'_>, p: &str, cl: &ClusterSpec, node_has_region: bool) {
+    if !(0.0..=100.0).contains(&cl.healthy_panic_threshold) {
+        c.err(
+            format!("{p}.healthy_panic_threshold"),
+            "must be a percentage between 0 and 100",
+        );
+    }
+    if let Some(od) = &cl.outlier_detection {
+        let op = format!("{p}.outlier_detection");
+        if od.interval.is_zero() {
+            c.err(format!("{op}.interval"), "must be more than 0s");
+        }
+        if od.base_ejection_time.is_zero() {
+            c.err(format!("{op}.base_ejection_time"), "must be more than 0s");
+        }
+        if od.max_ejection_time < od.base_ejection_time {
+            c.err(
+                format!("{op}.max_ejection_time"),
+                "must be at least base_ejection_time",
+            );
+        }
+        if !(0.0..=100.0).contains(&od.max_ejection_percent) {
+            c.err(
+                format!("{op}.max_ejection_percent"),
+                "must be a percentage between 0 and 100",
+            );
+        }
+    }
+    if let Some(hc) = &cl.health_check {
+        let hp = format!("{p}.health_check");
+        if !hc.path.starts_with('/') || http::uri::PathAndQuery::try_from(hc.path.as_str()).is_err()
+        {
+            c.err(format!("{hp}.path"), "must be a path starting with '/'");
+        }
+        if hc.interval.is_zero() {
+            c.err(format!("{hp}.interval"), "must be more than 0s");
+        }
+        if hc.timeout.is_zero() {
+            c.err(format!("{hp}.timeout"), "must be more than 0s");
+        }
+        if hc.healthy_threshold == 0 {
+            c.err(format!("{hp}.healthy_threshold"), "must be at least 1");
+        }
+        if hc.unhealthy_threshold == 0 {
+            c.err(format!("{hp}.unhealthy_threshold"), "must be at least 1");
+        }
+        if let Some(h) = &hc.host {
+            if http::HeaderValue::from_str(h).is_err() || h.is_empty() {
+                c.err(format!("{hp}.host"), format!("`{h}` is not a valid host"));
+            }
+        }
+        if hc.expected_statuses.is_empty() {
+            c.err(
+                format!("{hp}.expected_statuses"),
+                "needs at least one status range",
+            );
+        }
+        for (j, r) in hc.expected_statuses.iter().enumerate() {
+            if !(100..=599).contains(&r.start) || !(101..=600).contains(&r.end) || r.end <= r.start
+            {
+                c.err(
+                    format!("{hp}.expected_statuses[{j}]"),
+                    "needs 100 <= start < end <= 600 (end is exclusive)",
+                );
+            }
+        }
+    }
+    if cl.locality_lb && !node_has_region {
+        c.err(
+            format!("{p}.locality_lb"),
+            "needs `node.locality.region` (the proxy's own locality comes first)",
+        );
+    }
+    match (&cl.ring_hash, cl.lb_policy) {
+        (Some(_), lb) if lb != LbPolicy::RingHash => c.err(
+            format!("{p}.ring_hash"),
+            "only applies with `lb_policy: ring_hash`",
+        ),
+        (Some(r), _) if r.minimum_ring_size == 0 || r.minimum_ring_size > 8_388_608 => c.err(
+            format!("{p}.ring_hash.minimum_ring_size"),
+            "must be between 1 and 8388608",
+        ),
+        _ => {}
+    }
+}
+
+/// A route's `hash_policy` and `locality_routing`.
+fn check_route_balancing(c: &mut Checker<'_>, p: &str, r: &RouteSpec) {
+    for (j, h) in r.hash_policy.iter().enumerate() {
+        let hp = format!("{p}.hash_policy[{j}]");
+        let n = [
+            h.header.is_some(),
+            h.cookie.is_some(),
+            h.connection_properties.is_some(),
+        ]
+        .iter()
+        .filter(|b| **b)
+        .count();
+        if n != 1 {
+            c.err(
+                hp.clone(),
+                "needs exactly one of `header`, `cookie` and `connection_properties`",
+            );
+        }
+        if let Some(hh) = &h.header {
+            c.header_name(format!("{hp}.header.header_name"), &hh.header_name);
+        }
+        if let Some(ck) = &h.cookie {
+            if ck.name.is_empty() || ck.name.contains([';', '=', ' ']) {
+                c.err(format!("{hp}.cookie.name"), "not a valid cookie name");
+            }
+        }
+        if let Some(cp) = &h.connection_properties {
+            if !cp.source_ip {
+                c.err(
+                    format!("{hp}.connection_properties.source_ip"),
+                    "must be true (the only connection property hashed)",
+                );
+            }
+        }
+    }
+    if let Some(lr) = &r.locality_routing {
+        let lp = format!("{p}.locality_routing");
+        if lr.header.is_none() && lr.geo_header.is_none() && lr.client_cidrs.is_empty() {
+            c.err(
+                lp.clone(),
+                "needs at least one of `header`, `geo_header` and `client_cidrs`",
+            );
+        }
+        if let Some(h) = &lr.header {
+            if h.starts_with(INTERNAL_HEADER_PREFIX) {
+                c.err(
+                    format!("{lp}.header"),
+                    format!("`{h}`: headers starting with `{INTERNAL_HEADER_PREFIX}` are stripped from requests"),
+                );
+            }
+            c.header_name(format!("{lp}.header"), h);
+        }
+        if let Some(g) = &lr.geo_header {
+            c.header_name(format!("{lp}.geo_header.name"), &g.name);
+            for (k, v) in &g.regions {
+                if v.is_empty() {
+                    c.err(format!("{lp}.geo_header.regions.{k}"), "must name a region");
+                }
+            }
+        }
+        for (j, cr) in lr.client_cidrs.iter().enumerate() {
+            if let Err(msg) = crate::lb::Cidr::parse(&cr.cidr) {
+                c.err(format!("{lp}.client_cidrs[{j}].cidr"), msg);
+            }
+            if cr.region.is_empty() {
+                c.err(
+                    format!("{lp}.client_cidrs[{j}].region"),
+                    "must name a region",
+                );
+            }
+        }
+    }
+}
+
+/// Request headers with this prefix are the proxy's own and are stripped on arrival.
+const INTERNAL_HEADER_PREFIX: &str = "x-wasmesh-";
 
 fn check_identities(c: &mut Checker<'_>, p: &str, ids: &[String]) {
     for (j, id) in ids.iter().enumerate() {
@@ -786,6 +951,7 @@ fn check_route(
             c.header_name(format!("{p}.{side}.remove[{j}]"), k);
         }
     }
+    check_route_balancing(c, p, r);
     if let Some(chain) = &r.filters {
         for (j, f) in chain.iter().enumerate() {
             if !filters.contains(f.as_str()) {

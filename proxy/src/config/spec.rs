@@ -410,6 +410,79 @@ pub struct RouteSpec {
     /// Shadow a share of this route's requests to other clusters; their answers are discarded.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub request_mirror_policies: Vec<MirrorPolicySpec>,
+    /// What a hashing load balancer (`ring_hash`) hashes (Envoy's `hash_policy`): the first
+    /// entry that yields a value wins; none: a random endpoint.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hash_policy: Vec<HashPolicySpec>,
+    /// Choose the region this request is served from (a header, a geo header set at the
+    /// edge, or the client's address). Default: none (the proxy's own locality).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub locality_routing: Option<LocalityRoutingSpec>,
+}
+
+/// One entry of a route's `hash_policy`: exactly one of the three.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct HashPolicySpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub header: Option<HashHeaderSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cookie: Option<HashCookieSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connection_properties: Option<HashConnectionSpec>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct HashHeaderSpec {
+    pub header_name: String,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct HashCookieSpec {
+    pub name: String,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct HashConnectionSpec {
+    /// Hash the client address (`x-forwarded-for` aware, see `xff_num_trusted_hops`).
+    pub source_ip: bool,
+}
+
+/// `routes[].locality_routing`: which region serves a request. Tried in order: the
+/// override `header`, the `geo_header`, the `client_cidrs` table; none matching: the
+/// proxy's own locality.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LocalityRoutingSpec {
+    /// A header whose value names the region to send this request to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub header: Option<String>,
+    /// A header set at the edge (e.g. a CDN's country/state code) and the region each of
+    /// its values maps to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub geo_header: Option<GeoHeaderSpec>,
+    /// Client address ranges and their region; the most specific (longest prefix) wins.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub client_cidrs: Vec<CidrRegionSpec>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct GeoHeaderSpec {
+    pub name: String,
+    /// Header value (exact, case-insensitive) → region.
+    pub regions: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CidrRegionSpec {
+    /// `10.1.0.0/16`, `2001:db8::/32`.
+    pub cidr: String,
+    pub region: String,
 }
 
 fn default_route_timeout() -> Duration {
@@ -618,6 +691,8 @@ pub enum LbPolicy {
     RoundRobin,
     /// Power of two choices over active requests, weighted.
     LeastRequest,
+    /// Consistent hashing on a Ketama-style ring over the route's `hash_policy`.
+    RingHash,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -646,6 +721,162 @@ pub struct ClusterSpec {
     /// Originate mTLS to the endpoints. Default: plaintext.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<ClusterTlsSpec>,
+    /// Passive health: eject endpoints that fail. Default: off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outlier_detection: Option<OutlierDetectionSpec>,
+    /// Active health: probe every endpoint over HTTP. Default: off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_check: Option<HealthCheckSpec>,
+    /// Percent of healthy endpoints under which load spreads over all endpoints, healthy or
+    /// not (Envoy's panic mode). Default 50; 0 disables panic mode.
+    #[serde(default = "default_panic_threshold")]
+    pub healthy_panic_threshold: f64,
+    /// Prefer endpoints in the proxy's zone, then its region, then elsewhere, failing over
+    /// as endpoints become unhealthy. Default: false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub locality_lb: bool,
+    /// Settings of the `ring_hash` load balancer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ring_hash: Option<RingHashSpec>,
+}
+
+fn default_panic_threshold() -> f64 {
+    50.0
+}
+
+/// `clusters[].outlier_detection` (Envoy's names and defaults).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct OutlierDetectionSpec {
+    /// Consecutive 5xx (or connect failures, resets, timeouts) that eject an endpoint; 0 disables.
+    #[serde(default = "default_consecutive")]
+    pub consecutive_5xx: u32,
+    /// Consecutive 502/503/504 (or connect failures, resets, timeouts) that eject; 0 disables.
+    #[serde(default = "default_consecutive")]
+    pub consecutive_gateway_failure: u32,
+    /// How often success rates are evaluated (and ejection state is swept).
+    #[serde(default = "default_outlier_interval", with = "humantime_serde")]
+    pub interval: Duration,
+    /// Ejection time of a first ejection; the n-th ejection of an endpoint lasts n times this.
+    #[serde(default = "default_base_ejection", with = "humantime_serde")]
+    pub base_ejection_time: Duration,
+    /// Upper bound of an ejection's duration.
+    #[serde(default = "default_max_ejection", with = "humantime_serde")]
+    pub max_ejection_time: Duration,
+    /// At most this percent of the cluster's endpoints are ejected at once.
+    #[serde(default = "default_max_ejection_percent")]
+    pub max_ejection_percent: f64,
+    /// Success-rate ejection needs at least this many endpoints with enough requests.
+    #[serde(default = "default_sr_minimum_hosts")]
+    pub success_rate_minimum_hosts: u32,
+    /// Requests an endpoint needs in an interval for its success rate to count.
+    #[serde(default = "default_sr_request_volume")]
+    pub success_rate_request_volume: u64,
+    /// Eject below `mean - stdev × factor / 1000`; 0 disables success-rate ejection.
+    #[serde(default = "default_sr_stdev_factor")]
+    pub success_rate_stdev_factor: u32,
+}
+
+fn default_consecutive() -> u32 {
+    5
+}
+fn default_outlier_interval() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_base_ejection() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_max_ejection() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_max_ejection_percent() -> f64 {
+    10.0
+}
+fn default_sr_minimum_hosts() -> u32 {
+    5
+}
+fn default_sr_request_volume() -> u64 {
+    100
+}
+fn default_sr_stdev_factor() -> u32 {
+    1900
+}
+
+/// `clusters[].health_check`: an HTTP probe of every endpoint.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheckSpec {
+    /// Path requested (GET).
+    pub path: String,
+    /// Time between two checks of an endpoint. Default 5s.
+    #[serde(default = "default_hc_interval", with = "humantime_serde")]
+    pub interval: Duration,
+    /// Up to this much is added at random to each interval, so checks do not synchronise.
+    #[serde(default, with = "humantime_serde")]
+    pub interval_jitter: Duration,
+    /// A check without an answer within this fails. Default 1s.
+    #[serde(default = "default_hc_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Consecutive passes that make an unhealthy endpoint healthy. Default 1.
+    #[serde(default = "default_one")]
+    pub healthy_threshold: u32,
+    /// Consecutive failures that make a healthy endpoint unhealthy. Default 2.
+    #[serde(default = "default_two")]
+    pub unhealthy_threshold: u32,
+    /// Host header of the check. Default: the cluster's name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// Status ranges that pass, `start` inclusive, `end` exclusive. Default 200-399.
+    #[serde(default = "default_expected_statuses")]
+    pub expected_statuses: Vec<StatusRangeSpec>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct StatusRangeSpec {
+    pub start: u16,
+    pub end: u16,
+}
+
+fn default_hc_interval() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_hc_timeout() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_one() -> u32 {
+    1
+}
+fn default_two() -> u32 {
+    2
+}
+fn default_expected_statuses() -> Vec<StatusRangeSpec> {
+    vec![StatusRangeSpec {
+        start: 200,
+        end: 400,
+    }]
+}
+
+/// `clusters[].ring_hash`.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RingHashSpec {
+    /// Points each endpoint of weight 1 gets on the ring (weight w: w times as many), so
+    /// the ring has at least this many. Default 1024.
+    #[serde(default = "default_ring_size")]
+    pub minimum_ring_size: u32,
+}
+
+impl Default for RingHashSpec {
+    fn default() -> Self {
+        Self {
+            minimum_ring_size: default_ring_size(),
+        }
+    }
+}
+
+fn default_ring_size() -> u32 {
+    1024
 }
 
 fn default_connect_timeout() -> Duration {

@@ -129,9 +129,12 @@ fn writer(rx: Receiver<Vec<u8>>, out: Box<dyn Write + Send>) {
 
 /// RFC 3339 UTC timestamp with milliseconds.
 pub fn now_rfc3339() -> String {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
+    rfc3339(std::time::SystemTime::now())
+}
+
+/// A time as RFC 3339 UTC with milliseconds.
+pub fn rfc3339(t: std::time::SystemTime) -> String {
+    let now = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
     let secs = now.as_secs() as i64;
     let (days, rem) = (secs.div_euclid(86400), secs.rem_euclid(86400));
     let (y, m, d) = civil_from_days(days);

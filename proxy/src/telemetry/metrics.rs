@@ -57,6 +57,15 @@ pub struct ClusterReasonLabel {
     pub reason: &'static str,
 }
 
+/// One endpoint of a cluster (`endpoint` is its `IP:PORT`). Only clusters with health
+/// checks or outlier detection have such series, and an endpoint's series goes when the
+/// endpoint leaves: at most one per endpoint.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndpointLabel {
+    pub cluster: Arc<str>,
+    pub endpoint: Arc<str>,
+}
+
 /// A TLS owner's certificate (`owner` is `listener/NAME` or `cluster/NAME`; `kind` is
 /// `certificate` or `trust_bundle`).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -121,6 +130,12 @@ pub struct Metrics {
     pub upstream_tls_handshake_failures: Family<ClusterReasonLabel, Counter>,
     pub tls_cert_expiry: Family<TlsCertLabel, Gauge>,
     pub tls_cert_reloads: Family<TlsReloadLabel, Counter>,
+    pub outlier_ejections: Family<ClusterReasonLabel, Counter>,
+    pub outlier_ejections_active: Family<ClusterLabel, Gauge>,
+    pub health_check_attempts: Family<ClusterLabel, Counter>,
+    pub health_check_failures: Family<ClusterLabel, Counter>,
+    pub endpoint_healthy: Family<EndpointLabel, Gauge>,
+    pub lb_healthy_panic: Family<ClusterLabel, Counter>,
 }
 
 impl Metrics {
@@ -186,6 +201,12 @@ impl Metrics {
             upstream_tls_handshake_failures: Family::default(),
             tls_cert_expiry: Family::default(),
             tls_cert_reloads: Family::default(),
+            outlier_ejections: Family::default(),
+            outlier_ejections_active: Family::default(),
+            health_check_attempts: Family::default(),
+            health_check_failures: Family::default(),
+            endpoint_healthy: Family::default(),
+            lb_healthy_panic: Family::default(),
             registry: Mutex::new(Registry::default()),
         };
         {
@@ -329,6 +350,36 @@ impl Metrics {
                 "tls_certificate_reloads",
                 "Certificate (re)loads by result; a failure keeps the previous certificate",
                 m.tls_cert_reloads.clone(),
+            );
+            reg.register(
+                "outlier_detection_ejections",
+                "Endpoints ejected by outlier detection, by reason (consecutive_5xx, consecutive_gateway_failure, success_rate)",
+                m.outlier_ejections.clone(),
+            );
+            reg.register(
+                "outlier_detection_ejections_active",
+                "Endpoints currently ejected by outlier detection",
+                m.outlier_ejections_active.clone(),
+            );
+            reg.register(
+                "health_check_attempts",
+                "Active health checks made",
+                m.health_check_attempts.clone(),
+            );
+            reg.register(
+                "health_check_failures",
+                "Active health checks that failed (no answer in time, or an unexpected status)",
+                m.health_check_failures.clone(),
+            );
+            reg.register(
+                "endpoint_healthy",
+                "1 while an endpoint may take traffic (passing its checks, not ejected), else 0",
+                m.endpoint_healthy.clone(),
+            );
+            reg.register(
+                "lb_healthy_panic",
+                "Requests balanced in panic mode: too few healthy endpoints, so all of them were used",
+                m.lb_healthy_panic.clone(),
             );
         }
         let m = Metrics {
