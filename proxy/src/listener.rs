@@ -210,6 +210,7 @@ async fn serve_http(
         peer,
         local,
         peer_identity: None,
+        local_identity: None,
     };
     let Some(tls) = lc.tls.clone() else {
         let io = IdleIo {
@@ -293,6 +294,7 @@ async fn serve_http(
         })
         .inc();
     conn_info.peer_identity = crate::tls::peer_identity(tls_stream.get_ref().1.peer_certificates());
+    conn_info.local_identity = Some(tls.identity());
     serve_http_conn(
         shared,
         listener,
