@@ -3,7 +3,8 @@
 //! - `/ready`: 200 once every listener is bound and every filter has loaded; 503 before that
 //!   and while draining.
 //! - `/live`: 200 while the process runs.
-//! - `/metrics`: Prometheus text.
+//! - `/metrics`: OpenMetrics 1.0 text to clients that accept it (Prometheus does),
+//!   Prometheus text 0.0.4 to the others; the Content-Type says which.
 //! - `/config`: the effective manifest as JSON, secrets redacted.
 //! - `/clusters`: endpoints and their load-balancer state.
 //! - `/filters`: loaded filters, their versions and last errors.
@@ -12,6 +13,7 @@
 
 use crate::proxy::{empty, full};
 use crate::server::Shared;
+use crate::telemetry::metrics::Format;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -66,10 +68,15 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Resp {
         }
         (&Method::GET, "/live") => text(StatusCode::OK, "live\n"),
         (&Method::GET, "/metrics") => {
-            let mut r = Response::new(full(shared.metrics.encode()));
+            let format = Format::from_accept(
+                req.headers()
+                    .get(header::ACCEPT)
+                    .and_then(|v| v.to_str().ok()),
+            );
+            let mut r = Response::new(full(shared.metrics.encode_as(format)));
             r.headers_mut().insert(
                 header::CONTENT_TYPE,
-                HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+                HeaderValue::from_static(format.content_type()),
             );
             r
         }

@@ -969,22 +969,6 @@ pub struct Connector {
     tls: Option<Arc<ClientTls>>,
 }
 
-/// Holds a gauge up while alive.
-pub struct GaugeGuard(prometheus_client::metrics::gauge::Gauge);
-
-impl GaugeGuard {
-    pub fn new(g: &prometheus_client::metrics::gauge::Gauge) -> Self {
-        g.inc();
-        Self(g.clone())
-    }
-}
-
-impl Drop for GaugeGuard {
-    fn drop(&mut self) {
-        self.0.dec();
-    }
-}
-
 impl Connector {
     /// Count a request refused by `max_pending_requests`.
     pub fn pending_overflow(&self) {
@@ -994,14 +978,20 @@ impl Connector {
             .inc();
     }
 
-    /// The cluster's pending-requests gauge, raised while the guard lives.
-    pub fn pending_gauge(&self) -> GaugeGuard {
-        GaugeGuard::new(
-            &self
-                .metrics
-                .upstream_rq_pending_active
-                .get_or_create(&self.label),
-        )
+    /// Count a request waiting for a new upstream connection (none was free) until the
+    /// returned guard drops: `wasmesh_upstream_rq_pending_active` / `_total`.
+    pub fn pending(&self) -> PendingGuard {
+        self.metrics
+            .upstream_rq_pending_total
+            .get_or_create(&self.label)
+            .inc();
+        let gauge = self
+            .metrics
+            .upstream_rq_pending_active
+            .get_or_create(&self.label)
+            .clone();
+        gauge.inc();
+        PendingGuard(gauge)
     }
 
     /// Open a connection to `addr`, holding a slot of the cluster's connection limit.
@@ -1034,6 +1024,7 @@ impl Connector {
             }
         };
         let _ = stream.set_nodelay(true);
+        let mut peer_identity = None;
         let stream = match &self.tls {
             None => MaybeTls::Plain(stream),
             Some(tls) => {
@@ -1048,7 +1039,11 @@ impl Connector {
                     )),
                 };
                 match r {
-                    Ok(s) => MaybeTls::Tls(Box::new(s)),
+                    Ok(s) => {
+                        peer_identity =
+                            crate::tls::peer_identity(s.get_ref().1.peer_certificates());
+                        MaybeTls::Tls(Box::new(s))
+                    }
                     Err(source) => {
                         let reason = if source.kind() == std::io::ErrorKind::TimedOut {
                             "timeout"
@@ -1086,7 +1081,17 @@ impl Connector {
             io: TokioIo::new(stream),
             _permit: permit,
             gauge,
+            peer_identity,
         })
+    }
+}
+
+/// A request waiting for an upstream connection; see [`Connector::pending`].
+pub struct PendingGuard(prometheus_client::metrics::gauge::Gauge);
+
+impl Drop for PendingGuard {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 
@@ -1157,6 +1162,8 @@ pin_project_lite::pin_project! {
         io: TokioIo<MaybeTls>,
         _permit: OwnedSemaphorePermit,
         gauge: prometheus_client::metrics::gauge::Gauge,
+        // The upstream's SPIFFE ID (mTLS clusters only).
+        pub peer_identity: Option<Arc<str>>,
     }
     impl PinnedDrop for UpstreamConn {
         fn drop(this: Pin<&mut Self>) {

@@ -211,6 +211,7 @@ async fn serve_http(
         peer,
         local,
         peer_identity: None,
+        local_identity: None,
     };
     if lc.tls.is_none() && lc.public_tls.is_none() {
         let io = IdleIo {
@@ -232,6 +233,10 @@ async fn serve_http(
         return;
     };
     conn_info.peer_identity = identity;
+    // On mesh mTLS this proxy answers as its own SPIFFE ID (`destination_principal`).
+    if matches!(io, Downstream::Tls(_)) {
+        conn_info.local_identity = lc.tls.as_ref().map(|t| t.identity());
+    }
     serve_http_conn(
         shared,
         listener,

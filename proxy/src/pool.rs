@@ -19,7 +19,7 @@ use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use rustc_hash::FxHashMap;
 use std::net::SocketAddr;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -38,17 +38,21 @@ pub enum PoolError {
 }
 
 enum Sender {
-    H1(http1::SendRequest<Body>),
-    H2(http2::SendRequest<Body>),
+    H1(http1::SendRequest<Body>, Peer),
+    H2(http2::SendRequest<Body>, Peer),
 }
+
+/// The SPIFFE ID the upstream presented on this connection (mTLS clusters), kept with the
+/// connection so each response can say who answered it.
+type Peer = Option<Arc<str>>;
 
 #[derive(Default)]
 struct EndpointConns {
     /// HTTP/1.1: the pooled connections (idle or still reading a response) and when each
     /// was last handed a request.
-    idle: Vec<(http1::SendRequest<Body>, Instant)>,
+    idle: Vec<(http1::SendRequest<Body>, Instant, Peer)>,
     /// HTTP/2: the shared connection.
-    h2: Option<http2::SendRequest<Body>>,
+    h2: Option<(http2::SendRequest<Body>, Peer)>,
 }
 
 #[derive(Default)]
@@ -109,13 +113,13 @@ impl ClusterPools {
                     let mut i = ep.idle.len();
                     while i > 0 {
                         i -= 1;
-                        let (sr, since) = &ep.idle[i];
+                        let (sr, since, _) = &ep.idle[i];
                         if sr.is_closed() {
                             ep.idle.swap_remove(i);
                         } else if sr.is_ready() {
                             if now.duration_since(*since) < self.idle_timeout {
-                                let (sr, _) = ep.idle.swap_remove(i);
-                                return Ok(Sender::H1(sr));
+                                let (sr, _, peer) = ep.idle.swap_remove(i);
+                                return Ok(Sender::H1(sr, peer));
                             }
                             // Idle too long: dropping the sender closes the connection.
                             ep.idle.swap_remove(i);
@@ -123,9 +127,9 @@ impl ClusterPools {
                     }
                 }
                 UpstreamProtocol::Http2 => {
-                    if let Some(sr) = &ep.h2 {
+                    if let Some((sr, peer)) = &ep.h2 {
                         if !sr.is_closed() {
-                            return Ok(Sender::H2(sr.clone()));
+                            return Ok(Sender::H2(sr.clone(), peer.clone()));
                         }
                         ep.h2 = None;
                     }
@@ -142,8 +146,9 @@ impl ClusterPools {
             self.connector.pending_overflow();
             return Err(PoolError::Connect(ConnectError::PendingOverflow));
         };
-        let _gauge = self.connector.pending_gauge();
+        let _gauge = self.connector.pending();
         let io: UpstreamConn = self.connector.connect(addr).await?;
+        let peer = io.peer_identity.clone();
         match self.protocol {
             UpstreamProtocol::Http1 => {
                 let (sr, conn) = http1::Builder::new()
@@ -156,7 +161,7 @@ impl ClusterPools {
                         tracing::debug!(upstream = %addr, error = %e, "upstream connection closed with an error");
                     }
                 });
-                Ok(Sender::H1(sr))
+                Ok(Sender::H1(sr, peer))
             }
             UpstreamProtocol::Http2 => {
                 let (sr, conn) = http2::Builder::new(crate::listener::LocalExec)
@@ -172,18 +177,18 @@ impl ClusterPools {
                     }
                 });
                 if let Ok(mut p) = self.pool().lock() {
-                    p.endpoints.entry(addr).or_default().h2 = Some(sr.clone());
+                    p.endpoints.entry(addr).or_default().h2 = Some((sr.clone(), peer.clone()));
                 }
-                Ok(Sender::H2(sr))
+                Ok(Sender::H2(sr, peer))
             }
         }
     }
 
-    fn put_back(&self, addr: SocketAddr, sr: http1::SendRequest<Body>) {
+    fn put_back(&self, addr: SocketAddr, sr: http1::SendRequest<Body>, peer: Peer) {
         if let Ok(mut p) = self.pool().lock() {
             let ep = p.endpoints.entry(addr).or_default();
             if ep.idle.len() < self.max_idle {
-                ep.idle.push((sr, Instant::now()));
+                ep.idle.push((sr, Instant::now(), peer));
             }
         }
     }
@@ -202,9 +207,9 @@ impl ClusterPools {
         let mut req = req;
         for attempt in 0..2 {
             match self.checkout(addr).await? {
-                Sender::H2(mut sr) => {
+                Sender::H2(mut sr, peer) => {
                     return match sr.try_send_request(req).await {
-                        Ok(r) => Ok(r),
+                        Ok(r) => Ok(with_peer(r, peer)),
                         Err(mut e) => match e.take_message() {
                             Some(r) if attempt == 0 => {
                                 // The connection went away under us: forget it and retry.
@@ -220,13 +225,13 @@ impl ClusterPools {
                         },
                     };
                 }
-                Sender::H1(mut sr) => match sr.try_send_request(req).await {
+                Sender::H1(mut sr, peer) => match sr.try_send_request(req).await {
                     Ok(resp) => {
                         // Back in the pool at once: it stays busy (not `is_ready`) until
                         // the response body has been read, and checkout skips it until
                         // then. Cheaper than a task per request waiting for it.
-                        self.put_back(addr, sr);
-                        return Ok(resp);
+                        self.put_back(addr, sr, peer.clone());
+                        return Ok(with_peer(resp, peer));
                     }
                     Err(mut e) => match e.take_message() {
                         Some(r) if attempt == 0 => {
@@ -254,6 +259,15 @@ impl ClusterPools {
             })
             .sum()
     }
+}
+
+/// Tell the request path who answered (an `Arc` clone; nothing for plaintext clusters).
+fn with_peer(mut resp: Response<Incoming>, peer: Peer) -> Response<Incoming> {
+    if let Some(id) = peer {
+        resp.extensions_mut()
+            .insert(crate::tls::UpstreamIdentity(id));
+    }
+    resp
 }
 
 /// The retry loop above always returns inside its second iteration.

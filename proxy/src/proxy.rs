@@ -9,7 +9,7 @@ use crate::error::ProxyError;
 use crate::filters::{ChainRun, LocalResponse, Outcome, RequestInfo, Verdict};
 use crate::routing::{normalize_path, RequestView, Route, RouteAction};
 use crate::server::{ListenerRuntime, Shared};
-use crate::telemetry::access_log::{now_rfc3339, Entry};
+use crate::telemetry::access_log::{now_rfc3339, Entry, LocalResponseLog};
 use crate::telemetry::metrics::RequestLabels;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -31,6 +31,8 @@ pub struct ConnInfo {
     pub local: SocketAddr,
     /// SPIFFE ID of an mTLS peer.
     pub peer_identity: Option<Arc<str>>,
+    /// SPIFFE ID this proxy presented on the connection (mTLS listeners).
+    pub local_identity: Option<Arc<str>>,
 }
 
 /// Request-scoped facts collected along the path, for the log and metrics.
@@ -55,6 +57,12 @@ pub(crate) struct Exchange {
     pub(crate) peer_identity: Option<Arc<str>>,
     /// The cluster's `max_requests` slot, held until the response is done.
     pub(crate) inflight: Option<crate::breaker::GateGuard>,
+    /// Who answered, as Istio's `destination_principal`: this proxy's own SPIFFE ID on an
+    /// inbound mTLS connection, the upstream's on an mTLS cluster (set in `finish`).
+    pub(crate) destination_principal: Option<Arc<str>>,
+    /// The caller's trace context (`traceparent` or B3), for the access log.
+    pub(crate) trace_id: Option<String>,
+    pub(crate) span_id: Option<String>,
 }
 
 /// Headers only the proxy may set; stripped from client requests so no one can forge them.
@@ -110,7 +118,14 @@ pub async fn handle(
         bytes_in: bytes_in.clone(),
         peer_identity: conn.peer_identity.clone(),
         inflight: None,
+        destination_principal: conn.local_identity.clone(),
+        trace_id: None,
+        span_id: None,
     };
+    if let Some(t) = crate::trace::TraceContext::from_headers(&parts.headers) {
+        x.trace_id = Some(t.trace_id);
+        x.span_id = Some(t.parent_id);
+    }
     let body: Body = CountingBody::new(
         body.map_err(|e| Box::new(e) as BoxError).boxed_unsync(),
         bytes_in,
@@ -373,11 +388,18 @@ async fn serve(
 fn finish(
     shared: Arc<Shared>,
     listener: Arc<ListenerRuntime>,
-    x: Exchange,
+    mut x: Exchange,
     resp: Response<Body>,
     chain: Option<ChainRun>,
 ) -> Response<Body> {
-    let (parts, body) = resp.into_parts();
+    let (mut parts, body) = resp.into_parts();
+    if let Some(up) = parts.extensions.remove::<crate::tls::UpstreamIdentity>() {
+        // On the caller's side the destination is the upstream; on the callee's side it
+        // is this proxy, whatever cluster the request went on to.
+        if matches!(listener.direction, Direction::Outbound) {
+            x.destination_principal = Some(up.0);
+        }
+    }
     let status = parts.status.as_u16();
     let done = Done {
         shared,
@@ -412,6 +434,7 @@ impl Done {
         let mut flags: Vec<String> = std::mem::take(&mut self.x.flags);
         let mut filters_ran = Vec::new();
         let mut attributes = Vec::new();
+        let mut local_response: Option<(String, u16)> = None;
         if let Some(mut chain) = self.chain.take() {
             // Building the outcome costs a few allocations: only when a done hook reads it.
             if chain.wants_done() {
@@ -429,6 +452,7 @@ impl Done {
             flags.extend(chain.response_flags().iter().cloned());
             filters_ran = chain.filters_ran().to_vec();
             attributes = chain.attributes().to_vec();
+            local_response = chain.local_response().map(|(f, s)| (f.to_string(), s));
         }
         flags.dedup();
         let flags_str = if flags.is_empty() {
@@ -462,7 +486,10 @@ impl Done {
                 Direction::Inbound => shared.node.workload.clone(),
                 Direction::Outbound => shared.unknown.clone(),
             },
-            destination_principal: shared.unknown.clone(),
+            destination_principal: x
+                .destination_principal
+                .clone()
+                .unwrap_or_else(|| shared.unknown.clone()),
             destination_service: dest_service,
             request_protocol: if x.protocol == "HTTP/2" {
                 "http2"
@@ -508,6 +535,14 @@ impl Done {
                 filters: &filters_ran,
                 attributes: &attributes,
                 peer_identity: x.peer_identity.as_deref(),
+                trace_id: x.trace_id.as_deref(),
+                span_id: x.span_id.as_deref(),
+                local_response: local_response
+                    .as_ref()
+                    .map(|(filter, status)| LocalResponseLog {
+                        filter,
+                        status: *status,
+                    }),
             });
         }
     }

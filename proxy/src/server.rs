@@ -126,7 +126,9 @@ pub async fn run(
     let workers = manifest
         .workers
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    let metrics = Metrics::new(false);
+    let metrics = Metrics::new(
+        manifest.metrics.request_metrics_prefix == config::RequestMetricsPrefix::Istio,
+    );
     let access_log = AccessLog::start(&manifest.access_log, metrics.clone())?;
     let callout = Arc::new(ClusterCallout::default());
     let filters = {
@@ -517,8 +519,11 @@ async fn reload_inner(shared: &Arc<Shared>) -> Result<(), String> {
     if manifest.workers != prev.manifest.workers {
         errs.push("changing `workers` needs a restart".into());
     }
-    if manifest.admin != prev.manifest.admin || manifest.access_log != prev.manifest.access_log {
-        errs.push("changing `admin` or `access_log` needs a restart".into());
+    if manifest.admin != prev.manifest.admin
+        || manifest.access_log != prev.manifest.access_log
+        || manifest.metrics != prev.manifest.metrics
+    {
+        errs.push("changing `admin`, `access_log` or `metrics` needs a restart".into());
     }
     if manifest.filter_engine != prev.manifest.filter_engine {
         errs.push("changing `filter_engine` needs a restart".into());

@@ -117,6 +117,38 @@ async fn happy_path(protocol: &str, version: &str) {
         },
     )
     .await;
+    // Who answered, on both sides (Istio's destination_principal): B's own identity on
+    // its inbound side, and on A's outbound side the identity B's certificate proved.
+    assert_eq!(
+        b.metric(
+            "wasmesh_requests_total",
+            &[
+                ("destination_principal", BACKEND),
+                ("source_principal", FRONTEND)
+            ],
+        )
+        .await,
+        3.0
+    );
+    a.wait_for(
+        Duration::from_secs(5),
+        "3 requests with reporter=source, destination_principal=BACKEND",
+        || async {
+            let n = a
+                .metric(
+                    "wasmesh_requests_total",
+                    &[
+                        ("reporter", "source"),
+                        ("destination_principal", BACKEND),
+                        ("source_principal", "unknown"),
+                        ("destination_service", "b"),
+                    ],
+                )
+                .await;
+            (n == 3.0).then_some(())
+        },
+    )
+    .await;
     // Connections are reused: one handshake carried every request.
     assert_eq!(
         b.metric("wasmesh_tls_handshakes_total", &[("listener", "in")])

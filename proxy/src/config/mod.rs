@@ -198,6 +198,20 @@ pub fn validate(file: &Path, m: &Manifest) -> Vec<ConfigError> {
     if m.access_log.buffer_lines == 0 {
         c.err("access_log.buffer_lines", "must be at least 1");
     }
+    if let Some(fields) = &m.access_log.fields {
+        if fields.is_empty() {
+            c.err("access_log.fields", "must name at least one field");
+        }
+        let mut seen = HashSet::new();
+        for (i, f) in fields.iter().enumerate() {
+            if !seen.insert(f) {
+                c.err(
+                    format!("access_log.fields[{i}]"),
+                    format!("duplicate field `{}`", f.name()),
+                );
+            }
+        }
+    }
 
     // Clusters first, so routes can be checked against their names.
     let mut clusters = HashSet::new();

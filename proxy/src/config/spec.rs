@@ -23,6 +23,9 @@ pub struct Manifest {
     pub admin: AdminSpec,
     #[serde(default)]
     pub access_log: AccessLogSpec,
+    /// Prometheus metrics on the admin endpoint.
+    #[serde(default)]
+    pub metrics: MetricsSpec,
     /// How long in-flight requests may take to finish after SIGTERM.
     #[serde(default = "default_drain_timeout", with = "humantime_serde")]
     pub drain_timeout: Duration,
@@ -96,6 +99,9 @@ pub struct AccessLogSpec {
     /// Lines buffered between the request path and the writer; past it lines are dropped and counted.
     #[serde(default = "default_log_buffer")]
     pub buffer_lines: usize,
+    /// The fields of each line, in this order. Default: every field.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fields: Option<Vec<crate::telemetry::access_log::Field>>,
 }
 
 impl Default for AccessLogSpec {
@@ -104,8 +110,28 @@ impl Default for AccessLogSpec {
             enabled: true,
             path: default_log_path(),
             buffer_lines: default_log_buffer(),
+            fields: None,
         }
     }
+}
+
+/// `metrics`: how the admin endpoint's `/metrics` names things.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsSpec {
+    /// Prefix of Istio's four request metrics (`*_requests_total`,
+    /// `*_request_duration_milliseconds`, `*_request_bytes`, `*_response_bytes`):
+    /// `wasmesh` (default) or `istio`, for dashboards written against Istio's names.
+    #[serde(default)]
+    pub request_metrics_prefix: RequestMetricsPrefix,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum RequestMetricsPrefix {
+    #[default]
+    Wasmesh,
+    Istio,
 }
 
 fn yes() -> bool {

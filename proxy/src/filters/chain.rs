@@ -87,6 +87,7 @@ impl Chain {
             wants_resp_body,
             wants_snapshot,
             wants_done,
+            local_response: None,
         }
     }
 }
@@ -145,6 +146,8 @@ pub struct ChainRun {
     wants_resp_body: bool,
     wants_snapshot: bool,
     wants_done: bool,
+    /// The filter (`name@version`) that answered the request itself, and its status.
+    local_response: Option<(String, u16)>,
 }
 
 impl ChainRun {
@@ -309,6 +312,12 @@ impl ChainRun {
         self.ctx.as_ref().map_or(&[], |c| c.attributes.as_slice())
     }
 
+    /// The filter (`name@version`) that answered the request locally, and the status it
+    /// answered with (a fail-closed failure counts: 500 from the failed filter).
+    pub fn local_response(&self) -> Option<(&str, u16)> {
+        self.local_response.as_ref().map(|(f, s)| (f.as_str(), *s))
+    }
+
     /// `name@version` of each filter that ran, in the order they first ran.
     pub fn filters_ran(&self) -> &[String] {
         self.ctx.as_ref().map_or(&[], |c| c.filters_ran.as_slice())
@@ -370,6 +379,7 @@ impl ChainRun {
                             {
                                 ctx.add_flag(flag);
                             }
+                            self.note_local_response(idx, local.status);
                             Step::Stop(Verdict::Respond(local))
                         }
                         Err(e) => self.fail(idx, CallFailure::new("invalid_action", e)),
@@ -610,6 +620,12 @@ impl ChainRun {
         tracing::warn!(filter = %v.entry.name, version = %v.label, kind = f.kind, error = %f.message, "filter call failed");
     }
 
+    fn note_local_response(&mut self, idx: usize, status: StatusCode) {
+        if let Some(e) = self.entries.get(idx) {
+            self.local_response = Some((e.version.label.clone(), status.as_u16()));
+        }
+    }
+
     /// Apply the filter's failure mode. Either way the filter is not called again for
     /// this request.
     fn fail(&mut self, idx: usize, f: CallFailure) -> Step {
@@ -625,6 +641,7 @@ impl ChainRun {
                 if let Some(ctx) = self.ctx_mut() {
                     ctx.add_flag("FE");
                 }
+                self.note_local_response(idx, StatusCode::INTERNAL_SERVER_ERROR);
                 let mut headers = HeaderMap::new();
                 headers.insert(
                     CONTENT_TYPE,

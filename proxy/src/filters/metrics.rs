@@ -51,6 +51,48 @@ pub const MAX_LABEL_SETS: usize = 1000;
 pub const MAX_DYN_METRICS: usize = 1000;
 const MAX_NAME_LEN: usize = 100;
 
+/// The host's own `wasmesh_filter_*` families (registered in [`HostMetrics::new`]): a
+/// filter cannot define a metric whose names would clash with theirs.
+const HOST_FAMILIES: [(&str, MetricType); 9] = [
+    ("wasmesh_filter_requests", MetricType::Counter),
+    ("wasmesh_filter_rollout_percent", MetricType::Gauge),
+    ("wasmesh_filter_rollbacks", MetricType::Counter),
+    ("wasmesh_filter_invocations", MetricType::Counter),
+    ("wasmesh_filter_errors", MetricType::Counter),
+    (
+        "wasmesh_filter_call_duration_seconds",
+        MetricType::Histogram,
+    ),
+    ("wasmesh_filter_hot_swaps", MetricType::Counter),
+    ("wasmesh_filter_load_failures", MetricType::Counter),
+    ("wasmesh_filter_metric_overflow", MetricType::Counter),
+];
+
+/// Every name a family puts in the exposition: its own and its samples' (`_total` of a
+/// counter; `_bucket`, `_count`, `_sum` of a histogram). Two families that share one make
+/// the whole `/metrics` page invalid for a strict parser.
+fn exposed_names(family: &str, kind: MetricType) -> Vec<String> {
+    let suffixes: &[&str] = match kind {
+        MetricType::Counter => &["", "_total"],
+        MetricType::Histogram => &["", "_bucket", "_count", "_sum"],
+        _ => &[""],
+    };
+    suffixes.iter().map(|s| format!("{family}{s}")).collect()
+}
+
+/// HELP text both exposition formats accept as is: one line, no backslash or double quote.
+fn clean_help(help: &str) -> String {
+    help.chars()
+        .take(500)
+        .map(|c| match c {
+            '"' => '\'',
+            '\\' => '/',
+            c if c.is_control() => ' ',
+            c => c,
+        })
+        .collect()
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct VersionLabels {
     pub filter: String,
@@ -374,6 +416,19 @@ impl DynMetrics {
                 "metric {full} is already defined with another kind or labels"
             ));
         }
+        let mine = exposed_names(&full, kind);
+        let others = HOST_FAMILIES
+            .iter()
+            .map(|(n, k)| (n.to_string(), *k))
+            .chain(all.iter().map(|m| (m.name.clone(), m.kind)));
+        for (other, other_kind) in others {
+            if exposed_names(&other, other_kind)
+                .iter()
+                .any(|n| mine.contains(n))
+            {
+                return Err(format!("metric {full} would clash with {other}"));
+            }
+        }
         if all.len() >= MAX_DYN_METRICS {
             return Err(format!(
                 "too many filter metrics (at most {MAX_DYN_METRICS})"
@@ -387,7 +442,7 @@ impl DynMetrics {
         buckets.dedup();
         let m = Arc::new(DynMetric {
             name: full,
-            help: help.chars().take(500).collect(),
+            help: clean_help(help),
             kind,
             label_names: labels.to_vec(),
             buckets,
@@ -426,5 +481,39 @@ impl Collector for DynMetrics {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::DynMetrics;
+    use prometheus_client::metrics::MetricType;
+
+    #[test]
+    fn names_that_would_clash_in_the_exposition_are_refused() {
+        let d = DynMetrics::default();
+        let err = |kind, name: &str| d.define(kind, name, "", &[], &[]).err();
+        assert!(
+            err(MetricType::Counter, "requests").is_some(),
+            "a host family"
+        );
+        assert!(err(MetricType::Gauge, "call_duration_seconds_count").is_some());
+        assert!(err(MetricType::Histogram, "latency").is_none());
+        assert!(err(MetricType::Gauge, "latency_bucket").is_some());
+        assert!(err(MetricType::Counter, "hits").is_none());
+        assert!(err(MetricType::Gauge, "hits_total").is_some());
+        assert!(
+            err(MetricType::Counter, "hits").is_none(),
+            "the same definition again"
+        );
+    }
+
+    #[test]
+    fn help_text_stays_on_one_line_without_escapes() {
+        let d = DynMetrics::default();
+        let m = d
+            .define(MetricType::Counter, "x", "a \"b\"\nc\\d", &[], &[])
+            .expect("defined");
+        assert_eq!(m.help, "a 'b' c/d");
     }
 }

@@ -3,7 +3,9 @@
 //! Request metrics mirror Istio's standard metrics (`*_requests_total`,
 //! `*_request_duration_milliseconds`, `*_request_bytes`, `*_response_bytes`) with Istio's label
 //! names, so existing dashboards work; the rest follows Envoy's vocabulary (upstream
-//! connections, overflow, reloads). Rendered as Prometheus text on the admin endpoint.
+//! connections, overflow, reloads). Rendered on the admin endpoint as OpenMetrics 1.0 text
+//! for scrapers that ask for it (`Accept: application/openmetrics-text`, as Prometheus
+//! does), and as Prometheus text 0.0.4 otherwise ([`Format`]).
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -122,6 +124,7 @@ pub struct Metrics {
     pub upstream_rq_overflow: Family<ClusterLabel, Counter>,
     pub mirror_requests: Family<ClusterLabel, Counter>,
     pub mirror_dropped: Family<ClusterReasonLabel, Counter>,
+    pub upstream_rq_pending_total: Family<ClusterLabel, Counter>,
     pub tcp_cx_total: Family<ListenerLabel, Counter>,
     pub reloads: Family<ResultLabel, Counter>,
     pub access_log_dropped: Counter,
@@ -193,6 +196,7 @@ impl Metrics {
             upstream_rq_overflow: Family::default(),
             mirror_requests: Family::default(),
             mirror_dropped: Family::default(),
+            upstream_rq_pending_total: Family::default(),
             tcp_cx_total: Family::default(),
             reloads: Family::default(),
             access_log_dropped: Counter::default(),
@@ -312,6 +316,11 @@ impl Metrics {
                 m.mirror_dropped.clone(),
             );
             reg.register(
+                "upstream_rq_pending",
+                "Requests that had to wait for a new upstream connection",
+                m.upstream_rq_pending_total.clone(),
+            );
+            reg.register(
                 "tcp_cx",
                 "Connections proxied by TCP listeners",
                 m.tcp_cx_total.clone(),
@@ -389,7 +398,16 @@ impl Metrics {
         Arc::new(m)
     }
 
-    /// Render every registered metric as Prometheus/OpenMetrics text.
+    /// Render every registered metric in `format`.
+    pub fn encode_as(&self, format: Format) -> String {
+        let om = self.encode();
+        match format {
+            Format::OpenMetrics => om,
+            Format::Text004 => openmetrics_to_text004(&om),
+        }
+    }
+
+    /// Render every registered metric as OpenMetrics 1.0 text.
     pub fn encode(&self) -> String {
         let mut out = String::with_capacity(16 * 1024);
         let reg = match self.registry.lock() {
@@ -448,6 +466,89 @@ impl Metrics {
     }
 }
 
+/// An exposition format of `/metrics`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// OpenMetrics 1.0 text: counters' TYPE names without `_total`, ends with `# EOF`.
+    OpenMetrics,
+    /// Prometheus text 0.0.4, what most tools and people expect from a plain GET.
+    Text004,
+}
+
+impl Format {
+    /// OpenMetrics when the client accepts it (Prometheus asks for it first), else 0.0.4.
+    pub fn from_accept(accept: Option<&str>) -> Self {
+        let wants_om = accept.is_some_and(|a| {
+            a.split(',').any(|part| {
+                let mut params = part.split(';');
+                let media = params.next().unwrap_or_default().trim();
+                // `q=0` means "not acceptable".
+                let refused = params.any(|p| {
+                    p.trim()
+                        .strip_prefix("q=")
+                        .and_then(|q| q.trim().parse::<f32>().ok())
+                        .is_some_and(|q| q <= 0.0)
+                });
+                media.eq_ignore_ascii_case("application/openmetrics-text") && !refused
+            })
+        });
+        if wants_om {
+            Format::OpenMetrics
+        } else {
+            Format::Text004
+        }
+    }
+
+    /// The `Content-Type` that declares this format.
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Format::OpenMetrics => "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            Format::Text004 => "text/plain; version=0.0.4; charset=utf-8",
+        }
+    }
+}
+
+/// Rewrite prometheus-client's OpenMetrics output as Prometheus text 0.0.4: a counter's
+/// HELP and TYPE lines name its samples (`x_total`, not `x`), `# UNIT` and `# EOF` go, and
+/// types 0.0.4 lacks become `untyped`. Samples are the same in both formats (we emit no
+/// exemplars and no `_created` series).
+fn openmetrics_to_text004(om: &str) -> String {
+    let mut out = String::with_capacity(om.len() + om.len() / 16);
+    // A HELP line waits for its TYPE line, which says whether the name needs `_total`.
+    let mut help: Option<(&str, &str)> = None;
+    for line in om.lines() {
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            let (name, text) = rest.split_once(' ').unwrap_or((rest, ""));
+            help = Some((name, text));
+        } else if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (orig, kind) = rest.split_once(' ').unwrap_or((rest, "untyped"));
+            let (name, kind) = match kind {
+                "counter" if !orig.ends_with("_total") => (format!("{orig}_total"), kind),
+                "counter" | "gauge" | "histogram" | "summary" => (orig.to_string(), kind),
+                _ => (orig.to_string(), "untyped"),
+            };
+            if let Some((_, text)) = help.take().filter(|(h, _)| *h == orig) {
+                out.push_str("# HELP ");
+                out.push_str(&name);
+                out.push(' ');
+                out.push_str(text);
+                out.push('\n');
+            }
+            out.push_str("# TYPE ");
+            out.push_str(&name);
+            out.push(' ');
+            out.push_str(kind);
+            out.push('\n');
+        } else if line.starts_with("# UNIT ") || line == "# EOF" {
+            continue;
+        } else {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
+}
+
 struct RequestHandles {
     requests: Counter,
     duration: Histogram,
@@ -502,3 +603,34 @@ impl PartialEq for LabelKey {
 }
 
 impl Eq for LabelKey {}
+
+#[cfg(test)]
+mod tests {
+    use super::{openmetrics_to_text004, Format};
+
+    #[test]
+    fn accept_picks_the_format() {
+        let prometheus = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+        assert_eq!(Format::from_accept(Some(prometheus)), Format::OpenMetrics);
+        assert_eq!(Format::from_accept(Some("*/*")), Format::Text004);
+        assert_eq!(Format::from_accept(None), Format::Text004);
+        assert_eq!(
+            Format::from_accept(Some("application/openmetrics-text;q=0, text/plain")),
+            Format::Text004
+        );
+    }
+
+    #[test]
+    fn openmetrics_becomes_text_004() {
+        let om =
+            "# HELP a_requests Requests.\n# TYPE a_requests counter\na_requests_total{x=\"1\"} 2\n\
+                  # HELP a_up Up.\n# TYPE a_up gauge\n# UNIT a_up seconds\na_up 1\n\
+                  # HELP a_info Info.\n# TYPE a_info info\na_info{v=\"1\"} 1\n# EOF\n";
+        assert_eq!(
+            openmetrics_to_text004(om),
+            "# HELP a_requests_total Requests.\n# TYPE a_requests_total counter\na_requests_total{x=\"1\"} 2\n\
+             # HELP a_up Up.\n# TYPE a_up gauge\na_up 1\n\
+             # HELP a_info Info.\n# TYPE a_info untyped\na_info{v=\"1\"} 1\n"
+        );
+    }
+}

@@ -310,7 +310,7 @@ struct Current {
     files: TlsFiles,
     metrics: Arc<Metrics>,
     /// (serial, identity) of the certificate in use.
-    facts: Mutex<(String, String)>,
+    facts: Mutex<(String, Arc<str>)>,
 }
 
 impl Current {
@@ -319,7 +319,7 @@ impl Current {
             owner,
             files,
             metrics,
-            facts: Mutex::new((String::new(), String::new())),
+            facts: Mutex::new((String::new(), Arc::from(""))),
         };
         c.record(m);
         c
@@ -339,7 +339,7 @@ impl Current {
                 .set(at);
         }
         if let Ok(mut f) = self.facts.lock() {
-            *f = (m.serial.clone(), m.identity.to_string());
+            *f = (m.serial.clone(), intern(m.identity.as_str()));
         }
     }
 
@@ -376,6 +376,13 @@ impl Current {
 
     fn serial(&self) -> String {
         self.facts.lock().map(|f| f.0.clone()).unwrap_or_default()
+    }
+
+    fn identity(&self) -> Arc<str> {
+        self.facts
+            .lock()
+            .map(|f| f.1.clone())
+            .unwrap_or_else(|_| Arc::from(""))
     }
 }
 
@@ -419,6 +426,11 @@ impl ServerTls {
     /// Hex serial of the certificate new handshakes present.
     pub fn serial(&self) -> String {
         self.current.serial()
+    }
+
+    /// The SPIFFE ID of the certificate new handshakes present (interned, like peers').
+    pub fn identity(&self) -> Arc<str> {
+        self.current.identity()
     }
 
     pub fn same_spec(&self, spec: &ListenerTlsSpec) -> bool {
@@ -543,6 +555,11 @@ fn rustls_reason(e: &rustls::Error) -> &'static str {
         _ => "other",
     }
 }
+
+/// The upstream's SPIFFE ID, put by the connection pool in the extensions of each response
+/// that came over an mTLS connection (Istio's `destination_principal` on the caller's side).
+#[derive(Clone, Debug)]
+pub struct UpstreamIdentity(pub Arc<str>);
 
 /// The peer's SPIFFE ID after a successful handshake (its verifier already checked it),
 /// interned so equal identities share one `Arc` (the metrics cache keys on the pointer).
