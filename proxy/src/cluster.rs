@@ -772,7 +772,7 @@ impl Cluster {
 
     fn pick_one(&self, set: &EndpointSet, n: usize) -> Option<Arc<Endpoint>> {
         match self.spec.lb_policy {
-            // Ring hash without a key, on the plain path, is random (Envoy's behaviour);
+            // Ring hash without a key spreads like round robin (Envoy picks at random);
             // hashed requests never come here.
             LbPolicy::RoundRobin | LbPolicy::RingHash => {
                 let i = self.rr.fetch_add(1, Ordering::Relaxed) % set.schedule.len().max(1);

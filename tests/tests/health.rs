@@ -376,3 +376,125 @@ async fn panic_mode_spreads_load_over_all_endpoints() {
     );
     assert_eq!(proxy.admin_get("/clusters").await.json()[0]["panic"], true);
 }
+
+/// Health checks of an mTLS cluster go over mTLS (the cluster's own connector and
+/// certificate), in the cluster's protocol: through a second proxy that only takes mTLS.
+#[tokio::test]
+async fn health_checks_of_an_mtls_cluster_use_mtls() {
+    use wasmesh_e2e::mtls::{cluster_tls, listener_tls, MeshCa};
+    const FRONTEND: &str = "spiffe://mesh.local/ns/shop/sa/frontend";
+    const BACKEND: &str = "spiffe://mesh.local/ns/shop/sa/backend";
+    let ca = MeshCa::init("health-mtls");
+    let frontend = ca.issue("frontend", FRONTEND);
+    let backend = ca.issue("backend", BACKEND);
+    for protocol in ["http1", "http2"] {
+        let up = Upstream::named("up").await;
+        let b = Proxy::start(json!({
+            "listeners": [{"name": "in", "address": "127.0.0.1:0",
+                           "tls": listener_tls("strict", &backend, &ca.bundle()),
+                           "routes": [{"cluster": "app"}]}],
+            "clusters": [{"name": "app", "endpoints": endpoints(&[&up])}],
+        }))
+        .await;
+        let b_addr = b.listener("in");
+        let a = Proxy::start(json!({
+            "listeners": [{"name": "out", "address": "127.0.0.1:0", "direction": "outbound",
+                           "routes": [{"cluster": "b"}]}],
+            "clusters": [{"name": "b", "protocol": protocol, "healthy_panic_threshold": 0,
+                          "tls": cluster_tls(&frontend, &ca.bundle(), &[BACKEND]),
+                          "endpoints": [{"address": b_addr.to_string()}],
+                          "health_check": {"path": HEALTH_PATH, "interval": "100ms",
+                                           "timeout": "1s", "unhealthy_threshold": 1}}],
+        }))
+        .await;
+        assert_eq!(
+            endpoint_status(&a, "b", b_addr).await["health"],
+            "healthy",
+            "{protocol}"
+        );
+        let check = up
+            .requests()
+            .into_iter()
+            .find(|r| r.path == HEALTH_PATH)
+            .expect("a check reached the upstream through B");
+        assert_eq!(check.header("user-agent"), Some("wasmesh-health-check"));
+        let line = b
+            .log_entry("a health check in B's log", |l| l["path"] == HEALTH_PATH)
+            .await;
+        assert_eq!(line["peer_identity"], FRONTEND, "{protocol}: {line}");
+        assert_eq!(
+            Req::get("/x").send(a.listener("out")).await.status,
+            200,
+            "{protocol}"
+        );
+
+        up.set_default(Behavior::Status(503));
+        wait_health(&a, "b", b_addr, "unhealthy", 5).await;
+        let r = Req::get("/x").send(a.listener("out")).await;
+        assert_eq!(r.status, 503, "{protocol}");
+        assert_eq!(r.text(), "no healthy upstream\n", "{protocol}");
+    }
+}
+
+/// Success-rate ejection: among five endpoints with enough requests, the one failing far
+/// more often than the others is ejected; the others, one of them a little noisy, are not.
+#[tokio::test]
+async fn success_rate_ejects_the_outlier_only() {
+    let ups: Vec<Upstream> = futures_util::future::join_all(
+        (0..5).map(|i| async move { Upstream::named(&format!("u{i}")).await }),
+    )
+    .await;
+    // u4 always fails; u0 fails one request in ten; the rest never.
+    ups[4].set_default(Behavior::Status(500));
+    for _ in 0..100 {
+        ups[0].fail_times(1, 500);
+        for _ in 0..9 {
+            ups[0].push(Behavior::Status(200));
+        }
+    }
+    let refs: Vec<&Upstream> = ups.iter().collect();
+    let proxy = Proxy::start(json!({
+        "listeners": [{"name": "in", "address": "127.0.0.1:0", "routes": [{"cluster": "app"}]}],
+        "clusters": [{"name": "app", "endpoints": endpoints(&refs),
+                      "outlier_detection": {"consecutive_5xx": 0, "consecutive_gateway_failure": 0,
+                                            "interval": "1s", "base_ejection_time": "30s",
+                                            "max_ejection_percent": 50,
+                                            "success_rate_minimum_hosts": 5,
+                                            "success_rate_request_volume": 20}}],
+    }))
+    .await;
+    let l = proxy.listener("in");
+    // Traffic until an interval has seen enough of it (round robin: 10 each per round).
+    proxy
+        .wait_for(
+            Duration::from_secs(20),
+            "a success-rate ejection",
+            || async {
+                let _ = spread(l, 50, |_| Req::get("/x")).await;
+                let n = proxy
+                    .metric(
+                        "wasmesh_outlier_detection_ejections_total",
+                        &[("cluster", "app"), ("reason", "success_rate")],
+                    )
+                    .await;
+                (n >= 1.0).then_some(())
+            },
+        )
+        .await;
+    assert_eq!(
+        endpoint_status(&proxy, "app", ups[4].addr()).await["health"],
+        "ejected"
+    );
+    for u in &ups[..4] {
+        assert_eq!(
+            endpoint_status(&proxy, "app", u.addr()).await["health"],
+            "healthy"
+        );
+    }
+    assert_eq!(
+        proxy
+            .metric("wasmesh_outlier_detection_ejections_total", &[])
+            .await,
+        1.0
+    );
+}

@@ -437,7 +437,7 @@ pub struct RouteSpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub request_mirror_policies: Vec<MirrorPolicySpec>,
     /// What a hashing load balancer (`ring_hash`) hashes (Envoy's `hash_policy`): the first
-    /// entry that yields a value wins; none: a random endpoint.
+    /// entry that yields a value wins; none: weighted round robin.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub hash_policy: Vec<HashPolicySpec>,
     /// Choose the region this request is served from (a header, a geo header set at the
