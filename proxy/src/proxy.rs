@@ -12,6 +12,7 @@ use crate::routing::{normalize_path, RequestView, Route, RouteAction};
 use crate::server::{ListenerRuntime, Shared};
 use crate::telemetry::access_log::{now_rfc3339, Entry};
 use crate::telemetry::metrics::RequestLabels;
+use crate::telemetry::otel::{RequestTrace, ServerEnd};
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri, Version};
@@ -54,6 +55,12 @@ struct Exchange {
     bytes_in: Arc<AtomicU64>,
     /// The mTLS peer's SPIFFE ID (interned: the metrics cache keys on the pointer).
     peer_identity: Option<Arc<str>>,
+    /// The SERVER span (tracing on), ended with the request.
+    trace: RequestTrace,
+    /// Hex ids for logs and filters: the proxy's SERVER span, or with tracing off the
+    /// caller's span from `traceparent`/B3.
+    trace_id: Option<String>,
+    span_id: Option<String>,
 }
 
 /// Headers only the proxy may set; stripped from client requests so no one can forge them.
@@ -83,6 +90,11 @@ pub async fn handle(
 ) -> Result<Response<Body>, std::convert::Infallible> {
     let (parts, body) = req.into_parts();
     let bytes_in = Arc::new(AtomicU64::new(0));
+    let trace =
+        shared
+            .tracing
+            .start_server(&parts, conn.peer, conn.local, conn.peer_identity.is_some());
+    let (trace_id, span_id) = trace.ids(&parts.headers).unzip();
     let mut x = Exchange {
         start: Instant::now(),
         method: parts.method.clone(),
@@ -108,6 +120,9 @@ pub async fn handle(
         reason: None,
         bytes_in: bytes_in.clone(),
         peer_identity: conn.peer_identity.clone(),
+        trace,
+        trace_id,
+        span_id,
     };
     let body: Body = CountingBody::new(
         body.map_err(|e| Box::new(e) as BoxError).boxed_unsync(),
@@ -176,6 +191,7 @@ async fn serve(
     };
     let route: &Route = routes.find(&view).ok_or((ProxyError::NoRoute, None))?;
     x.route = Some(route.name.clone());
+    x.trace.set_route(&route.template);
 
     match &route.action {
         RouteAction::Redirect {
@@ -216,19 +232,22 @@ async fn serve(
     }
 
     // 3. Request-side filters. From here on the chain goes back with any error.
-    let trace = crate::trace::TraceContext::from_headers(&parts.headers);
     let mut chain = if route.chain.is_empty() {
         None
     } else {
-        Some(route.chain.start(RequestInfo {
+        let mut run = route.chain.start(RequestInfo {
             request_id: x.request_id.clone(),
             source_addr: x.client,
             peer_identity: conn.peer_identity.as_ref().map(|s| s.to_string()),
             route: route.name.clone(),
             scheme: "http",
-            trace_id: trace.as_ref().map(|t| t.trace_id.clone()),
-            span_id: trace.map(|t| t.parent_id),
-        }))
+            trace_id: x.trace_id.clone(),
+            span_id: x.span_id.clone(),
+        });
+        if x.trace.is_recording() {
+            run.record_timings();
+        }
+        Some(run)
     };
     let mut body = body;
     if let Some(run) = chain.as_mut() {
@@ -296,6 +315,9 @@ async fn serve(
         x,
         upgrade,
     );
+    let client_span = x
+        .trace
+        .start_client(endpoint.addr, &cluster.name, &mut parts);
     let upstream_req = Request::from_parts(parts, body);
 
     endpoint.active.fetch_add(1, Ordering::Relaxed);
@@ -323,6 +345,7 @@ async fn serve(
     };
     endpoint.active.fetch_sub(1, Ordering::Relaxed);
     active.dec();
+    client_span.end(result.as_ref().map(|r| r.status()));
     let mut resp = match result {
         Ok(r) => r,
         Err(e) => return Err((e, chain)),
@@ -422,6 +445,7 @@ impl Done {
         let mut flags: Vec<String> = std::mem::take(&mut self.x.flags);
         let mut filters_ran = Vec::new();
         let mut attributes = Vec::new();
+        let mut filter_timings = Vec::new();
         if let Some(mut chain) = self.chain.take() {
             // Building the outcome costs a few allocations: only when a done hook reads it.
             if chain.wants_done() {
@@ -439,6 +463,7 @@ impl Done {
             flags.extend(chain.response_flags().iter().cloned());
             filters_ran = chain.filters_ran().to_vec();
             attributes = chain.attributes().to_vec();
+            filter_timings = chain.take_timings();
         }
         flags.dedup();
         let flags_str = if flags.is_empty() {
@@ -446,6 +471,14 @@ impl Done {
         } else {
             flags.join(",")
         };
+        self.x.trace.end(&ServerEnd {
+            status: self.status,
+            flags: &flags_str,
+            route: self.x.route.as_deref(),
+            cluster: self.x.cluster.as_ref().map(|c| &*c.name),
+            upstream: self.x.endpoint.as_ref().map(|e| e.addr),
+            filters: &filter_timings,
+        });
         let x = &self.x;
         let shared = &self.shared;
         let route: Arc<str> = x.route.clone().unwrap_or_else(|| Arc::from("-"));

@@ -83,6 +83,8 @@ pub struct Shared {
     pub listeners: Vec<Arc<ListenerRuntime>>,
     pub metrics: Arc<Metrics>,
     pub access_log: AccessLog,
+    /// OTLP trace export (off unless configured).
+    pub tracing: crate::telemetry::otel::Tracing,
     pub node: Node,
     /// The label value for unknown peers and workloads.
     pub unknown: Arc<str>,
@@ -123,6 +125,12 @@ pub async fn run(
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     let metrics = Metrics::new(false);
     let access_log = AccessLog::start(&manifest.access_log, metrics.clone())?;
+    let tracing = crate::telemetry::otel::Tracing::start(
+        manifest.tracing.as_ref(),
+        manifest.node.workload.as_deref(),
+        &metrics,
+    )
+    .map_err(|e| StartError::Build(e.to_string()))?;
     let callout = Arc::new(ClusterCallout::default());
     let filters = {
         let mut reg = metrics
@@ -199,6 +207,7 @@ pub async fn run(
         listeners,
         metrics,
         access_log,
+        tracing,
         unknown: Arc::from("unknown"),
         no_flags: Arc::from("-"),
         filters: filters.clone(),
@@ -280,6 +289,9 @@ pub async fn run(
     })
     .await
     .map_err(|e| StartError::Build(format!("worker join: {e}")))?;
+    // The workers are gone: their last spans are queued; send them before exiting.
+    let tracing = shared.tracing.clone();
+    let _ = tokio::task::spawn_blocking(move || tracing.shutdown()).await;
     Ok(())
 }
 
@@ -475,6 +487,9 @@ async fn reload_inner(shared: &Arc<Shared>) -> Result<(), String> {
     }
     if manifest.filter_engine != prev.manifest.filter_engine {
         errs.push("changing `filter_engine` needs a restart".into());
+    }
+    if manifest.tracing != prev.manifest.tracing {
+        errs.push("changing `tracing` needs a restart".into());
     }
     if !errs.is_empty() {
         return Err(errs.join("\n"));
