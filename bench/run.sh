@@ -64,7 +64,7 @@ die() { log "error: $*"; exit 1; }
 #     scenario wasmesh-passthrough wasmesh "$BENCH/templates/wasmesh-passthrough.json"
 # then run with SCENARIOS="direct wasmesh wasmesh-passthrough nginx haproxy".
 # Templates may use @PORT@ @H2_PORT@ @ADMIN_PORT@ @UPSTREAM@ @TMP@ @ROOT@ @USER_LINE@.
-declare -A KIND=() TEMPLATE=() PORT=() H2PORT=() PID=() SKIPPED=()
+declare -A KIND=() TEMPLATE=() PORT=() H2PORT=() PID=() SKIPPED=() ADMIN=()
 scenario() { KIND[$1]=$2; TEMPLATE[$1]=${3:-}; }
 
 scenario direct  direct
@@ -75,12 +75,18 @@ scenario haproxy haproxy "$BENCH/templates/haproxy.cfg"
 # of reference filters (headers, ratelimit with a limit never reached, authz allowing all).
 scenario wasmesh-filter1 wasmesh "$BENCH/templates/wasmesh-filter1.json"
 scenario wasmesh-filter3 wasmesh "$BENCH/templates/wasmesh-filter3.json"
+# wasmesh exporting every request's spans (100% sampling) over OTLP/gRPC to otlp-sink, a
+# small collector that decodes and counts them (tests/src/bin/otlp-sink.rs). Compare with
+# the plain `wasmesh` column; the dropped-span count is printed at the end of the run.
+scenario wasmesh-tracing wasmesh "$BENCH/templates/wasmesh-tracing.json"
 
 read -r -a NAMES <<<"$SCENARIOS"
 for n in "${NAMES[@]}"; do
     [[ -n ${KIND[$n]:-} ]] || die "unknown scenario '$n' (known: ${!KIND[*]})"
 done
 uses_kind() { local n; for n in "${NAMES[@]}"; do [[ ${KIND[$n]} == "$1" ]] && return 0; done; return 1; }
+# Scenarios whose template exports spans need the OTLP sink.
+uses_otlp() { local n; for n in "${NAMES[@]}"; do [[ -n ${TEMPLATE[$n]} ]] && grep -q '@OTLP@' "${TEMPLATE[$n]}" && return 0; done; return 1; }
 skip() { SKIPPED[$1]=$2; log "SKIPPING $1: $2"; }
 
 # ------------------------------------------------------------------ tools
@@ -124,6 +130,10 @@ if [[ $BUILD == 1 ]]; then
         if [[ " ${NAMES[*]} " == *" wasmesh-filter"* ]]; then
             log "scripts/build-filters.sh (filter scenarios)"
             "$ROOT/scripts/build-filters.sh" >&2 || die "scripts/build-filters.sh failed"
+        fi
+        if uses_otlp; then
+            log "cargo build --release -p wasmesh-e2e --bin otlp-sink"
+            cargo build --release -p wasmesh-e2e --bin otlp-sink >&2 || die "cannot build otlp-sink"
         fi
         if ! cargo build --release -p wasmesh -p demo-upstream >&2; then
             for n in "${NAMES[@]}"; do
@@ -190,7 +200,7 @@ render() { # render TEMPLATE OUT NAME
     [[ $EUID -eq 0 ]] && user_line="user root root;"
     sed -e "s|@PORT@|${PORT[$3]}|g" -e "s|@H2_PORT@|${H2PORT[$3]}|g" \
         -e "s|@ADMIN_PORT@|${ADMIN_PORT:-0}|g" -e "s|@UPSTREAM@|$UPSTREAM|g" \
-        -e "s|@TMP@|$TMP|g" -e "s|@ROOT@|$ROOT|g" -e "s|@USER_LINE@|$user_line|g" \
+        -e "s|@TMP@|$TMP|g" -e "s|@OTLP@|${OTLP:-127.0.0.1:4317}|g" -e "s|@ROOT@|$ROOT|g" -e "s|@USER_LINE@|$user_line|g" \
         "$1" >"$2"
 }
 
@@ -207,6 +217,22 @@ UPSTREAM=$(awk '/listening on/ {print $NF}' "$TMP/upstream.out")
 [[ -n $UPSTREAM ]] || die "demo-upstream did not start: $(cat "$TMP/upstream.out")"
 log "upstream at $UPSTREAM"
 
+# The OTLP sink shares the load CPU with oha and the upstream: it is the collector a
+# traced proxy would export to, not part of the proxy's cost.
+OTLP=""
+if uses_otlp; then
+    [[ -x $RELEASE/otlp-sink ]] || die "$RELEASE/otlp-sink not found (BUILD=0?)"
+    "${ON_LOAD_CPU[@]}" "$RELEASE/otlp-sink" --listen 127.0.0.1:0 >"$TMP/otlp-sink.out" 2>&1 &
+    STARTED+=($!)
+    for _ in $(seq 100); do
+        grep -q 'listening on' "$TMP/otlp-sink.out" && break
+        sleep 0.05
+    done
+    OTLP=$(awk '/listening on/ {print $NF}' "$TMP/otlp-sink.out")
+    [[ -n $OTLP ]] || die "otlp-sink did not start: $(cat "$TMP/otlp-sink.out")"
+    log "OTLP sink at $OTLP"
+fi
+
 # ------------------------------------------------------------------ proxies
 # start_KIND NAME: start the scenario's process pinned to PROXY_CPU, set PORT, H2PORT
 # and PID (empty for direct), wait until it serves. Return non-zero on failure.
@@ -222,6 +248,7 @@ start_wasmesh() {
     PORT[$n]=${ports[0]}
     H2PORT[$n]=${ports[0]}        # HTTP/1.1 and h2c on one port
     ADMIN_PORT=${ports[1]}
+    ADMIN[$n]=$ADMIN_PORT
     render "${TEMPLATE[$n]}" "$cfg" "$n"
     "${ON_PROXY_CPU[@]}" "$RELEASE/wasmesh" run "$cfg" >"$TMP/$n.log" 2>&1 &
     PID[$n]=$!
@@ -357,6 +384,20 @@ log "other processes used ${FOREIGN}% of the machine's CPU during the measuremen
 
 for n in "${MEASURED[@]}"; do
     if [[ -n ${PID[$n]} ]]; then python3 "$LIB" mem-record "${PID[$n]}" "$n" end >>"$MEM"; fi
+done
+# Tracing scenarios: spans exported and dropped over the whole run (target: none dropped).
+for n in "${MEASURED[@]}"; do
+    if [[ -n ${ADMIN[$n]:-} ]] && grep -q '@OTLP@' "${TEMPLATE[$n]}"; then
+        sleep 2   # the last batch leaves within batch_delay (1 s)
+        python3 - "http://127.0.0.1:${ADMIN[$n]}/metrics" "$n" <<'EOF' >&2
+import sys, urllib.request
+text = urllib.request.urlopen(sys.argv[1], timeout=5).read().decode()
+v = {l.split()[0]: float(l.split()[1]) for l in text.splitlines()
+     if l.startswith("wasmesh_tracing_spans_")}
+print(f"[bench] {sys.argv[2]}: spans exported {v.get('wasmesh_tracing_spans_exported_total', 0):.0f}, "
+      f"dropped {v.get('wasmesh_tracing_spans_dropped_total', 0):.0f}")
+EOF
+    fi
 done
 
 # ------------------------------------------------------------------ report

@@ -5,5 +5,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
 ./scripts/build-filters.sh
-cargo build -p wasmesh -p demo-upstream
-cargo test "$@"
+# One feature resolution for everything: `cargo build -p wasmesh` on its own resolves other
+# features for shared dependencies than a workspace `cargo test` does (the test crate's
+# dependencies turn some on) and would build wasmtime and friends a second time. So the
+# binaries come from the same invocation shape as the tests, and the harness is told not to
+# rebuild the proxy.
+cargo build -p wasmesh -p demo-upstream -p wasmesh-e2e --all-targets
+WASMESH_E2E_NO_BUILD=1 cargo test "$@"

@@ -84,6 +84,14 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Resp {
             let snap = shared.snapshot();
             let mut v = serde_json::to_value(&snap.manifest).unwrap_or_default();
             redact(&mut v);
+            // Exporter headers usually carry a collector's API key.
+            if let Some(h) = v
+                .pointer_mut("/tracing/headers")
+                .and_then(|h| h.as_object_mut())
+            {
+                h.values_mut()
+                    .for_each(|x| *x = serde_json::Value::String("[redacted]".into()));
+            }
             json(&serde_json::json!({
                 "manifest_path": shared.manifest_path.display().to_string(),
                 "last_reload_error": shared.last_reload_error.lock().ok().and_then(|e| e.clone()),

@@ -95,8 +95,17 @@ pub(crate) async fn forward(
             return Err(ProxyError::UpstreamReset);
         };
         let per_try = policy.and_then(|p| p.per_try_timeout);
+        let mut parts = parts;
+        // Each attempt is its own CLIENT span, and the upstream sees that span as parent.
+        let span = x
+            .trace
+            .start_client(endpoint.addr, &cluster.name, &mut parts);
         let req = Request::from_parts(parts, body.take());
         let result = attempt(cluster, &endpoint, req, per_try, deadline).await;
+        span.end(match &result {
+            Ok(r) => Ok(r.status()),
+            Err(Attempt::Failed(_, e) | Attempt::Fatal(e)) => Err(e),
+        });
         x.endpoint = Some(endpoint.clone());
         match &result {
             Ok(resp) => {

@@ -11,6 +11,7 @@ use crate::routing::{normalize_path, RequestView, Route, RouteAction};
 use crate::server::{ListenerRuntime, Shared};
 use crate::telemetry::access_log::{now_rfc3339, Entry, LocalResponseLog};
 use crate::telemetry::metrics::RequestLabels;
+use crate::telemetry::otel::{RequestTrace, ServerEnd};
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri, Version};
@@ -60,7 +61,10 @@ pub(crate) struct Exchange {
     /// Who answered, as Istio's `destination_principal`: this proxy's own SPIFFE ID on an
     /// inbound mTLS connection, the upstream's on an mTLS cluster (set in `finish`).
     pub(crate) destination_principal: Option<Arc<str>>,
-    /// The caller's trace context (`traceparent` or B3), for the access log.
+    /// The SERVER span (tracing on), ended with the request.
+    pub(crate) trace: RequestTrace,
+    /// Hex ids for logs and filters: the proxy's SERVER span, or with tracing off the
+    /// caller's span from `traceparent`/B3.
     pub(crate) trace_id: Option<String>,
     pub(crate) span_id: Option<String>,
 }
@@ -92,6 +96,11 @@ pub async fn handle(
 ) -> Result<Response<Body>, std::convert::Infallible> {
     let (parts, body) = req.into_parts();
     let bytes_in = Arc::new(AtomicU64::new(0));
+    let trace =
+        shared
+            .tracing
+            .start_server(&parts, conn.peer, conn.local, conn.peer_identity.is_some());
+    let (trace_id, span_id) = trace.ids(&parts.headers).unzip();
     let mut x = Exchange {
         start: Instant::now(),
         method: parts.method.clone(),
@@ -119,13 +128,10 @@ pub async fn handle(
         peer_identity: conn.peer_identity.clone(),
         inflight: None,
         destination_principal: conn.local_identity.clone(),
-        trace_id: None,
-        span_id: None,
+        trace,
+        trace_id,
+        span_id,
     };
-    if let Some(t) = crate::trace::TraceContext::from_headers(&parts.headers) {
-        x.trace_id = Some(t.trace_id);
-        x.span_id = Some(t.parent_id);
-    }
     let body: Body = CountingBody::new(
         body.map_err(|e| Box::new(e) as BoxError).boxed_unsync(),
         bytes_in,
@@ -193,6 +199,7 @@ async fn serve(
     };
     let route: &Route = routes.find(&view).ok_or((ProxyError::NoRoute, None))?;
     x.route = Some(route.name.clone());
+    x.trace.set_route(&route.template);
 
     match &route.action {
         RouteAction::Redirect {
@@ -233,19 +240,22 @@ async fn serve(
     }
 
     // 3. Request-side filters. From here on the chain goes back with any error.
-    let trace = crate::trace::TraceContext::from_headers(&parts.headers);
     let mut chain = if route.chain.is_empty() {
         None
     } else {
-        Some(route.chain.start(RequestInfo {
+        let mut run = route.chain.start(RequestInfo {
             request_id: x.request_id.clone(),
             source_addr: x.client,
             peer_identity: conn.peer_identity.as_ref().map(|s| s.to_string()),
             route: route.name.clone(),
             scheme: "http",
-            trace_id: trace.as_ref().map(|t| t.trace_id.clone()),
-            span_id: trace.map(|t| t.parent_id),
-        }))
+            trace_id: x.trace_id.clone(),
+            span_id: x.span_id.clone(),
+        });
+        if x.trace.is_recording() {
+            run.record_timings();
+        }
+        Some(run)
     };
     let mut body = body;
     if let Some(run) = chain.as_mut() {
@@ -435,6 +445,7 @@ impl Done {
         let mut filters_ran = Vec::new();
         let mut attributes = Vec::new();
         let mut local_response: Option<(String, u16)> = None;
+        let mut filter_timings = Vec::new();
         if let Some(mut chain) = self.chain.take() {
             // Building the outcome costs a few allocations: only when a done hook reads it.
             if chain.wants_done() {
@@ -453,6 +464,7 @@ impl Done {
             filters_ran = chain.filters_ran().to_vec();
             attributes = chain.attributes().to_vec();
             local_response = chain.local_response().map(|(f, s)| (f.to_string(), s));
+            filter_timings = chain.take_timings();
         }
         flags.dedup();
         let flags_str = if flags.is_empty() {
@@ -460,6 +472,14 @@ impl Done {
         } else {
             flags.join(",")
         };
+        self.x.trace.end(&ServerEnd {
+            status: self.status,
+            flags: &flags_str,
+            route: self.x.route.as_deref(),
+            cluster: self.x.cluster.as_ref().map(|c| &*c.name),
+            upstream: self.x.endpoint.as_ref().map(|e| e.addr),
+            filters: &filter_timings,
+        });
         let x = &self.x;
         let shared = &self.shared;
         let route: Arc<str> = x.route.clone().unwrap_or_else(|| Arc::from("-"));

@@ -16,6 +16,9 @@ use std::time::Duration;
 /// A compiled route.
 pub struct Route {
     pub name: Arc<str>,
+    /// The path the route matches as a low-cardinality template (`http.route` in spans):
+    /// the exact path, `PREFIX*`, or the regex.
+    pub template: Arc<str>,
     matcher: RouteMatch,
     pub action: RouteAction,
     pub prefix_rewrite: Option<(String, String)>,
@@ -338,8 +341,15 @@ impl RouteTable {
                     .map(|q| Ok((q.name.clone(), value(&q.exact, &q.regex, q.present)?)))
                     .collect::<Result<_, String>>()?,
             };
+            let template: Arc<str> = Arc::from(match (&m.path, &m.prefix, &m.regex) {
+                (Some(p), _, _) => p.clone(),
+                (_, Some(p), _) => format!("{p}*"),
+                (_, _, Some(r)) => r.clone(),
+                _ => "/*".to_string(),
+            });
             routes.push(Route {
                 name,
+                template,
                 matcher,
                 action,
                 prefix_rewrite: match (&s.prefix_rewrite, &m.prefix) {

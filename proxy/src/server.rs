@@ -87,6 +87,8 @@ pub struct Shared {
     pub listeners: Vec<Arc<ListenerRuntime>>,
     pub metrics: Arc<Metrics>,
     pub access_log: AccessLog,
+    /// OTLP trace export (off unless configured).
+    pub tracing: crate::telemetry::otel::Tracing,
     pub node: Node,
     /// The label value for unknown peers and workloads.
     pub unknown: Arc<str>,
@@ -130,6 +132,12 @@ pub async fn run(
         manifest.metrics.request_metrics_prefix == config::RequestMetricsPrefix::Istio,
     );
     let access_log = AccessLog::start(&manifest.access_log, metrics.clone())?;
+    let tracing = crate::telemetry::otel::Tracing::start(
+        manifest.tracing.as_ref(),
+        manifest.node.workload.as_deref(),
+        &metrics,
+    )
+    .map_err(|e| StartError::Build(e.to_string()))?;
     let callout = Arc::new(ClusterCallout::default());
     let filters = {
         let mut reg = metrics
@@ -206,6 +214,7 @@ pub async fn run(
         listeners,
         metrics,
         access_log,
+        tracing,
         unknown: Arc::from("unknown"),
         no_flags: Arc::from("-"),
         filters: filters.clone(),
@@ -287,6 +296,9 @@ pub async fn run(
     })
     .await
     .map_err(|e| StartError::Build(format!("worker join: {e}")))?;
+    // The workers are gone: their last spans are queued; send them before exiting.
+    let tracing = shared.tracing.clone();
+    let _ = tokio::task::spawn_blocking(move || tracing.shutdown()).await;
     Ok(())
 }
 
@@ -527,6 +539,9 @@ async fn reload_inner(shared: &Arc<Shared>) -> Result<(), String> {
     }
     if manifest.filter_engine != prev.manifest.filter_engine {
         errs.push("changing `filter_engine` needs a restart".into());
+    }
+    if manifest.tracing != prev.manifest.tracing {
+        errs.push("changing `tracing` needs a restart".into());
     }
     if !errs.is_empty() {
         return Err(errs.join("\n"));

@@ -1,8 +1,8 @@
 //! Trace context carried by a request: W3C `traceparent` (and B3 headers as a fallback).
 //!
-//! The proxy does not export spans yet; what it reads here is the caller's context, which
-//! filters see through the SDK (`trace-id`, `span-id`: the caller's span) and which the
-//! upstream receives unchanged, so traces stay connected across wasmesh hops.
+//! The parsing only: `crate::telemetry::otel` turns the caller's context into the parent of
+//! the proxy's SERVER span (tracing on), or hands it to filters and the upstream unchanged
+//! (tracing off).
 
 use http::HeaderMap;
 

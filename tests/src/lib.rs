@@ -29,6 +29,7 @@ pub mod binary;
 pub mod client;
 pub mod filter_builds;
 pub mod mtls;
+pub mod otlp;
 pub mod proxy;
 pub mod raw;
 pub mod upstream;

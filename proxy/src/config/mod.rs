@@ -212,6 +212,9 @@ pub fn validate(file: &Path, m: &Manifest) -> Vec<ConfigError> {
             }
         }
     }
+    if let Some(t) = &m.tracing {
+        check_tracing(&mut c, t);
+    }
 
     // Clusters first, so routes can be checked against their names.
     let mut clusters = HashSet::new();
@@ -670,6 +673,43 @@ fn check_route_balancing(c: &mut Checker<'_>, p: &str, r: &RouteSpec) {
 
 /// Request headers with this prefix are the proxy's own and are stripped on arrival.
 const INTERNAL_HEADER_PREFIX: &str = "x-wasmesh-";
+
+fn check_tracing(c: &mut Checker<'_>, t: &TracingSpec) {
+    if let Some(e) = &t.endpoint {
+        if let Err(msg) = crate::telemetry::otel::check_endpoint(e) {
+            c.err("tracing.endpoint", msg);
+        }
+    }
+    for (k, v) in &t.headers {
+        c.header_name(format!("tracing.headers.{k}"), k);
+        c.header_value(format!("tracing.headers.{k}"), v);
+    }
+    if let Some(n) = &t.service_name {
+        if n.trim().is_empty() {
+            c.err("tracing.service_name", "must not be empty");
+        }
+    }
+    if !(0.0..=1.0).contains(&t.sampling.ratio) {
+        c.err("tracing.sampling.ratio", "must be between 0 and 1");
+    }
+    if t.max_queue_size == 0 {
+        c.err("tracing.max_queue_size", "must be at least 1");
+    }
+    if t.batch_size == 0 {
+        c.err("tracing.batch_size", "must be at least 1");
+    } else if t.batch_size > t.max_queue_size {
+        c.err(
+            "tracing.batch_size",
+            format!("must not exceed max_queue_size ({})", t.max_queue_size),
+        );
+    }
+    if t.batch_delay.is_zero() {
+        c.err("tracing.batch_delay", "must be more than 0s");
+    }
+    if t.export_timeout.is_zero() {
+        c.err("tracing.export_timeout", "must be more than 0s");
+    }
+}
 
 fn check_identities(c: &mut Checker<'_>, p: &str, ids: &[String]) {
     for (j, id) in ids.iter().enumerate() {

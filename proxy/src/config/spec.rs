@@ -26,6 +26,9 @@ pub struct Manifest {
     /// Prometheus metrics on the admin endpoint.
     #[serde(default)]
     pub metrics: MetricsSpec,
+    /// OTLP trace export. Off unless this section or `OTEL_EXPORTER_OTLP_ENDPOINT` is set.
+    #[serde(default)]
+    pub tracing: Option<TracingSpec>,
     /// How long in-flight requests may take to finish after SIGTERM.
     #[serde(default = "default_drain_timeout", with = "humantime_serde")]
     pub drain_timeout: Duration,
@@ -1090,4 +1093,100 @@ fn default_instance_memory_mib() -> usize {
 }
 fn default_instances_per_worker() -> usize {
     4
+}
+
+/// How spans reach a collector (the `tracing` section). `OTEL_*` environment variables
+/// override these fields (see `crate::telemetry::otel`).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TracingSpec {
+    /// Export spans at all. Default: true when the section is present.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// The collector: `http://HOST:4317` for gRPC; for HTTP a base URL (`/v1/traces` is
+    /// appended when it has no path) or the full traces URL.
+    /// Default: `http://127.0.0.1:4317` (gRPC) or `http://127.0.0.1:4318` (HTTP).
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    #[serde(default)]
+    pub protocol: OtlpProtocol,
+    /// Sent with every export (e.g. an API key).
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// `service.name` of the spans. Default: `node.workload`, else `wasmesh`.
+    #[serde(default)]
+    pub service_name: Option<String>,
+    #[serde(default)]
+    pub sampling: SamplingSpec,
+    /// Finished spans waiting for export; past it spans are dropped and counted.
+    #[serde(default = "default_trace_queue")]
+    pub max_queue_size: usize,
+    /// Spans sent per export request.
+    #[serde(default = "default_trace_batch")]
+    pub batch_size: usize,
+    /// Longest wait before a partial batch is sent.
+    #[serde(default = "default_trace_delay", with = "humantime_serde")]
+    pub batch_delay: Duration,
+    /// An export that takes longer is abandoned (its spans counted as dropped).
+    #[serde(default = "default_export_timeout", with = "humantime_serde")]
+    pub export_timeout: Duration,
+}
+
+impl Default for TracingSpec {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            endpoint: None,
+            protocol: OtlpProtocol::default(),
+            headers: BTreeMap::new(),
+            service_name: None,
+            sampling: SamplingSpec::default(),
+            max_queue_size: default_trace_queue(),
+            batch_size: default_trace_batch(),
+            batch_delay: default_trace_delay(),
+            export_timeout: default_export_timeout(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum OtlpProtocol {
+    /// OTLP/gRPC (port 4317).
+    #[default]
+    Grpc,
+    /// OTLP/HTTP with protobuf bodies (port 4318).
+    #[serde(rename = "http/protobuf")]
+    HttpProtobuf,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SamplingSpec {
+    /// Share of new traces recorded, 0 to 1. A request that carries a sampling decision
+    /// (`traceparent` flags, `x-b3-sampled`) keeps it: parent-based sampling.
+    #[serde(default = "one")]
+    pub ratio: f64,
+}
+
+impl Default for SamplingSpec {
+    fn default() -> Self {
+        Self { ratio: 1.0 }
+    }
+}
+
+fn one() -> f64 {
+    1.0
+}
+fn default_trace_queue() -> usize {
+    2048
+}
+fn default_trace_batch() -> usize {
+    512
+}
+fn default_trace_delay() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_export_timeout() -> Duration {
+    Duration::from_secs(5)
 }

@@ -18,11 +18,12 @@ use super::instance::{self, CallFailure};
 use super::slot::{Candidate, EntryShared, FilterSlot, FilterVersion};
 use super::{LocalResponse, Outcome, RequestInfo, Verdict};
 use crate::config::FailureMode;
+use crate::telemetry::otel::FilterTiming;
 use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
 use http::{HeaderMap, StatusCode};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 use wasmtime::component::Resource;
 
 /// Callouts (and their follow-ups) one hook may chain before it counts as a failure.
@@ -88,6 +89,7 @@ impl Chain {
             wants_snapshot,
             wants_done,
             local_response: None,
+            timings: None,
         }
     }
 }
@@ -148,9 +150,43 @@ pub struct ChainRun {
     wants_done: bool,
     /// The filter (`name@version`) that answered the request itself, and its status.
     local_response: Option<(String, u16)>,
+    /// Each hook's wall-clock span, kept only for sampled requests (`record_timings`):
+    /// the request's trace shows which policy added latency.
+    timings: Option<Vec<FilterTiming>>,
 }
 
 impl ChainRun {
+    /// Record when each filter hook ran (the request is traced).
+    pub fn record_timings(&mut self) {
+        self.timings = Some(Vec::new());
+    }
+
+    /// The hooks that ran, in order, when [`Self::record_timings`] was called.
+    pub fn take_timings(&mut self) -> Vec<FilterTiming> {
+        self.timings.take().unwrap_or_default()
+    }
+
+    fn note_timing(&mut self, idx: usize, phase: Phase, start: SystemTime, failed: bool) {
+        let (Some(t), Some(e)) = (self.timings.as_mut(), self.entries.get(idx)) else {
+            return;
+        };
+        t.push(FilterTiming {
+            filter: e.version.entry.name.clone(),
+            version: e.version.label.clone(),
+            hook: match phase {
+                Phase::RequestHeaders => "request_headers",
+                Phase::RequestBody => "request_body",
+                Phase::ResponseHeaders => "response_headers",
+                Phase::ResponseBody => "response_body",
+                Phase::Done => "done",
+                Phase::Idle | Phase::Configure => "other",
+            },
+            start,
+            end: SystemTime::now(),
+            failed,
+        });
+    }
+
     /// Run `on-request-headers` of each filter, in chain order. A local answer stops
     /// the chain and is returned.
     pub async fn request_headers(&mut self, parts: &mut http::request::Parts) -> Verdict {
@@ -291,7 +327,10 @@ impl ChainRun {
                 continue;
             }
             let mut io = Io::default();
-            if let Err(f) = self.invoke(idx, Phase::Done, Hook::Done(&o), &mut io) {
+            let start = SystemTime::now();
+            let result = self.invoke(idx, Phase::Done, Hook::Done(&o), &mut io);
+            self.note_timing(idx, Phase::Done, start, result.is_err());
+            if let Err(f) = result {
                 self.note_failure(idx, &f);
             }
         }
@@ -356,8 +395,20 @@ impl ChainRun {
         self.ctx.as_deref_mut()
     }
 
-    /// Call one hook, then carry out what it asks until it says continue or answers.
+    /// [`Self::run_hook_untimed`], timed when the request is traced.
     async fn run_hook(&mut self, idx: usize, phase: Phase, io: &mut Io<'_>) -> Step {
+        if self.timings.is_none() {
+            return self.run_hook_untimed(idx, phase, io).await;
+        }
+        let start = SystemTime::now();
+        let step = self.run_hook_untimed(idx, phase, io).await;
+        let failed = self.entries.get(idx).is_some_and(|e| e.disabled);
+        self.note_timing(idx, phase, start, failed);
+        step
+    }
+
+    /// Call one hook, then carry out what it asks until it says continue or answers.
+    async fn run_hook_untimed(&mut self, idx: usize, phase: Phase, io: &mut Io<'_>) -> Step {
         let first = match phase {
             Phase::RequestHeaders => Hook::RequestHeaders,
             Phase::RequestBody => Hook::RequestBody,

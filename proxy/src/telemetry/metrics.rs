@@ -128,6 +128,11 @@ pub struct Metrics {
     pub tcp_cx_total: Family<ListenerLabel, Counter>,
     pub reloads: Family<ResultLabel, Counter>,
     pub access_log_dropped: Counter,
+    /// Finished spans not delivered: the export queue was full, or the collector refused
+    /// or did not answer their batch in time.
+    pub tracing_spans_dropped: Counter,
+    /// Spans the collector accepted.
+    pub tracing_spans_exported: Counter,
     pub tls_handshakes: Family<ListenerLabel, Counter>,
     pub tls_handshake_failures: Family<ReasonLabel, Counter>,
     pub upstream_tls_handshake_failures: Family<ClusterReasonLabel, Counter>,
@@ -200,6 +205,8 @@ impl Metrics {
             tcp_cx_total: Family::default(),
             reloads: Family::default(),
             access_log_dropped: Counter::default(),
+            tracing_spans_dropped: Counter::default(),
+            tracing_spans_exported: Counter::default(),
             tls_handshakes: Family::default(),
             tls_handshake_failures: Family::default(),
             upstream_tls_handshake_failures: Family::default(),
@@ -334,6 +341,16 @@ impl Metrics {
                 "access_log_dropped",
                 "Access-log lines dropped because the writer fell behind",
                 m.access_log_dropped.clone(),
+            );
+            reg.register(
+                "tracing_spans_dropped",
+                "Spans not exported: queue full, or the collector refused or did not answer in time",
+                m.tracing_spans_dropped.clone(),
+            );
+            reg.register(
+                "tracing_spans_exported",
+                "Spans the OTLP collector accepted",
+                m.tracing_spans_exported.clone(),
             );
             reg.register(
                 "tls_handshakes",

@@ -1,4 +1,5 @@
-//! Telemetry: Prometheus metrics and the JSON access log.
+//! Telemetry: Prometheus metrics, the JSON access log and OTLP traces.
 
 pub mod access_log;
 pub mod metrics;
+pub mod otel;
