@@ -224,6 +224,54 @@ async fn span_status_follows_the_conventions() {
     assert_eq!(c.attr("http.response.status_code"), None);
 }
 
+/// A retried request: one CLIENT span per attempt under the one SERVER span, the failed
+/// attempt an error, the retry marked with `http.request.resend_count`, and each attempt's
+/// upstream request carrying its own span as parent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_retry_is_its_own_client_span() {
+    let rx = OtlpReceiver::grpc().await;
+    let app = Upstream::start().await;
+    app.fail_times(1, 503);
+    let proxy = Proxy::start(json!({
+        "tracing": tracing(&rx.url(), "grpc", json!({"service_name": "rt"})),
+        "listeners": [{"name": "in", "address": "127.0.0.1:0", "routes": [
+            {"name": "app", "cluster": "app",
+             "retry_policy": {"retry_on": "5xx", "num_retries": 1, "retry_back_off": {"base_interval": "1ms"}}}]}],
+        "clusters": [cluster("app", app.addr())],
+    }))
+    .await;
+    let r = Req::get("/retried").send(proxy.listener("in")).await;
+    assert_eq!(r.status, 200);
+    let spans = rx
+        .wait_for(WAIT, "1 SERVER and 2 CLIENT spans", |s| {
+            count(s, "rt", KIND_SERVER) == 1 && count(s, "rt", KIND_CLIENT) == 2
+        })
+        .await;
+    let server = find(&spans, "rt", KIND_SERVER);
+    assert_eq!(server.status_code, 0, "the client got a 200");
+    let mut clients: Vec<&ReceivedSpan> = spans.iter().filter(|s| s.kind == KIND_CLIENT).collect();
+    clients.sort_by_key(|s| s.start_unix_nano);
+    for c in &clients {
+        assert_eq!(c.parent_span_id, server.span_id);
+    }
+    assert_eq!(clients[0].attr("http.response.status_code"), Some("503"));
+    assert_eq!(clients[0].status_code, 2);
+    assert_eq!(clients[1].attr("http.response.status_code"), Some("200"));
+    assert_eq!(clients[1].attr("http.request.resend_count"), Some("1"));
+    let parents: Vec<String> = app
+        .requests()
+        .iter()
+        .filter_map(|r| r.header("traceparent").map(str::to_string))
+        .collect();
+    assert_eq!(
+        parents,
+        clients
+            .iter()
+            .map(|c| format!("00-{}-{}-01", c.trace_id, c.span_id))
+            .collect::<Vec<_>>()
+    );
+}
+
 /// Each filter hook is a child span of the SERVER span, with the filter's name and
 /// version; filters see the proxy's trace and span ids.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
