@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Run the demo: two demo upstreams (v1 on 127.0.0.1:3000, v2 on 127.0.0.1:3001) and
+# Run the demo: demo upstreams (v1 on 127.0.0.1:3000, v2 on 127.0.0.1:3001, a flaky one
+# failing half its requests on 127.0.0.1:3002) and
 # wasmesh in front of them on 127.0.0.1:8080 (admin on 127.0.0.1:9901), with a chain of
 # WebAssembly filters (telemetry, rate limit, headers, canary, fault, jwt, authz) dropped
 # into examples/demo/filters/. Ctrl-C stops everything.
@@ -20,6 +21,9 @@ done
 ./target/release/demo-upstream --listen 127.0.0.1:3000 --name demo-v1 &
 pids+=($!)
 ./target/release/demo-upstream --listen 127.0.0.1:3001 --name demo-v2 &
+pids+=($!)
+# A misbehaving endpoint: half its answers are 503 (retries and outlier detection hide it).
+./target/release/demo-upstream --listen 127.0.0.1:3002 --name demo-flaky --fail-percent 50 &
 pids+=($!)
 ./target/release/wasmesh run examples/demo/manifest.json &
 pids+=($!)
@@ -42,6 +46,9 @@ Filters (README.md, "The demo" has more):
                                                             # ratelimit: 5 then 429 (1 token/s)
   curl -s -H 'x-canary: always' http://127.0.0.1:8080/api/x # canary: answered by demo-v2
   curl -i http://127.0.0.1:8080/flaky/x                     # fault: 503 half the time
+  for i in $(seq 40); do curl -s -o /dev/null -w '%{http_code} ' http://127.0.0.1:8080/resilient/x; done; echo
+                                                            # retries + outlier detection: all 200
+  curl -s http://127.0.0.1:9901/clusters                    # demo-flaky (:3002) ejected
   curl -i http://127.0.0.1:8080/admin/x                     # jwt: 401 without a token
   curl -i -H "authorization: Bearer $ALICE" http://127.0.0.1:8080/admin/x   # jwt+authz: 200
   curl -s -H 'x-tenant: acme' http://127.0.0.1:8080/flaky/x >/dev/null; \
