@@ -1095,13 +1095,21 @@ impl Drop for PendingGuard {
     }
 }
 
-/// An upstream connection: plain TCP, or TLS over it.
-pub enum MaybeTls {
-    Plain(TcpStream),
-    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+/// A connection that is plain TCP or TLS over it: upstream connections (`UpstreamIo`) and, in `crate::listener`, downstream ones. The TLS
+/// stream is boxed: it is large, and the plain case is the common one.
+pub enum MaybeTls<P, T> {
+    Plain(P),
+    Tls(Box<T>),
 }
 
-impl tokio::io::AsyncRead for MaybeTls {
+/// An upstream connection.
+pub type UpstreamIo = MaybeTls<TcpStream, tokio_rustls::client::TlsStream<TcpStream>>;
+
+impl<P, T> tokio::io::AsyncRead for MaybeTls<P, T>
+where
+    P: tokio::io::AsyncRead + Unpin,
+    T: tokio::io::AsyncRead + Unpin,
+{
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -1114,7 +1122,11 @@ impl tokio::io::AsyncRead for MaybeTls {
     }
 }
 
-impl tokio::io::AsyncWrite for MaybeTls {
+impl<P, T> tokio::io::AsyncWrite for MaybeTls<P, T>
+where
+    P: tokio::io::AsyncWrite + Unpin,
+    T: tokio::io::AsyncWrite + Unpin,
+{
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -1159,7 +1171,7 @@ pin_project_lite::pin_project! {
     /// An upstream TCP connection holding its slot in the cluster's connection limit.
     pub struct UpstreamConn {
         #[pin]
-        io: TokioIo<MaybeTls>,
+        io: TokioIo<UpstreamIo>,
         _permit: OwnedSemaphorePermit,
         gauge: prometheus_client::metrics::gauge::Gauge,
         // The upstream's SPIFFE ID (mTLS clusters only).

@@ -250,10 +250,7 @@ async fn serve_http(
 }
 
 /// A downstream connection after the listener's TLS (if any) has been dealt with.
-pub enum Downstream {
-    Plain(IdleIo),
-    Tls(Box<tokio_rustls::server::TlsStream<IdleIo>>),
-}
+pub type Downstream = crate::cluster::MaybeTls<IdleIo, tokio_rustls::server::TlsStream<IdleIo>>;
 
 /// Terminate the listener's TLS on a new connection: mesh mTLS (`tls`: told apart from
 /// plaintext by the first byte, a TLS record starts with 0x16 and no HTTP method does;
@@ -334,60 +331,6 @@ async fn terminate(
         None
     };
     Some((Downstream::Tls(Box::new(tls_stream)), identity))
-}
-
-impl AsyncRead for Downstream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            Downstream::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            Downstream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for Downstream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        match self.get_mut() {
-            Downstream::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            Downstream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
-        }
-    }
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            Downstream::Plain(s) => Pin::new(s).poll_flush(cx),
-            Downstream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
-        }
-    }
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            Downstream::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            Downstream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
-        }
-    }
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        match self.get_mut() {
-            Downstream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-            Downstream::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
-        }
-    }
-    fn is_write_vectored(&self) -> bool {
-        match self {
-            Downstream::Plain(s) => s.is_write_vectored(),
-            Downstream::Tls(s) => s.is_write_vectored(),
-        }
-    }
 }
 
 /// Serve HTTP/1.1 and HTTP/2 on an accepted (and, for TLS listeners, decrypted) connection
