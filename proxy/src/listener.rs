@@ -266,16 +266,7 @@ async fn terminate(
 ) -> Option<(Downstream, Option<Arc<str>>)> {
     let limit = lc.spec.limits.request_headers_timeout;
     let peer = stream.peer_addr().ok();
-    let refuse = |reason: &'static str| {
-        shared
-            .metrics
-            .tls_handshake_failures
-            .get_or_create(&ReasonLabel {
-                listener: listener.name.clone(),
-                reason,
-            })
-            .inc();
-    };
+    let refuse = |reason: &'static str| count_tls_refusal(shared, listener, reason);
     let io = |stream| IdleIo {
         inner: stream,
         activity: activity.clone(),
@@ -445,16 +436,7 @@ async fn serve_passthrough(
 ) {
     let lc = listener.current.load_full();
     count_tcp(&shared, &listener);
-    let refuse = |reason: &'static str| {
-        shared
-            .metrics
-            .tls_handshake_failures
-            .get_or_create(&ReasonLabel {
-                listener: listener.name.clone(),
-                reason,
-            })
-            .inc();
-    };
+    let refuse = |reason: &'static str| count_tls_refusal(&shared, &listener, reason);
     let activity = Arc::new(Activity::new());
     let mut down = IdleIo {
         inner: stream,
@@ -503,6 +485,18 @@ async fn serve_passthrough(
         shutdown,
     )
     .await
+}
+
+/// A connection refused at the TLS layer, by reason.
+fn count_tls_refusal(shared: &Shared, listener: &ListenerRuntime, reason: &'static str) {
+    shared
+        .metrics
+        .tls_handshake_failures
+        .get_or_create(&ReasonLabel {
+            listener: listener.name.clone(),
+            reason,
+        })
+        .inc();
 }
 
 fn count_tcp(shared: &Shared, listener: &ListenerRuntime) {
