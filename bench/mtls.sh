@@ -28,26 +28,9 @@ OUT=${OUT:-$ROOT/bench/results/mtls.md}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 REL=$CARGO_TARGET_DIR/release
 
-log() { printf '[mtls] %s\n' "$*" >&2; }
-die() { log "error: $*"; exit 1; }
-
-OHA=$(command -v oha || true)
-[[ -n $OHA ]] || { [[ -x $HOME/.cargo/bin/oha ]] && OHA=$HOME/.cargo/bin/oha; } || true
-[[ -n $OHA ]] || { log "cargo install oha --locked"; cargo install oha --locked >&2; OHA=$HOME/.cargo/bin/oha; }
-if [[ $BUILD == 1 ]]; then
-    log "cargo build --release -p wasmesh -p demo-upstream"
-    cargo build --release -p wasmesh -p demo-upstream >&2
-fi
-
-TMP=$(mktemp -d)
-PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$TMP"; }
-trap cleanup EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_line() {
-    for _ in $(seq 1 200); do grep -q "$2" "$1" 2>/dev/null && return 0; sleep 0.05; done
-    die "timed out waiting for '$2' in $1"
-}
+LOG_TAG=mtls
+# shellcheck source=lib/common.sh
+source "$ROOT/bench/lib/common.sh"
 ticks() { # pids... → utime+stime ticks summed
     local t=0 p f
     for p in "$@"; do
