@@ -122,6 +122,8 @@ pub struct Cluster {
     pub name: Arc<str>,
     pub spec: ClusterSpec,
     label: ClusterLabel,
+    /// `upstream_rq_active` for this cluster, looked up once: every attempt moves it twice.
+    rq_active: prometheus_client::metrics::gauge::Gauge,
     set: ArcSwap<EndpointSet>,
     rr: AtomicUsize,
     /// Connection pools, one per worker thread.
@@ -214,9 +216,11 @@ impl Cluster {
             spec.idle_timeout,
             spec.max_idle_per_endpoint,
         ));
+        let rq_active = metrics.upstream_rq_active.get_or_create(&label).clone();
         let cluster = Arc::new(Cluster {
             name,
             spec: spec.clone(),
+            rq_active,
             label,
             set: ArcSwap::from_pointee(EndpointSet {
                 endpoints: Vec::new(),
@@ -816,6 +820,11 @@ impl Cluster {
 
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
+    }
+
+    /// This cluster's `upstream_rq_active` gauge.
+    pub fn rq_active(&self) -> &prometheus_client::metrics::gauge::Gauge {
+        &self.rq_active
     }
 
     /// State for the admin endpoint's `/clusters`.

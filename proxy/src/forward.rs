@@ -240,11 +240,7 @@ async fn attempt(
 
     endpoint.active.fetch_add(1, Ordering::Relaxed);
     endpoint.total.fetch_add(1, Ordering::Relaxed);
-    let active = cluster
-        .metrics()
-        .upstream_rq_active
-        .get_or_create(cluster.label())
-        .clone();
+    let active = cluster.rq_active();
     active.inc();
     let sent = cluster.pools().send(endpoint.addr, req);
     let result = match limit {

@@ -207,12 +207,7 @@ async fn serve_http(
     let _ = stream.set_nodelay(true);
     let lc = listener.current.load_full();
     let activity = Arc::new(Activity::new());
-    let mut conn_info = ConnInfo {
-        peer,
-        local,
-        peer_identity: None,
-        local_identity: None,
-    };
+    let mut conn_info = ConnInfo::new(peer, local);
     if lc.tls.is_none() && lc.public_tls.is_none() {
         let io = IdleIo {
             inner: stream,

@@ -34,6 +34,24 @@ pub struct ConnInfo {
     pub peer_identity: Option<Arc<str>>,
     /// SPIFFE ID this proxy presented on the connection (mTLS listeners).
     pub local_identity: Option<Arc<str>>,
+    /// The peer's IP as a header value, rendered once per connection: every request on
+    /// it appends this hop to `x-forwarded-for`.
+    pub peer_ip: HeaderValue,
+}
+
+impl ConnInfo {
+    pub fn new(peer: SocketAddr, local: SocketAddr) -> Self {
+        // An IP address always renders to a valid header value.
+        let peer_ip = HeaderValue::try_from(peer.ip().to_string())
+            .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
+        Self {
+            peer,
+            local,
+            peer_identity: None,
+            local_identity: None,
+            peer_ip,
+        }
+    }
 }
 
 /// Request-scoped facts collected along the path, for the log and metrics.
@@ -45,8 +63,6 @@ pub(crate) struct Exchange {
     pub(crate) protocol: &'static str,
     pub(crate) request_id: String,
     pub(crate) client: SocketAddr,
-    /// The connection's peer: the hop appended to `x-forwarded-for`.
-    pub(crate) peer: SocketAddr,
     pub(crate) user_agent: Option<String>,
     pub(crate) route: Option<Arc<str>>,
     pub(crate) cluster: Option<Arc<Cluster>>,
@@ -113,7 +129,6 @@ pub async fn handle(
         protocol: protocol_name(parts.version),
         request_id: String::new(),
         client: conn.peer,
-        peer: conn.peer,
         user_agent: parts
             .headers
             .get(header::USER_AGENT)
@@ -174,26 +189,31 @@ async fn serve(
         // overwrites x-forwarded-proto when it trusts no hop).
         parts.headers.remove(&X_FORWARDED_PROTO);
     }
+    // From here on the request's URI carries the normalized path: routing, filters and
+    // the upstream all see the same one (the access log keeps the original).
     let (path, query) = split_path(&parts.uri);
-    let normalized = match normalize_path(path, &lc.spec.path_normalization) {
-        Ok(n) => n,
+    match normalize_path(path, &lc.spec.path_normalization) {
+        Ok(None) => {}
+        Ok(Some(normalized)) => {
+            let query = query.map(str::to_string);
+            set_path(&mut parts.uri, &normalized, query.as_deref());
+        }
         Err(crate::routing::PathError::EscapedSlash) => {
             return Err((ProxyError::BadRequest("encoded slash in path"), None))
         }
         Err(crate::routing::PathError::Invalid) => {
             return Err((ProxyError::BadRequest("invalid path"), None))
         }
-    };
-    let path = normalized.as_deref().unwrap_or(path).to_string();
-    let query = query.map(str::to_string);
+    }
 
     // 2. Route.
     let host = host_without_port(&x.authority);
     let routes = &lc.routes;
+    let (path, query) = split_path(&parts.uri);
     let view = RequestView {
         host,
-        path: &path,
-        query: query.as_deref(),
+        path,
+        query,
         method: &parts.method,
         headers: &parts.headers,
     };
@@ -208,15 +228,14 @@ async fn serve(
             path: rpath,
             status,
         } => {
+            let (path, query) = split_path(&parts.uri);
             let location = format!(
-                "{}://{}{}{}",
+                "{}://{}{}{}{}",
                 scheme.as_deref().unwrap_or("http"),
                 rhost.as_deref().unwrap_or(x.authority.as_str()),
-                rpath.as_deref().unwrap_or(path.as_str()),
-                query
-                    .as_deref()
-                    .map(|q| format!("?{q}"))
-                    .unwrap_or_default()
+                rpath.as_deref().unwrap_or(path),
+                if query.is_some() { "?" } else { "" },
+                query.unwrap_or_default(),
             );
             let mut resp = Response::new(empty());
             *resp.status_mut() = *status;
@@ -259,10 +278,6 @@ async fn serve(
     };
     let mut body = body;
     if let Some(run) = chain.as_mut() {
-        // The filters see the normalized path.
-        if normalized.is_some() {
-            set_path(&mut parts.uri, &path, query.as_deref());
-        }
         match run.request_headers(&mut parts).await {
             Verdict::Continue => {}
             Verdict::Respond(local) => return Ok((local_response(local, x), chain)),
@@ -326,16 +341,7 @@ async fn serve(
     } else {
         None
     };
-    prepare_upstream_request(
-        &mut parts,
-        route,
-        &cluster,
-        &endpoint,
-        &path,
-        query.as_deref(),
-        x,
-        upgrade,
-    );
+    prepare_upstream_request(&mut parts, route, &cluster, &endpoint, conn, x, upgrade);
     let resp =
         crate::forward::forward(route, &cluster, endpoint, pick, parts, body, upgrade, x).await;
     let mut resp = match resp {
@@ -660,14 +666,17 @@ fn ensure_request_id(h: &mut HeaderMap) -> String {
             return id.to_string();
         }
     }
-    // A v4 UUID from the thread-local generator: no syscall per request.
-    let id = uuid::Builder::from_random_bytes(rand::random())
+    // A v4 UUID from the thread-local generator: no syscall per request, and rendered
+    // into a stack buffer rather than through `Display`.
+    let mut buf = uuid::Uuid::encode_buffer();
+    let id: &str = uuid::Builder::from_random_bytes(rand::random())
         .into_uuid()
-        .to_string();
-    if let Ok(v) = HeaderValue::from_str(&id) {
+        .hyphenated()
+        .encode_lower(&mut buf);
+    if let Ok(v) = HeaderValue::from_str(id) {
         h.insert(X_REQUEST_ID.clone(), v);
     }
-    id
+    id.to_string()
 }
 
 /// The client address policy uses: the connection's peer, or, when the listener trusts N
@@ -798,14 +807,15 @@ fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
+/// Turn the (filtered) client request into what the upstream receives. Each step leaves
+/// alone what it need not change: most requests keep their Host header, path and URI as
+/// they came, without a copy.
 fn prepare_upstream_request(
     parts: &mut http::request::Parts,
     route: &Route,
     cluster: &Cluster,
     endpoint: &Endpoint,
-    path: &str,
-    query: Option<&str>,
+    conn: &ConnInfo,
     x: &Exchange,
     upgrade: bool,
 ) {
@@ -816,14 +826,8 @@ fn prepare_upstream_request(
     }
     // Forwarding headers: append the peer to x-forwarded-for; say how the client came in.
     // The hop that connected to us, not the client chosen from x-forwarded-for (Envoy's rule).
-    let peer = x.peer.ip().to_string();
-    let xff = match h.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prev) if !prev.is_empty() => format!("{prev}, {peer}"),
-        _ => peer,
-    };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
-        h.insert(X_FORWARDED_FOR.clone(), v);
-    }
+    let xff = append_forwarded_for(h, &conn.peer_ip);
+    h.insert(X_FORWARDED_FOR.clone(), xff);
     if !h.contains_key(&X_FORWARDED_PROTO) {
         h.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
     }
@@ -832,34 +836,39 @@ fn prepare_upstream_request(
     // the upstream never sees a different host than routing did.
     if let Some(host) = &route.host_rewrite {
         h.insert(header::HOST, host.clone());
-    } else if !x.authority.is_empty() {
+    } else if !x.authority.is_empty()
+        && h.get(header::HOST).map(HeaderValue::as_bytes) != Some(x.authority.as_bytes())
+    {
         if let Ok(v) = HeaderValue::from_str(&x.authority) {
             h.insert(header::HOST, v);
         }
     }
     route.request_headers.apply(h);
 
-    let path = match &route.prefix_rewrite {
-        Some((old, new)) => match path.strip_prefix(old.as_str()) {
+    // The path as it stands now (normalized, perhaps changed by a filter), with the
+    // route's prefix rewrite.
+    let pq = match (&route.prefix_rewrite, parts.uri.path_and_query()) {
+        (Some((old, new)), Some(pq)) => match pq.path().strip_prefix(old.as_str()) {
             Some(rest) => {
                 let mut p = format!("{new}{rest}");
                 if !p.starts_with('/') {
                     p.insert(0, '/');
                 }
-                p
+                if let Some(q) = pq.query() {
+                    p.push('?');
+                    p.push_str(q);
+                }
+                http::uri::PathAndQuery::try_from(p).unwrap_or_else(|_| pq.clone())
             }
-            None => path.to_string(),
+            None => pq.clone(),
         },
-        None => path.to_string(),
-    };
-    let pq = match query {
-        Some(q) => format!("{path}?{q}"),
-        None => path,
+        (_, Some(pq)) => pq.clone(),
+        (_, None) => http::uri::PathAndQuery::from_static("/"),
     };
     // The pool dials the endpoint; the URI carries what the upstream should see: origin-form
     // for HTTP/1.1, and for HTTP/2 an :authority equal to the Host we send (RFC 9113 §8.3.1).
     parts.uri = match cluster.spec.protocol {
-        crate::config::UpstreamProtocol::Http1 => Uri::try_from(pq).unwrap_or_default(),
+        crate::config::UpstreamProtocol::Http1 => Uri::from(pq),
         crate::config::UpstreamProtocol::Http2 => {
             let host = parts
                 .headers
@@ -878,6 +887,28 @@ fn prepare_upstream_request(
         crate::config::UpstreamProtocol::Http1 => Version::HTTP_11,
         crate::config::UpstreamProtocol::Http2 => Version::HTTP_2,
     };
+}
+
+/// `x-forwarded-for` with `hop` appended: every value the client sent (several header
+/// lines count as one comma-separated list, RFC 9110 §5.3), then `hop`.
+fn append_forwarded_for(h: &HeaderMap, hop: &HeaderValue) -> HeaderValue {
+    let mut prev = h
+        .get_all(&X_FORWARDED_FOR)
+        .iter()
+        .filter(|v| !v.as_bytes().trim_ascii().is_empty());
+    let Some(first) = prev.next() else {
+        return hop.clone();
+    };
+    let mut joined = bytes::BytesMut::with_capacity(first.len() + hop.len() + 2);
+    joined.extend_from_slice(first.as_bytes());
+    for v in prev {
+        joined.extend_from_slice(b", ");
+        joined.extend_from_slice(v.as_bytes());
+    }
+    joined.extend_from_slice(b", ");
+    joined.extend_from_slice(hop.as_bytes());
+    // Joined from valid values with ", ": valid too; fall back to the hop alone if not.
+    HeaderValue::from_maybe_shared(joined.freeze()).unwrap_or_else(|_| hop.clone())
 }
 
 /// Read a whole body into memory, up to `limit` bytes (filters asked to see it).

@@ -160,6 +160,15 @@ async fn every_sdk_capability_through_the_proxy() {
     assert_eq!(other.last().header("x-testkit-cluster"), Some("ok"));
     assert_eq!(app.request_count(), before);
 
+    // A filter's new path (and query) is what the upstream receives.
+    let r = Req::get("/solo/p?old=1")
+        .header("x-testkit-do", "path:/solo/rewritten?new=2")
+        .send(addr)
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(app.last().header("x-testkit-path"), Some("ok"));
+    assert_eq!(app.last().uri, "/solo/rewritten?new=2");
+
     // Callout to a cluster the filter lists.
     let r = Req::get("/solo/c")
         .header("x-testkit-do", "callout:auth:/check")

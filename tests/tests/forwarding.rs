@@ -97,6 +97,16 @@ async fn forwarded_for_proto_and_request_id() {
         Some("203.0.113.7, 127.0.0.1")
     );
     assert_eq!(seen.header("x-request-id"), Some("client-id-42"));
+    // Several x-forwarded-for lines are one list (RFC 9110 §5.3): none is lost.
+    Req::get("/b2")
+        .header("x-forwarded-for", "198.51.100.1")
+        .header("x-forwarded-for", "203.0.113.7, 203.0.113.8")
+        .send(edge)
+        .await;
+    assert_eq!(
+        up.last().header("x-forwarded-for"),
+        Some("198.51.100.1, 203.0.113.7, 203.0.113.8, 127.0.0.1")
+    );
     // An absurdly long id is replaced, not forwarded or logged.
     Req::get("/c")
         .header("x-request-id", &"x".repeat(200))

@@ -13,7 +13,7 @@
 //!
 //! Commands, from config `do` or the request header `x-testkit-do` (comma separated):
 //! `respond:STATUS`, `delay:MS`, `trap`, `loop`, `oom`, `cluster:NAME`, `incr:KEY`,
-//! `get:KEY`, `callout:CLUSTER:PATH`, `resp-trap` (trap in on-response-headers),
+//! `get:KEY`, `path:PATH` (replace the path sent upstream), `callout:CLUSTER:PATH`, `resp-trap` (trap in on-response-headers),
 //! `eprint:TEXT` / `print:TEXT` (write a line to WASI stderr / stdout).
 //!
 //! Bag: each instance stamps `x-testkit-prev-NAME: PREV` with the name the previous
@@ -188,6 +188,13 @@ impl Filter for Testkit {
                         .map(|n| n.to_string())
                         .unwrap_or_else(|e| e);
                     let _ = req.set_header("x-testkit-count", &r);
+                }
+                "path" => {
+                    let r = match req.set_path(arg) {
+                        Ok(()) => "ok".to_string(),
+                        Err(e) => format!("error: {e}"),
+                    };
+                    let _ = req.set_header("x-testkit-path", &r);
                 }
                 "get" => {
                     let v = state::get(arg)
