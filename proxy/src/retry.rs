@@ -262,7 +262,9 @@ impl Drop for RetryGuard<'_> {
 
 /// The `grpc-timeout` header (`1-8 digits` + unit `H M S m u n`) as a duration.
 pub fn grpc_timeout(h: &HeaderMap) -> Option<Duration> {
-    let v = h.get("grpc-timeout")?.to_str().ok()?;
+    // A static name: looking up by `&str` parses and validates the name on every request.
+    static GRPC_TIMEOUT: http::HeaderName = http::HeaderName::from_static("grpc-timeout");
+    let v = h.get(&GRPC_TIMEOUT)?.to_str().ok()?;
     if v.len() < 2 || v.len() > 9 {
         return None;
     }

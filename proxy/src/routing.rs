@@ -420,11 +420,19 @@ pub fn normalize_path(
     if !path.starts_with('/') {
         return Err(PathError::Invalid);
     }
-    let has_pct = path.contains('%');
-    let needs_work = has_pct
-        || path.contains("/.")
-        || (opts.merge_slashes && path.contains("//"))
-        || path.contains('\\');
+    // One pass over the bytes decides whether there is anything to do: most paths are
+    // clean, and four substring searches cost more than the pass.
+    let mut needs_work = false;
+    let mut prev = 0u8;
+    for &b in path.as_bytes() {
+        match b {
+            b'%' | b'\\' => needs_work = true,
+            b'.' if prev == b'/' => needs_work = true,
+            b'/' if prev == b'/' && opts.merge_slashes => needs_work = true,
+            _ => {}
+        }
+        prev = b;
+    }
     if !needs_work {
         return Ok(None);
     }

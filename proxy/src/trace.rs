@@ -4,7 +4,13 @@
 //! the proxy's SERVER span (tracing on), or hands it to filters and the upstream unchanged
 //! (tracing off).
 
-use http::HeaderMap;
+use http::{HeaderMap, HeaderName};
+
+// Static names: a lookup by `&str` parses and validates the name on every request.
+static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+static B3_TRACE_ID: HeaderName = HeaderName::from_static("x-b3-traceid");
+static B3_SPAN_ID: HeaderName = HeaderName::from_static("x-b3-spanid");
+static B3_SAMPLED: HeaderName = HeaderName::from_static("x-b3-sampled");
 
 /// Ids as lowercase hex: 32 digits for the trace, 16 for the parent span.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -16,12 +22,12 @@ pub struct TraceContext {
 
 impl TraceContext {
     pub fn from_headers(h: &HeaderMap) -> Option<Self> {
-        if let Some(tp) = h.get("traceparent").and_then(|v| v.to_str().ok()) {
+        if let Some(tp) = h.get(&TRACEPARENT).and_then(|v| v.to_str().ok()) {
             return Self::parse_traceparent(tp);
         }
         // B3 multi-header (Zipkin): x-b3-traceid may be 16 or 32 hex digits.
-        let trace = h.get("x-b3-traceid").and_then(|v| v.to_str().ok())?;
-        let span = h.get("x-b3-spanid").and_then(|v| v.to_str().ok())?;
+        let trace = h.get(&B3_TRACE_ID).and_then(|v| v.to_str().ok())?;
+        let span = h.get(&B3_SPAN_ID).and_then(|v| v.to_str().ok())?;
         let trace = if trace.len() == 16 {
             format!("{:0>32}", trace)
         } else {
@@ -31,7 +37,7 @@ impl TraceContext {
             return None;
         }
         let sampled = h
-            .get("x-b3-sampled")
+            .get(&B3_SAMPLED)
             .map(|v| v.as_bytes() == b"1")
             .unwrap_or(true);
         Some(Self {
