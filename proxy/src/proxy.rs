@@ -59,11 +59,12 @@ pub(crate) struct Exchange {
     pub(crate) start: Instant,
     pub(crate) method: http::Method,
     pub(crate) authority: String,
-    pub(crate) original_path: String,
+    /// The request target as the client sent it (before normalization), for the log.
+    pub(crate) original_uri: Uri,
     pub(crate) protocol: &'static str,
     pub(crate) request_id: String,
     pub(crate) client: SocketAddr,
-    pub(crate) user_agent: Option<String>,
+    pub(crate) user_agent: Option<HeaderValue>,
     pub(crate) route: Option<Arc<str>>,
     pub(crate) cluster: Option<Arc<Cluster>>,
     pub(crate) endpoint: Option<Arc<Endpoint>>,
@@ -121,19 +122,12 @@ pub async fn handle(
         start: Instant::now(),
         method: parts.method.clone(),
         authority: request_authority(&parts).unwrap_or_default().to_string(),
-        original_path: parts
-            .uri
-            .path_and_query()
-            .map(|p| p.as_str().to_string())
-            .unwrap_or_else(|| "/".into()),
+        // Clones of the parsed head share its buffer: no copy per request.
+        original_uri: parts.uri.clone(),
         protocol: protocol_name(parts.version),
         request_id: String::new(),
         client: conn.peer,
-        user_agent: parts
-            .headers
-            .get(header::USER_AGENT)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string),
+        user_agent: parts.headers.get(header::USER_AGENT).cloned(),
         route: None,
         cluster: None,
         endpoint: None,
@@ -473,10 +467,10 @@ impl Done {
             filter_timings = chain.take_timings();
         }
         flags.dedup();
-        let flags_str = if flags.is_empty() {
-            "-".to_string()
+        let flags_str: std::borrow::Cow<'static, str> = if flags.is_empty() {
+            "-".into()
         } else {
-            flags.join(",")
+            flags.join(",").into()
         };
         self.x.trace.end(&ServerEnd {
             status: self.status,
@@ -526,7 +520,7 @@ impl Done {
             response_flags: if flags.is_empty() {
                 shared.no_flags.clone()
             } else {
-                Arc::from(flags_str.as_str())
+                Arc::from(&*flags_str)
             },
             route: route.clone(),
             cluster: cluster.clone(),
@@ -544,7 +538,10 @@ impl Done {
                 listener: &self.listener.name,
                 method: x.method.as_str(),
                 authority: &x.authority,
-                path: &x.original_path,
+                path: x
+                    .original_uri
+                    .path_and_query()
+                    .map_or("/", |p| p.as_str()),
                 protocol: x.protocol,
                 status: self.status,
                 response_flags: &flags_str,
@@ -556,7 +553,7 @@ impl Done {
                 cluster: x.cluster.as_ref().map(|c| &*c.name),
                 request_id: &x.request_id,
                 client_address: x.client.ip().to_string(),
-                user_agent: x.user_agent.as_deref(),
+                user_agent: x.user_agent.as_ref().and_then(|v| v.to_str().ok()),
                 reason: x.reason.as_deref(),
                 filters: &filters_ran,
                 attributes: &attributes,
