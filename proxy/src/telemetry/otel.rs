@@ -352,13 +352,57 @@ fn new_span_id() -> u64 {
 
 const HEX: &[u8; 16] = b"0123456789abcdef";
 
-/// The low `N` × 4 bits of `v` as `N` lowercase hex digits.
+/// The low `N` × 4 bits of `v` as `N` lowercase hex digits (`N` even, at most 32).
 fn hex<const N: usize>(v: u128) -> [u8; N] {
     let mut out = [0u8; N];
-    for (i, b) in out.iter_mut().rev().enumerate() {
-        *b = HEX[((v >> (4 * i)) & 0xf) as usize];
+    let bytes = v.to_be_bytes();
+    let tail = bytes
+        .get(16usize.saturating_sub(N / 2)..)
+        .unwrap_or_default();
+    for (pair, b) in out.chunks_exact_mut(2).zip(tail) {
+        if let [hi, lo] = pair {
+            *hi = HEX[usize::from(b >> 4)];
+            *lo = HEX[usize::from(b & 0xf)];
+        }
     }
     out
+}
+
+/// Which propagation headers a request carries, found in one pass over its header names:
+/// a request has few headers, and a lookup by name hashes the name each time.
+#[derive(Default)]
+struct Carried {
+    traceparent: bool,
+    tracestate: bool,
+    b3: bool,
+    b3_trace: bool,
+}
+
+impl Carried {
+    fn scan(h: &HeaderMap) -> Self {
+        let mut c = Carried::default();
+        for name in h.keys() {
+            // Every name we look for is at least 2 and at most 12 bytes long.
+            let n = name.as_str();
+            if n.len() < 2 || n.len() > 12 {
+                continue;
+            }
+            if name == TRACEPARENT {
+                c.traceparent = true;
+            } else if name == TRACESTATE {
+                c.tracestate = true;
+            } else if name == B3 {
+                c.b3 = true;
+            } else if name == B3_TRACE {
+                c.b3_trace = true;
+            }
+        }
+        c
+    }
+
+    fn context(&self) -> bool {
+        self.traceparent || self.b3 || self.b3_trace
+    }
 }
 
 fn hex_string<const N: usize>(v: u128) -> String {
@@ -761,7 +805,7 @@ pub(crate) struct Parent {
 /// The caller's span from `traceparent`/`tracestate`, else from B3 (single `b3` header or
 /// the `x-b3-*` set). Invalid input is ignored: a new trace starts.
 pub(crate) fn extract(h: &HeaderMap) -> Option<Parent> {
-    if !h.contains_key(&TRACEPARENT) && !h.contains_key(&B3_TRACE) && !h.contains_key(&B3) {
+    if !Carried::scan(h).context() {
         return None;
     }
     if let Some(tp) = h.get(&TRACEPARENT).and_then(|v| v.to_str().ok()) {
@@ -1098,16 +1142,18 @@ fn inject(
     if let Some(v) = header_value(&tp) {
         h.insert(TRACEPARENT.clone(), v);
     }
+    let carried = Carried::scan(h);
     match state.and_then(|s| HeaderValue::from_str(s).ok()) {
         Some(v) => {
             h.insert(TRACESTATE.clone(), v);
         }
-        None => {
+        None if carried.tracestate => {
             h.remove(&TRACESTATE);
         }
+        None => {}
     }
     // Keep B3 callers' upstreams consistent: rewrite B3 headers only if the request had them.
-    if h.contains_key(&B3) {
+    if carried.b3 {
         // {trace}-{span}-{sampled}-{parent}
         let mut v = [0u8; 68];
         v[..32].copy_from_slice(&trace_hex);
@@ -1119,7 +1165,7 @@ fn inject(
             h.insert(B3.clone(), v);
         }
     }
-    if h.contains_key(&B3_TRACE) {
+    if carried.b3_trace {
         let server_hex = server_hex();
         for (name, value) in [
             (&B3_TRACE, &trace_hex[..]),

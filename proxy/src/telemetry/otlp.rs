@@ -200,15 +200,18 @@ fn varint_len(v: u64) -> usize {
     (64 - (v | 1).leading_zeros() as usize).div_ceil(7)
 }
 
+#[inline]
 fn key(buf: &mut Vec<u8>, field: u32, wire: u32) {
     varint(buf, u64::from((field << 3) | wire));
 }
 
+#[inline]
 fn key_len(field: u32) -> usize {
     varint_len(u64::from(field << 3))
 }
 
 /// A length-delimited field whose content is `parts` one after the other.
+#[inline]
 fn str_field(buf: &mut Vec<u8>, field: u32, parts: &[&str]) {
     let n: usize = parts.iter().map(|p| p.len()).sum();
     key(buf, field, LEN);
@@ -218,12 +221,14 @@ fn str_field(buf: &mut Vec<u8>, field: u32, parts: &[&str]) {
     }
 }
 
+#[inline]
 fn bytes_field(buf: &mut Vec<u8>, field: u32, b: &[u8]) {
     key(buf, field, LEN);
     varint(buf, b.len() as u64);
     buf.extend_from_slice(b);
 }
 
+#[inline]
 fn fixed64(buf: &mut Vec<u8>, field: u32, v: u64) {
     key(buf, field, I64);
     buf.extend_from_slice(&v.to_le_bytes());
@@ -285,6 +290,15 @@ fn kv(buf: &mut Vec<u8>, field: u32, k: &str, v: Val<'_>) {
 fn attr_str(buf: &mut Vec<u8>, k: &str, v: &str) {
     let av = 1 + varint_len(v.len() as u64) + v.len();
     let body = 2 + varint_len(k.len() as u64) + k.len() + varint_len(av as u64) + av;
+    if body < 0x80 {
+        // Every length fits in one byte (nearly every attribute): two fixed headers.
+        buf.reserve(2 + body);
+        buf.extend_from_slice(&[0x4a, body as u8, 0x0a, k.len() as u8]);
+        buf.extend_from_slice(k.as_bytes());
+        buf.extend_from_slice(&[0x12, av as u8, 0x0a, v.len() as u8]);
+        buf.extend_from_slice(v.as_bytes());
+        return;
+    }
     buf.reserve(1 + varint_len(body as u64) + body);
     buf.push(0x4a); // field 9, length-delimited
     varint(buf, body as u64);
@@ -315,9 +329,13 @@ fn attr_int(buf: &mut Vec<u8>, k: &str, v: i64) {
     varint(buf, v as u64);
 }
 
+#[inline]
 fn nanos(t: SystemTime) -> u64 {
-    t.duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+    t.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| {
+        d.as_secs()
+            .saturating_mul(1_000_000_000)
+            .saturating_add(u64::from(d.subsec_nanos()))
+    })
 }
 
 /// What every span starts with (Span fields 1 to 8, in field order).
@@ -332,6 +350,7 @@ struct Head<'a> {
     end: SystemTime,
 }
 
+#[inline]
 fn head(buf: &mut Vec<u8>, h: &Head<'_>) {
     bytes_field(buf, 1, &h.trace_id.to_be_bytes());
     bytes_field(buf, 2, &h.span_id.to_be_bytes());
@@ -349,6 +368,7 @@ fn head(buf: &mut Vec<u8>, h: &Head<'_>) {
 }
 
 /// Span fields 15 (status, always present as the SDK's exporter sends it) and 16 (flags).
+#[inline]
 fn tail(buf: &mut Vec<u8>, error: Option<&str>, parent_remote: bool) {
     match error {
         None => {
@@ -389,6 +409,9 @@ fn resource_value(v: &opentelemetry::Value) -> (Option<Val<'static>>, Option<Str
     }
 }
 
+/// Room left before the first span for the request's own fields (resource and scope).
+const GAP: usize = 256;
+
 /// Builds export requests (`ExportTraceServiceRequest`): one resource, one scope, the
 /// spans added since the last [`Encoder::finish`].
 pub(crate) struct Encoder {
@@ -396,7 +419,7 @@ pub(crate) struct Encoder {
     resource: Vec<u8>,
     scope: Vec<u8>,
     schema_url: String,
-    /// Spans so far, each already framed as field 2 of `ScopeSpans`.
+    /// [`GAP`] bytes, then the spans so far, each already framed as field 2 of `ScopeSpans`.
     spans: Vec<u8>,
     /// One span's body while it is written (its length goes first).
     scratch: Vec<u8>,
@@ -420,7 +443,7 @@ impl Encoder {
             resource: r,
             scope,
             schema_url: resource.schema_url().unwrap_or_default().to_string(),
-            spans: Vec::new(),
+            spans: vec![0; GAP],
             scratch: Vec::new(),
             peers: AddrText::default(),
             upstreams: AddrText::default(),
@@ -596,8 +619,9 @@ impl Encoder {
 
     /// The request for the spans added so far (and start over).
     pub(crate) fn finish(&mut self) -> Bytes {
+        let spans_len = self.spans.len().saturating_sub(GAP);
         let scope_part = key_len(1) + varint_len(self.scope.len() as u64) + self.scope.len();
-        let scope_spans = scope_part + self.spans.len();
+        let scope_spans = scope_part + spans_len;
         let resource_part =
             key_len(1) + varint_len(self.resource.len() as u64) + self.resource.len();
         let schema_part = if self.schema_url.is_empty() {
@@ -607,22 +631,38 @@ impl Encoder {
         };
         let resource_spans =
             resource_part + key_len(2) + varint_len(scope_spans as u64) + scope_spans + schema_part;
-        let mut out =
-            Vec::with_capacity(key_len(1) + varint_len(resource_spans as u64) + resource_spans);
+        // Everything before the spans, written into the gap left for it (when it fits:
+        // the resource is small), so that the spans are not copied.
+        let mut head = Vec::with_capacity(GAP);
         // ExportTraceServiceRequest.resource_spans[0]
-        key(&mut out, 1, LEN);
-        varint(&mut out, resource_spans as u64);
-        bytes_field(&mut out, 1, &self.resource);
+        key(&mut head, 1, LEN);
+        varint(&mut head, resource_spans as u64);
+        bytes_field(&mut head, 1, &self.resource);
         // ResourceSpans.scope_spans[0]
-        key(&mut out, 2, LEN);
-        varint(&mut out, scope_spans as u64);
-        bytes_field(&mut out, 1, &self.scope);
-        out.extend_from_slice(&self.spans);
+        key(&mut head, 2, LEN);
+        varint(&mut head, scope_spans as u64);
+        bytes_field(&mut head, 1, &self.scope);
+        // The next batch is likely as large as this one: grow the buffer once.
+        let mut next = Vec::with_capacity(self.spans.len());
+        next.resize(GAP, 0);
+        let mut out = std::mem::replace(&mut self.spans, next);
+        let start = match GAP.checked_sub(head.len()) {
+            Some(start) => {
+                if let Some(gap) = out.get_mut(start..GAP) {
+                    gap.copy_from_slice(&head);
+                }
+                start
+            }
+            None => {
+                head.extend_from_slice(out.get(GAP..).unwrap_or_default());
+                out = head;
+                0
+            }
+        };
         if !self.schema_url.is_empty() {
             str_field(&mut out, 3, &[&self.schema_url]);
         }
-        self.spans.clear();
-        Bytes::from(out)
+        Bytes::from(out).slice(start..)
     }
 }
 
@@ -1068,5 +1108,48 @@ mod tests {
         // The encoder starts over after each request.
         let empty = ExportTraceServiceRequest::decode(enc.finish()).expect("valid");
         assert!(empty.resource_spans[0].scope_spans[0].spans.is_empty());
+    }
+
+    /// A resource too large for the room left before the spans, and a schema URL.
+    #[test]
+    fn large_resource() {
+        let big = "x".repeat(400);
+        let resource = Resource::builder_empty()
+            .with_schema_url(
+                [opentelemetry::KeyValue::new("big", big.clone())],
+                "https://opentelemetry.io/schemas/1.26.0",
+            )
+            .build();
+        let mut enc = Encoder::new(&resource);
+        let client = ClientRecord {
+            trace_id: 1,
+            span_id: 2,
+            parent: 3,
+            state: None,
+            start: at(1),
+            end: at(2),
+            method: "POST",
+            url_full: format!("http://h/{big}"),
+            upstream: "[::1]:80".parse().expect("addr"),
+            version: "2",
+            cluster: Arc::from("c"),
+            resend: 0,
+            outcome: Some(ClientOutcome::Status(200)),
+        };
+        enc.add(&Finished::Client(Box::new(client)));
+        let req = ExportTraceServiceRequest::decode(enc.finish()).expect("valid protobuf");
+        let rs = &req.resource_spans[0];
+        assert_eq!(rs.schema_url, "https://opentelemetry.io/schemas/1.26.0");
+        let res = attrs(&rs.resource.as_ref().expect("resource").attributes);
+        assert_eq!(res.get("big"), Some(&big));
+        let c = &rs.scope_spans[0].spans[0];
+        let ca = attrs(&c.attributes);
+        assert_eq!(ca.get("url.full").map(String::len), Some(9 + 400));
+        assert_eq!(ca.get("server.address").map(String::as_str), Some("::1"));
+        assert_eq!(
+            ca.get("wasmesh.upstream").map(String::as_str),
+            Some("[::1]:80")
+        );
+        assert_eq!(c.status.as_ref().map(|s| s.code), Some(0));
     }
 }
