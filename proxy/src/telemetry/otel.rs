@@ -486,6 +486,9 @@ impl Queue {
 /// worker and freed on the exporter thread costs the allocator far more than a short
 /// uncontended lock (and the record keeps its string buffers). Bounded: past `limit`
 /// records are freed.
+// The boxes are the point: a pooled record is handed out as the `Box` a `Finished` holds,
+// without allocating.
+#[allow(clippy::vec_box)]
 struct Pool {
     servers: Mutex<Vec<Box<ServerRecord>>>,
     clients: Mutex<Vec<Box<ClientRecord>>>,
@@ -506,9 +509,19 @@ impl Pool {
         let mut servers = self.servers.lock().unwrap_or_else(|e| e.into_inner());
         let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
         for r in records.drain(..) {
+            // What a pooled record holds on to beyond its own buffers is let go now (a
+            // filter version's name, a route template of a configuration since replaced).
             match r {
-                Finished::Server(s) if servers.len() < self.limit => servers.push(s),
-                Finished::Client(c) if clients.len() < self.limit => clients.push(c),
+                Finished::Server(mut s) if servers.len() < self.limit => {
+                    s.filters.clear();
+                    s.template = None;
+                    s.state = None;
+                    servers.push(s);
+                }
+                Finished::Client(mut c) if clients.len() < self.limit => {
+                    c.state = None;
+                    clients.push(c);
+                }
                 _ => {}
             }
         }

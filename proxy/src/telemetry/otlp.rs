@@ -775,7 +775,7 @@ pub(crate) enum Transport {
         metadata: tonic::metadata::MetadataMap,
     },
     Http {
-        client: HttpClient,
+        client: Box<HttpClient>,
         uri: http::Uri,
         headers: HeaderMap,
     },
@@ -837,10 +837,12 @@ impl Transport {
             crate::config::OtlpProtocol::HttpProtobuf => {
                 let uri = http::Uri::try_from(endpoint)
                     .map_err(|e| format!("invalid endpoint '{endpoint}': {e}"))?;
-                let client = hyper_util::client::legacy::Client::builder(
-                    hyper_util::rt::TokioExecutor::new(),
-                )
-                .build_http();
+                let client = Box::new(
+                    hyper_util::client::legacy::Client::builder(
+                        hyper_util::rt::TokioExecutor::new(),
+                    )
+                    .build_http(),
+                );
                 Ok(Transport::Http {
                     client,
                     uri,
