@@ -4,53 +4,43 @@
 //! What this module owns:
 //! - the effective settings: the manifest's `tracing` section with the standard `OTEL_*`
 //!   environment variables on top ([`Settings::resolve`]);
-//! - trace context propagation: W3C `traceparent`/`tracestate` (and B3) read from the
-//!   request, written into the upstream request with the CLIENT span as parent;
-//! - the export path: finished spans go into a bounded queue ([`QueueProcessor`]); one
-//!   exporter thread with its own Tokio runtime batches them to the collector. A full queue
-//!   drops the span and counts it (`wasmesh_tracing_spans_dropped_total`), as does a batch
-//!   the collector refuses or does not answer within `export_timeout`: the request path
-//!   never waits on the collector.
+//! - sampling (the specification's samplers; parent-based ratio by default) and trace
+//!   context propagation: W3C `traceparent`/`tracestate` (and B3) read from the request,
+//!   written into the upstream request with the CLIENT span as parent;
+//! - the hand-over to the exporter: a sampled request's spans are built once, when they
+//!   end, as plain records (`super::otlp`) and go into a bounded queue; one exporter
+//!   thread with its own Tokio runtime encodes them to OTLP protobuf and sends them in
+//!   batches. A full queue drops the span and counts it
+//!   (`wasmesh_tracing_spans_dropped_total`), as does a batch the collector refuses or does
+//!   not answer within `export_timeout`: the request path never waits on the collector.
 //!
-//! What it must not do: block or allocate much on a worker thread when tracing is off
-//! ([`Tracing::off`] makes every call here a branch on `None`), or hold up a request when
-//! the collector is slow.
+//! What it must not do: block or allocate much on a worker thread ([`Tracing::off`] makes
+//! every call here a branch on `None`; with tracing on a request costs one record and a
+//! few copies of its strings, no attribute maps and no protobuf), wake the exporter per
+//! span (it wakes per batch or per `batch_delay`), or hold up a request when the
+//! collector is slow.
 
 use crate::config::{OtlpProtocol, TracingSpec};
 use crate::error::ProxyError;
 use crate::telemetry::metrics::Metrics;
+use crate::telemetry::otlp::{
+    ClientOutcome, ClientRecord, Encoder, Finished, ServerOutcome, ServerRecord, Text, Transport,
+};
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::StatusCode;
-use opentelemetry::trace::{
-    Span as _, SpanContext, SpanId, SpanKind, Status, TraceContextExt as _, TraceFlags, TraceId,
-    TraceState, Tracer as _, TracerProvider as _,
-};
-use opentelemetry::{Context, KeyValue};
-use opentelemetry_sdk::error::OTelSdkResult;
+use opentelemetry::trace::TraceState;
+use opentelemetry::KeyValue;
 use opentelemetry_sdk::resource::{Resource, TelemetryResourceDetector};
-use opentelemetry_sdk::trace::{
-    Sampler, SdkTracer, SdkTracerProvider, Span as SdkSpan, SpanData, SpanExporter as _,
-    SpanProcessor,
-};
-use opentelemetry_semantic_conventions::attribute as semconv;
 use prometheus_client::metrics::counter::Counter;
-use std::borrow::Cow;
+use rand::{Rng as _, SeedableRng as _};
+use std::cell::RefCell;
 use std::net::SocketAddr;
 use std::str::FromStr;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{watch, Notify};
 
-/// wasmesh's own span attributes (no OpenTelemetry convention covers them).
-pub mod attr {
-    pub const ROUTE: &str = "wasmesh.route";
-    pub const CLUSTER: &str = "wasmesh.cluster";
-    pub const RESPONSE_FLAGS: &str = "wasmesh.response_flags";
-    pub const UPSTREAM: &str = "wasmesh.upstream";
-    pub const FILTER_NAME: &str = "wasmesh.filter.name";
-    pub const FILTER_VERSION: &str = "wasmesh.filter.version";
-    pub const FILTER_HOOK: &str = "wasmesh.filter.hook";
-}
+pub use crate::telemetry::otlp::attr;
 
 static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 static TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
@@ -183,7 +173,7 @@ impl Settings {
 
         let ratio = spec.sampling.ratio;
         let sampler = match var("OTEL_TRACES_SAMPLER") {
-            None => Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(ratio))),
+            None => Sampler::parent_based(RootSampler::TraceIdRatio(ratio)),
             Some(name) => sampler_from_env(&name, var("OTEL_TRACES_SAMPLER_ARG"))?,
         };
 
@@ -235,21 +225,21 @@ fn sampler_from_env(name: &str, arg: Option<String>) -> Result<Sampler, TracingE
                 }),
         }
     };
-    let parent = |s: Sampler| Sampler::ParentBased(Box::new(s));
-    Ok(match name {
-        "always_on" => Sampler::AlwaysOn,
-        "always_off" => Sampler::AlwaysOff,
-        "traceidratio" => Sampler::TraceIdRatioBased(ratio()?),
-        "parentbased_always_on" => parent(Sampler::AlwaysOn),
-        "parentbased_always_off" => parent(Sampler::AlwaysOff),
-        "parentbased_traceidratio" => parent(Sampler::TraceIdRatioBased(ratio()?)),
+    let (parent_based, root) = match name {
+        "always_on" => (false, RootSampler::AlwaysOn),
+        "always_off" => (false, RootSampler::AlwaysOff),
+        "traceidratio" => (false, RootSampler::TraceIdRatio(ratio()?)),
+        "parentbased_always_on" => (true, RootSampler::AlwaysOn),
+        "parentbased_always_off" => (true, RootSampler::AlwaysOff),
+        "parentbased_traceidratio" => (true, RootSampler::TraceIdRatio(ratio()?)),
         other => {
             return Err(TracingError::Env {
                 var: "OTEL_TRACES_SAMPLER",
                 problem: format!("`{other}` is not a supported sampler"),
             })
         }
-    })
+    };
+    Ok(Sampler { parent_based, root })
 }
 
 /// `key1=value1,key2=value2` with percent-encoded values (W3C Baggage octets).
@@ -285,40 +275,273 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// Hands finished spans to the exporter thread; never blocks. A full queue (the collector
-/// is down or slow) drops the span and counts it: the SDK's own batch processor only logs.
-#[derive(Debug)]
-struct QueueProcessor {
-    tx: mpsc::Sender<SpanData>,
-    dropped: Counter,
+/// Which traces are recorded: the samplers the OpenTelemetry specification names, with
+/// the SDK's decisions (see the `same_decisions_as_the_sdk` test).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Sampler {
+    /// A caller's decision (`traceparent` flags, `x-b3-sampled`) wins over `root`.
+    pub parent_based: bool,
+    /// The decision for a new trace (and for every trace when not parent-based).
+    pub root: RootSampler,
 }
 
-impl SpanProcessor for QueueProcessor {
-    fn on_start(&self, _span: &mut SdkSpan, _cx: &Context) {}
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum RootSampler {
+    AlwaysOn,
+    AlwaysOff,
+    /// Share of trace ids recorded, 0 to 1, decided from the trace id alone so that every
+    /// process on the trace decides alike.
+    TraceIdRatio(f64),
+}
 
-    fn on_end(&self, span: SpanData) {
-        if self.tx.try_send(span).is_err() {
-            self.dropped.inc();
+impl Sampler {
+    pub fn parent_based(root: RootSampler) -> Self {
+        Self {
+            parent_based: true,
+            root,
         }
     }
 
-    fn force_flush(&self) -> OTelSdkResult {
-        Ok(())
-    }
-
-    fn shutdown_with_timeout(&self, _timeout: Duration) -> OTelSdkResult {
-        Ok(())
+    /// `parent`: the caller's sampled flag, if the request carried a context.
+    fn sample(&self, parent: Option<bool>, trace_id: u128) -> bool {
+        match parent {
+            Some(sampled) if self.parent_based => sampled,
+            _ => match self.root {
+                RootSampler::AlwaysOn => true,
+                RootSampler::AlwaysOff => false,
+                RootSampler::TraceIdRatio(r) if r >= 1.0 => true,
+                RootSampler::TraceIdRatio(r) => {
+                    // The SDK's rule: the trace id's low 63 bits under ratio × 2^63.
+                    let bound = (r.max(0.0) * (1u64 << 63) as f64) as u64;
+                    ((trace_id as u64) >> 1) < bound
+                }
+            },
+        }
     }
 }
 
+thread_local! {
+    /// Ids come from a fast per-thread generator, as the SDK's do (they need to be unique,
+    /// not secret).
+    static RNG: RefCell<rand::rngs::SmallRng> = RefCell::new(rand::rngs::SmallRng::from_rng(&mut rand::rng()));
+}
+
+fn new_trace_id() -> u128 {
+    RNG.with(|r| {
+        let mut r = r.borrow_mut();
+        loop {
+            let id: u128 = r.random();
+            if id != 0 {
+                return id;
+            }
+        }
+    })
+}
+
+fn new_span_id() -> u64 {
+    RNG.with(|r| {
+        let mut r = r.borrow_mut();
+        loop {
+            let id: u64 = r.random();
+            if id != 0 {
+                return id;
+            }
+        }
+    })
+}
+
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
+/// The low `N` × 4 bits of `v` as `N` lowercase hex digits (`N` even, at most 32).
+fn hex<const N: usize>(v: u128) -> [u8; N] {
+    let mut out = [0u8; N];
+    let bytes = v.to_be_bytes();
+    let tail = bytes
+        .get(16usize.saturating_sub(N / 2)..)
+        .unwrap_or_default();
+    for (pair, b) in out.chunks_exact_mut(2).zip(tail) {
+        if let [hi, lo] = pair {
+            *hi = HEX[usize::from(b >> 4)];
+            *lo = HEX[usize::from(b & 0xf)];
+        }
+    }
+    out
+}
+
+/// Which propagation headers a request carries, found in one pass over its header names:
+/// a request has few headers, and a lookup by name hashes the name each time.
+#[derive(Default)]
+struct Carried {
+    traceparent: bool,
+    tracestate: bool,
+    b3: bool,
+    b3_trace: bool,
+}
+
+impl Carried {
+    fn scan(h: &HeaderMap) -> Self {
+        let mut c = Carried::default();
+        for name in h.keys() {
+            // Every name we look for is at least 2 and at most 12 bytes long.
+            let n = name.as_str();
+            if n.len() < 2 || n.len() > 12 {
+                continue;
+            }
+            if name == TRACEPARENT {
+                c.traceparent = true;
+            } else if name == TRACESTATE {
+                c.tracestate = true;
+            } else if name == B3 {
+                c.b3 = true;
+            } else if name == B3_TRACE {
+                c.b3_trace = true;
+            }
+        }
+        c
+    }
+
+    fn context(&self) -> bool {
+        self.traceparent || self.b3 || self.b3_trace
+    }
+}
+
+fn hex_string<const N: usize>(v: u128) -> String {
+    // Hex digits are ASCII: the conversion cannot fail.
+    String::from_utf8(hex::<N>(v).to_vec()).unwrap_or_default()
+}
+
+fn header_value(b: &[u8]) -> Option<HeaderValue> {
+    HeaderValue::from_bytes(b).ok()
+}
+
+/// Finished spans waiting for the exporter thread. Bounded in spans; a full queue drops
+/// and counts. The worker takes the lock only to push, and wakes the exporter only when
+/// a full batch is waiting (otherwise the exporter comes by every `batch_delay`): a wake-up
+/// per span would cost the worker a system call and its CPU a context switch.
+struct Queue {
+    pending: Mutex<Pending>,
+    capacity: usize,
+    batch_size: usize,
+    full_batch: Notify,
+    dropped: Counter,
+}
+
+#[derive(Default)]
+struct Pending {
+    records: Vec<Finished>,
+    spans: usize,
+}
+
+impl Queue {
+    fn lock(&self) -> MutexGuard<'_, Pending> {
+        // A panic while holding the lock cannot leave `Pending` inconsistent enough to
+        // matter (at worst a count off by one record): keep exporting.
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn push(&self, record: Finished) {
+        let n = record.spans();
+        let mut p = self.lock();
+        if p.spans + n > self.capacity {
+            drop(p);
+            self.dropped.inc_by(n as u64);
+            return;
+        }
+        let before = p.spans;
+        p.spans += n;
+        p.records.push(record);
+        drop(p);
+        if before < self.batch_size && before + n >= self.batch_size {
+            self.full_batch.notify_one();
+        }
+    }
+
+    fn spans(&self) -> usize {
+        self.lock().spans
+    }
+
+    /// The oldest records, up to `batch_size` spans (at least one record), and their span
+    /// count. `spare` (empty) takes their place, so that the queue keeps its capacity and
+    /// a worker's push does not grow it again after every batch.
+    fn take(&self, spare: Vec<Finished>) -> (Vec<Finished>, usize) {
+        let mut p = self.lock();
+        if p.spans <= self.batch_size {
+            let n = std::mem::take(&mut p.spans);
+            return (std::mem::replace(&mut p.records, spare), n);
+        }
+        let (mut k, mut n) = (0, 0);
+        for r in &p.records {
+            if k > 0 && n + r.spans() > self.batch_size {
+                break;
+            }
+            n += r.spans();
+            k += 1;
+        }
+        p.spans -= n;
+        (p.records.drain(..k).collect(), n)
+    }
+}
+
+/// Records the exporter is done with, for the next requests: a record allocated on a
+/// worker and freed on the exporter thread costs the allocator far more than a short
+/// uncontended lock (and the record keeps its string buffers). Bounded: past `limit`
+/// records are freed.
+// The boxes are the point: a pooled record is handed out as the `Box` a `Finished` holds,
+// without allocating.
+#[allow(clippy::vec_box)]
+struct Pool {
+    servers: Mutex<Vec<Box<ServerRecord>>>,
+    clients: Mutex<Vec<Box<ClientRecord>>>,
+    limit: usize,
+}
+
+impl Pool {
+    fn server(&self) -> Option<Box<ServerRecord>> {
+        self.servers.lock().unwrap_or_else(|e| e.into_inner()).pop()
+    }
+
+    fn client(&self) -> Option<Box<ClientRecord>> {
+        self.clients.lock().unwrap_or_else(|e| e.into_inner()).pop()
+    }
+
+    /// Take back the records of an exported (or dropped) batch.
+    fn put(&self, records: &mut Vec<Finished>) {
+        let mut servers = self.servers.lock().unwrap_or_else(|e| e.into_inner());
+        let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
+        for r in records.drain(..) {
+            // What a pooled record holds on to beyond its own buffers is let go now (a
+            // filter version's name, a route template of a configuration since replaced).
+            match r {
+                Finished::Server(mut s) if servers.len() < self.limit => {
+                    s.filters.clear();
+                    s.template = None;
+                    s.state = None;
+                    servers.push(s);
+                }
+                Finished::Client(mut c) if clients.len() < self.limit => {
+                    c.state = None;
+                    clients.push(c);
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+/// What the request path needs: the sampler, the queue, the records to reuse.
+struct Core {
+    sampler: Sampler,
+    queue: Queue,
+    pool: Pool,
+}
+
 struct Active {
-    tracer: SdkTracer,
-    provider: SdkTracerProvider,
+    core: Arc<Core>,
     stop: watch::Sender<bool>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
-/// Process-wide tracing: off, or a tracer feeding the exporter thread.
+/// Process-wide tracing: off, or a sampler and a queue feeding the exporter thread.
 #[derive(Clone, Default)]
 pub struct Tracing {
     active: Option<Arc<Active>>,
@@ -349,10 +572,25 @@ impl Tracing {
     /// Build the exporter on its own thread and runtime (tonic and hyper need one), so
     /// the workers' runtimes never run export work.
     pub fn with_settings(s: Settings, metrics: &Arc<Metrics>) -> Result<Self, TracingError> {
-        let (tx, rx) = mpsc::channel(s.max_queue_size);
+        let core = Arc::new(Core {
+            sampler: s.sampler,
+            pool: Pool {
+                servers: Mutex::new(Vec::new()),
+                clients: Mutex::new(Vec::new()),
+                limit: s.batch_size,
+            },
+            queue: Queue {
+                pending: Mutex::new(Pending::default()),
+                capacity: s.max_queue_size,
+                batch_size: s.batch_size.max(1),
+                full_batch: Notify::new(),
+                dropped: metrics.tracing_spans_dropped.clone(),
+            },
+        });
         let (stop_tx, stop_rx) = watch::channel(false);
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let exporter_settings = s.clone();
+        let exporter_core = core.clone();
         let m = metrics.clone();
         let thread = std::thread::Builder::new()
             .name("wasmesh-otlp".into())
@@ -368,17 +606,21 @@ impl Tracing {
                     }
                 };
                 rt.block_on(async move {
-                    let exporter = match build_exporter(&exporter_settings) {
-                        Ok(e) => {
-                            let _ = ready_tx.send(Ok(()));
-                            e
-                        }
-                        Err(e) => {
-                            let _ = ready_tx.send(Err(e));
-                            return;
-                        }
-                    };
-                    export_loop(exporter, rx, stop_rx, &exporter_settings, &m).await;
+                    let s = exporter_settings;
+                    let transport =
+                        match Transport::new(s.protocol, &s.endpoint, &s.headers, s.export_timeout)
+                        {
+                            Ok(t) => {
+                                let _ = ready_tx.send(Ok(()));
+                                t
+                            }
+                            Err(e) => {
+                                let _ = ready_tx.send(Err(e));
+                                return;
+                            }
+                        };
+                    let encoder = Encoder::new(&s.resource);
+                    export_loop(&exporter_core, transport, encoder, stop_rx, &s, &m).await;
                 });
             })?;
         match ready_rx.recv() {
@@ -387,19 +629,9 @@ impl Tracing {
             Err(_) => return Err(TracingError::Exporter("exporter thread died".into())),
         }
         tracing::info!(endpoint = %s.endpoint, protocol = ?s.protocol, "exporting traces over OTLP");
-        let provider = SdkTracerProvider::builder()
-            .with_span_processor(QueueProcessor {
-                tx,
-                dropped: metrics.tracing_spans_dropped.clone(),
-            })
-            .with_sampler(s.sampler)
-            .with_resource(s.resource)
-            .build();
-        let tracer = provider.tracer("wasmesh");
         Ok(Self {
             active: Some(Arc::new(Active {
-                tracer,
-                provider,
+                core,
                 stop: stop_tx,
                 thread: Mutex::new(Some(thread)),
             })),
@@ -415,11 +647,10 @@ impl Tracing {
         if let Some(h) = handle {
             let _ = h.join();
         }
-        let _ = a.provider.shutdown();
     }
 
     /// Begin a request's trace: the SERVER span, child of the caller's context if the
-    /// request carries one.
+    /// request carries one. Only a sampled request copies anything from the request.
     pub fn start_server(
         &self,
         parts: &http::request::Parts,
@@ -430,20 +661,59 @@ impl Tracing {
         let Some(a) = &self.active else {
             return RequestTrace::off();
         };
-        let parent = extract(&parts.headers);
-        let cx = match &parent {
-            Some(sc) => Context::new().with_remote_span_context(sc.clone()),
-            None => Context::new(),
+        let core = a.core.clone();
+        let (trace_id, parent, state, sampled) = match extract(&parts.headers) {
+            Some(p) => (
+                p.trace_id,
+                Some(p.span_id),
+                p.state,
+                core.sampler.sample(Some(p.sampled), p.trace_id),
+            ),
+            None => {
+                let t = new_trace_id();
+                (t, None, None, core.sampler.sample(None, t))
+            }
         };
         let method = method_name(&parts.method);
-        let mut span = a.tracer.build_with_context(
-            a.tracer
-                .span_builder(Cow::Borrowed(method))
-                .with_kind(SpanKind::Server),
-            &cx,
-        );
-        let sc = span.span_context().clone();
-        if span.is_recording() {
+        let fresh = ServerRecord {
+            trace_id,
+            span_id: new_span_id(),
+            parent,
+            sampled,
+            state,
+            start: SystemTime::UNIX_EPOCH,
+            end: SystemTime::UNIX_EPOCH,
+            method,
+            method_original: None,
+            https: tls,
+            server_port: local.port(),
+            peer,
+            version: protocol_version(parts.version),
+            text: Text::default(),
+            path: Default::default(),
+            query: None,
+            host: None,
+            user_agent: None,
+            template: None,
+            outcome: None,
+            filters: Vec::new(),
+        };
+        let mut rec = match sampled.then(|| core.pool.server()).flatten() {
+            Some(mut old) => {
+                let text = std::mem::take(&mut old.text);
+                let mut filters = std::mem::take(&mut old.filters);
+                filters.clear();
+                *old = ServerRecord {
+                    text,
+                    filters,
+                    ..fresh
+                };
+                old
+            }
+            None => Box::new(fresh),
+        };
+        if sampled {
+            rec.start = SystemTime::now();
             let authority = parts
                 .uri
                 .authority()
@@ -456,194 +726,127 @@ impl Tracing {
                 })
                 .unwrap_or_default();
             let (host, port) = split_authority(authority, local.port());
-            let mut attrs = Vec::with_capacity(12);
-            attrs.push(KeyValue::new(semconv::HTTP_REQUEST_METHOD, method));
-            if method == "_OTHER" {
-                attrs.push(KeyValue::new(
-                    "http.request.method_original",
-                    parts.method.as_str().to_string(),
-                ));
-            }
-            attrs.push(KeyValue::new(
-                semconv::URL_PATH,
-                parts.uri.path().to_string(),
-            ));
-            if let Some(q) = parts.uri.query() {
-                attrs.push(KeyValue::new(semconv::URL_QUERY, q.to_string()));
-            }
-            attrs.push(KeyValue::new(
-                semconv::URL_SCHEME,
-                if tls { "https" } else { "http" },
-            ));
-            if !host.is_empty() {
-                attrs.push(KeyValue::new(semconv::SERVER_ADDRESS, host.to_string()));
-            }
-            attrs.push(KeyValue::new(semconv::SERVER_PORT, i64::from(port)));
-            attrs.push(KeyValue::new(
-                semconv::NETWORK_PEER_ADDRESS,
-                peer.ip().to_string(),
-            ));
-            attrs.push(KeyValue::new(
-                semconv::NETWORK_PEER_PORT,
-                i64::from(peer.port()),
-            ));
-            attrs.push(KeyValue::new(
-                semconv::NETWORK_PROTOCOL_VERSION,
-                protocol_version(parts.version),
-            ));
-            if let Some(ua) = parts
+            let ua = parts
                 .headers
                 .get(http::header::USER_AGENT)
-                .and_then(|v| v.to_str().ok())
-            {
-                attrs.push(KeyValue::new(semconv::USER_AGENT_ORIGINAL, ua.to_string()));
+                .and_then(|v| v.to_str().ok());
+            let path = parts.uri.path();
+            let query = parts.uri.query();
+            // Room for these and for what `end` adds (route, cluster, flags).
+            let room =
+                path.len() + query.map_or(0, str::len) + host.len() + ua.map_or(0, str::len) + 64;
+            rec.text = std::mem::take(&mut rec.text).reuse(room);
+            let t = &mut rec.text;
+            if method == "_OTHER" {
+                rec.method_original = Some(t.push(parts.method.as_str()));
             }
-            span.set_attributes(attrs);
+            rec.path = t.push(path);
+            rec.query = query.map(|q| t.push(q));
+            rec.host = (!host.is_empty()).then(|| t.push(host));
+            rec.server_port = port;
+            rec.user_agent = ua.map(|u| t.push(u));
         }
         RequestTrace {
-            inner: Some(Box::new(ServerSpan {
-                tracer: a.tracer.clone(),
-                span,
-                cx: sc,
-                method,
-                template: None,
-                attempts: 0,
-            })),
+            inner: Some((core, rec)),
+            attempts: 0,
         }
     }
 }
 
 /// Export batches until told to stop, then export what is left.
 async fn export_loop(
-    exporter: opentelemetry_otlp::SpanExporter,
-    mut rx: mpsc::Receiver<SpanData>,
+    core: &Core,
+    mut transport: Transport,
+    mut encoder: Encoder,
     mut stop: watch::Receiver<bool>,
     s: &Settings,
     metrics: &Metrics,
 ) {
-    let mut batch: Vec<SpanData> = Vec::with_capacity(s.batch_size);
+    let q = &core.queue;
     let mut stopping = false;
-    while !stopping {
-        tokio::select! {
-            n = rx.recv_many(&mut batch, s.batch_size) => if n == 0 { break },
-            _ = stop.changed() => stopping = true,
-        }
-        // A partial batch waits up to `batch_delay` for company.
-        let until = tokio::time::Instant::now() + s.batch_delay;
-        while !stopping && batch.len() < s.batch_size {
-            let room = s.batch_size - batch.len();
+    let mut spare = Vec::new();
+    loop {
+        // A partial batch waits up to `batch_delay` for company; a full one goes now.
+        if !stopping && q.spans() < q.batch_size {
             tokio::select! {
-                _ = tokio::time::sleep_until(until) => break,
-                n = rx.recv_many(&mut batch, room) => if n == 0 { break },
+                _ = q.full_batch.notified() => {}
+                _ = tokio::time::sleep(s.batch_delay) => {}
                 _ = stop.changed() => stopping = true,
             }
         }
-        export_batch(&exporter, std::mem::take(&mut batch), s, metrics).await;
-    }
-    // Shutting down: what the workers left in the queue, batch by batch.
-    loop {
-        while batch.len() < s.batch_size {
-            match rx.try_recv() {
-                Ok(span) => batch.push(span),
-                Err(_) => break,
+        let (mut records, n) = q.take(std::mem::take(&mut spare));
+        if n == 0 {
+            spare = records;
+            if stopping {
+                break;
             }
+            continue;
         }
-        if batch.is_empty() {
-            break;
+        for r in &records {
+            encoder.add(r);
         }
-        export_batch(&exporter, std::mem::take(&mut batch), s, metrics).await;
-    }
-}
-
-async fn export_batch(
-    exporter: &opentelemetry_otlp::SpanExporter,
-    batch: Vec<SpanData>,
-    s: &Settings,
-    metrics: &Metrics,
-) {
-    if batch.is_empty() {
-        return;
-    }
-    let n = batch.len() as u64;
-    match tokio::time::timeout(s.export_timeout, exporter.export(batch)).await {
-        Ok(Ok(())) => {
-            metrics.tracing_spans_exported.inc_by(n);
-        }
-        Ok(Err(e)) => {
-            metrics.tracing_spans_dropped.inc_by(n);
-            tracing::debug!(error = %e, spans = n, "span export failed");
-        }
-        Err(_) => {
-            metrics.tracing_spans_dropped.inc_by(n);
-            tracing::debug!(spans = n, "span export timed out");
+        // Hand the records back before waiting on the collector; keep the vector.
+        core.pool.put(&mut records);
+        spare = records;
+        let body = encoder.finish();
+        match tokio::time::timeout(s.export_timeout, transport.send(body)).await {
+            Ok(Ok(())) => {
+                metrics.tracing_spans_exported.inc_by(n as u64);
+            }
+            Ok(Err(e)) => {
+                metrics.tracing_spans_dropped.inc_by(n as u64);
+                tracing::debug!(error = %e, spans = n, "span export failed");
+            }
+            Err(_) => {
+                metrics.tracing_spans_dropped.inc_by(n as u64);
+                tracing::debug!(spans = n, "span export timed out");
+            }
         }
     }
 }
 
-fn build_exporter(s: &Settings) -> Result<opentelemetry_otlp::SpanExporter, String> {
-    use opentelemetry_otlp::{WithExportConfig, WithHttpConfig, WithTonicConfig};
-    let mut exporter = match s.protocol {
-        OtlpProtocol::Grpc => {
-            let mut headers = HeaderMap::new();
-            for (k, v) in &s.headers {
-                if let (Ok(k), Ok(v)) = (
-                    HeaderName::from_bytes(k.as_bytes()),
-                    HeaderValue::from_str(v),
-                ) {
-                    headers.insert(k, v);
-                }
-            }
-            opentelemetry_otlp::SpanExporter::builder()
-                .with_tonic()
-                .with_endpoint(s.endpoint.clone())
-                .with_timeout(s.export_timeout)
-                .with_metadata(
-                    opentelemetry_otlp::tonic_types::metadata::MetadataMap::from_headers(headers),
-                )
-                .build()
-        }
-        OtlpProtocol::HttpProtobuf => opentelemetry_otlp::SpanExporter::builder()
-            .with_http()
-            .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
-            .with_endpoint(s.endpoint.clone())
-            .with_timeout(s.export_timeout)
-            .with_headers(s.headers.iter().cloned().collect())
-            .build(),
-    }
-    .map_err(|e| e.to_string())?;
-    exporter.set_resource(&s.resource);
-    Ok(exporter)
+/// A caller's span context, as read from the request.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Parent {
+    pub trace_id: u128,
+    pub span_id: u64,
+    pub sampled: bool,
+    /// `tracestate`, validated and re-serialised; `None` when absent or empty.
+    pub state: Option<Arc<str>>,
 }
 
 /// The caller's span from `traceparent`/`tracestate`, else from B3 (single `b3` header or
 /// the `x-b3-*` set). Invalid input is ignored: a new trace starts.
-pub fn extract(h: &HeaderMap) -> Option<SpanContext> {
+pub(crate) fn extract(h: &HeaderMap) -> Option<Parent> {
+    if !Carried::scan(h).context() {
+        return None;
+    }
     if let Some(tp) = h.get(&TRACEPARENT).and_then(|v| v.to_str().ok()) {
         let t = crate::trace::TraceContext::parse_traceparent(tp)?;
         let state = h
             .get(&TRACESTATE)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| TraceState::from_str(v).ok())
-            .unwrap_or_default();
-        return span_context(&t, state);
+            .map(|s| s.header())
+            .filter(|s| !s.is_empty())
+            .map(Arc::from);
+        return parent(&t, state);
     }
     let t = crate::trace::TraceContext::from_headers(h).or_else(|| {
         h.get(&B3)
             .and_then(|v| v.to_str().ok())
             .and_then(parse_b3_single)
     })?;
-    span_context(&t, TraceState::default())
+    parent(&t, None)
 }
 
-fn span_context(t: &crate::trace::TraceContext, state: TraceState) -> Option<SpanContext> {
-    let trace = TraceId::from_hex(&t.trace_id).ok()?;
-    let span = SpanId::from_hex(&t.parent_id).ok()?;
-    let flags = if t.sampled {
-        TraceFlags::SAMPLED
-    } else {
-        TraceFlags::default()
-    };
-    Some(SpanContext::new(trace, span, flags, true, state))
+fn parent(t: &crate::trace::TraceContext, state: Option<Arc<str>>) -> Option<Parent> {
+    Some(Parent {
+        trace_id: u128::from_str_radix(&t.trace_id, 16).ok()?,
+        span_id: u64::from_str_radix(&t.parent_id, 16).ok()?,
+        sampled: t.sampled,
+        state,
+    })
 }
 
 /// `b3: {traceid}-{spanid}[-{sampled}[-{parentspanid}]]` (B3 single header).
@@ -719,21 +922,12 @@ pub struct FilterTiming {
     pub failed: bool,
 }
 
-struct ServerSpan {
-    tracer: SdkTracer,
-    span: SdkSpan,
-    cx: SpanContext,
-    method: &'static str,
-    /// `http.route`: the matched route's path template.
-    template: Option<Arc<str>>,
-    /// Upstream attempts so far (a retry's CLIENT span gets `http.request.resend_count`).
-    attempts: u32,
-}
-
 /// A request's trace: the SERVER span when tracing is on, nothing otherwise.
 #[derive(Default)]
 pub struct RequestTrace {
-    inner: Option<Box<ServerSpan>>,
+    inner: Option<(Arc<Core>, Box<ServerRecord>)>,
+    /// Upstream attempts so far (a retry's CLIENT span gets `http.request.resend_count`).
+    attempts: u32,
 }
 
 /// How the request ended, for the SERVER span.
@@ -748,37 +942,37 @@ pub struct ServerEnd<'a> {
 
 impl RequestTrace {
     pub fn off() -> Self {
-        Self { inner: None }
+        Self {
+            inner: None,
+            attempts: 0,
+        }
     }
 
     /// Whether this request's spans are recorded (sampled): filter timings are worth
     /// collecting only then.
     pub fn is_recording(&self) -> bool {
-        self.inner.as_ref().is_some_and(|s| s.span.is_recording())
+        self.inner.as_ref().is_some_and(|(_, s)| s.sampled)
     }
 
     /// The trace id and the proxy's SERVER span id, as lowercase hex; when tracing is off,
     /// the caller's trace id and span id from the request's headers, if any.
     pub fn ids(&self, headers: &HeaderMap) -> Option<(String, String)> {
-        match &self.inner {
-            Some(s) => Some((s.cx.trace_id().to_string(), s.cx.span_id().to_string())),
+        let (trace, span) = match &self.inner {
+            Some((_, s)) => (s.trace_id, s.span_id),
             None => {
-                if !headers.contains_key(&TRACEPARENT)
-                    && !headers.contains_key(&B3_TRACE)
-                    && !headers.contains_key(&B3)
-                {
-                    return None;
-                }
-                let sc = extract(headers)?;
-                Some((sc.trace_id().to_string(), sc.span_id().to_string()))
+                let p = extract(headers)?;
+                (p.trace_id, p.span_id)
             }
-        }
+        };
+        Some((hex_string::<32>(trace), hex_string::<16>(u128::from(span))))
     }
 
     /// The matched route's template becomes `http.route` and part of the span name.
     pub fn set_route(&mut self, template: &Arc<str>) {
-        if let Some(s) = &mut self.inner {
-            s.template = Some(template.clone());
+        if let Some((_, s)) = &mut self.inner {
+            if s.sampled {
+                s.template = Some(template.clone());
+            }
         }
     }
 
@@ -788,164 +982,139 @@ impl RequestTrace {
     pub fn start_client(
         &mut self,
         upstream: SocketAddr,
-        cluster: &str,
+        cluster: &Arc<str>,
         parts: &mut http::request::Parts,
     ) -> ClientSpan {
-        let Some(s) = &mut self.inner else {
-            return ClientSpan { span: None };
+        let Some((core, s)) = &self.inner else {
+            return ClientSpan { inner: None };
         };
-        s.attempts += 1;
-        let cx = Context::new().with_remote_span_context(s.cx.clone());
-        let mut span = s.tracer.build_with_context(
-            s.tracer
-                .span_builder(Cow::Borrowed(s.method))
-                .with_kind(SpanKind::Client),
-            &cx,
+        self.attempts += 1;
+        let span_id = new_span_id();
+        inject(
+            s.trace_id,
+            span_id,
+            s.sampled,
+            s.state.as_deref(),
+            s.span_id,
+            &mut parts.headers,
         );
-        inject(span.span_context(), &s.cx, &mut parts.headers);
-        if span.is_recording() {
-            let authority = parts
-                .headers
-                .get(http::header::HOST)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_string)
-                .unwrap_or_else(|| upstream.to_string());
-            let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-            let mut attrs = Vec::with_capacity(12);
-            attrs.push(KeyValue::new(semconv::HTTP_REQUEST_METHOD, s.method));
-            attrs.push(KeyValue::new(
-                semconv::URL_FULL,
-                format!("http://{authority}{pq}"),
-            ));
-            attrs.push(KeyValue::new(
-                semconv::SERVER_ADDRESS,
-                upstream.ip().to_string(),
-            ));
-            attrs.push(KeyValue::new(
-                semconv::SERVER_PORT,
-                i64::from(upstream.port()),
-            ));
-            attrs.push(KeyValue::new(
-                semconv::NETWORK_PEER_ADDRESS,
-                upstream.ip().to_string(),
-            ));
-            attrs.push(KeyValue::new(
-                semconv::NETWORK_PROTOCOL_VERSION,
-                protocol_version(parts.version),
-            ));
-            attrs.push(KeyValue::new(attr::CLUSTER, cluster.to_string()));
-            attrs.push(KeyValue::new(attr::UPSTREAM, upstream.to_string()));
-            if s.attempts > 1 {
-                attrs.push(KeyValue::new(
-                    semconv::HTTP_REQUEST_RESEND_COUNT,
-                    i64::from(s.attempts - 1),
-                ));
-            }
-            span.set_attributes(attrs);
+        if !s.sampled {
+            return ClientSpan { inner: None };
         }
-        ClientSpan { span: Some(span) }
+        let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        let host = parts
+            .headers
+            .get(http::header::HOST)
+            .and_then(|v| v.to_str().ok());
+        let mut old = core.pool.client();
+        let mut url_full = old
+            .as_mut()
+            .map(|c| std::mem::take(&mut c.url_full))
+            .unwrap_or_default();
+        url_full.clear();
+        url_full.reserve(7 + host.map_or(21, str::len) + pq.len());
+        url_full.push_str("http://");
+        match host {
+            Some(h) => url_full.push_str(h),
+            None => {
+                use std::fmt::Write as _;
+                let _ = write!(url_full, "{upstream}");
+            }
+        }
+        url_full.push_str(pq);
+        let fresh = ClientRecord {
+            trace_id: s.trace_id,
+            span_id,
+            parent: s.span_id,
+            state: s.state.clone(),
+            start: SystemTime::now(),
+            end: SystemTime::UNIX_EPOCH,
+            method: s.method,
+            url_full,
+            upstream,
+            version: protocol_version(parts.version),
+            cluster: cluster.clone(),
+            resend: self.attempts - 1,
+            outcome: None,
+        };
+        let rec = match old {
+            Some(mut old) => {
+                *old = fresh;
+                old
+            }
+            None => Box::new(fresh),
+        };
+        ClientSpan {
+            inner: Some((core.clone(), rec)),
+        }
     }
 
     /// End the SERVER span (and emit the filter spans under it).
     pub fn end(&mut self, e: &ServerEnd<'_>) {
-        let Some(mut s) = self.inner.take() else {
+        let Some((core, mut s)) = self.inner.take() else {
             return;
         };
-        if !s.span.is_recording() {
+        if !s.sampled {
             return;
         }
-        let name = match &s.template {
-            Some(t) => format!("{} {t}", s.method),
-            None => s.method.to_string(),
-        };
-        s.span.update_name(name);
-        let mut attrs = Vec::with_capacity(8);
-        attrs.push(KeyValue::new(
-            semconv::HTTP_RESPONSE_STATUS_CODE,
-            i64::from(e.status),
-        ));
-        if let Some(t) = &s.template {
-            attrs.push(KeyValue::new(semconv::HTTP_ROUTE, t.to_string()));
-        }
-        if let Some(r) = e.route {
-            attrs.push(KeyValue::new(attr::ROUTE, r.to_string()));
-        }
-        if let Some(c) = e.cluster {
-            attrs.push(KeyValue::new(attr::CLUSTER, c.to_string()));
-        }
-        if let Some(u) = e.upstream {
-            attrs.push(KeyValue::new(attr::UPSTREAM, u.to_string()));
-        }
-        attrs.push(KeyValue::new(attr::RESPONSE_FLAGS, e.flags.to_string()));
-        // SERVER spans: 5xx is an error, 4xx is the client's and leaves the status unset.
-        if e.status >= 500 {
-            attrs.push(KeyValue::new(semconv::ERROR_TYPE, e.status.to_string()));
-            s.span.set_status(Status::error(""));
-        }
-        s.span.set_attributes(attrs);
-        let cx = Context::new().with_remote_span_context(s.cx.clone());
-        for f in e.filters {
-            let mut span = s.tracer.build_with_context(
-                s.tracer
-                    .span_builder(format!("filter {} {}", f.filter, f.hook))
-                    .with_kind(SpanKind::Internal)
-                    .with_start_time(f.start)
-                    .with_attributes([
-                        KeyValue::new(attr::FILTER_NAME, f.filter.clone()),
-                        KeyValue::new(attr::FILTER_VERSION, f.version.clone()),
-                        KeyValue::new(attr::FILTER_HOOK, f.hook),
-                    ]),
-                &cx,
-            );
-            if f.failed {
-                span.set_status(Status::error("filter failed"));
-            }
-            span.end_with_timestamp(f.end);
-        }
-        s.span.end();
+        let t = &mut s.text;
+        s.outcome = Some(ServerOutcome {
+            status: e.status,
+            flags: t.push(e.flags),
+            route: e.route.map(|r| t.push(r)),
+            cluster: e.cluster.map(|c| t.push(c)),
+            upstream: e.upstream,
+        });
+        s.filters.clear();
+        s.filters
+            .extend(e.filters.iter().map(|f| (new_span_id(), f.clone())));
+        s.end = SystemTime::now();
+        core.queue.push(Finished::Server(s));
     }
 }
 
 impl Drop for RequestTrace {
     fn drop(&mut self) {
-        // A request whose completion never ran still ends its span (unrecorded details).
-        if let Some(mut s) = self.inner.take() {
-            s.span.end();
+        // A request whose completion never ran still ends its span (without the outcome).
+        if let Some((core, mut s)) = self.inner.take() {
+            if s.sampled {
+                s.end = SystemTime::now();
+                core.queue.push(Finished::Server(s));
+            }
         }
     }
 }
 
 /// An upstream attempt's CLIENT span; end it with what the upstream answered.
 pub struct ClientSpan {
-    span: Option<SdkSpan>,
+    inner: Option<(Arc<Core>, Box<ClientRecord>)>,
 }
 
 impl ClientSpan {
-    pub fn end(self, result: Result<StatusCode, &ProxyError>) {
-        let Some(mut span) = self.span else { return };
-        if span.is_recording() {
-            match result {
-                Ok(status) => {
-                    span.set_attribute(KeyValue::new(
-                        semconv::HTTP_RESPONSE_STATUS_CODE,
-                        i64::from(status.as_u16()),
-                    ));
-                    // CLIENT spans: any 4xx or 5xx is an error.
-                    if status.as_u16() >= 400 {
-                        span.set_attribute(KeyValue::new(
-                            semconv::ERROR_TYPE,
-                            status.as_u16().to_string(),
-                        ));
-                        span.set_status(Status::error(""));
-                    }
-                }
-                Err(e) => {
-                    span.set_attribute(KeyValue::new(semconv::ERROR_TYPE, error_type(e)));
-                    span.set_status(Status::error(e.to_string()));
-                }
-            }
+    pub fn end(mut self, result: Result<StatusCode, &ProxyError>) {
+        let Some((core, mut c)) = self.inner.take() else {
+            return;
+        };
+        c.outcome = Some(match result {
+            Ok(status) => ClientOutcome::Status(status.as_u16()),
+            Err(e) => ClientOutcome::Failed {
+                error_type: error_type(e),
+                message: e.to_string(),
+            },
+        });
+        c.end = SystemTime::now();
+        core.queue.push(Finished::Client(c));
+    }
+}
+
+impl Drop for ClientSpan {
+    fn drop(&mut self) {
+        // An attempt abandoned before its answer (the request timed out, the client left)
+        // still ends its span.
+        if let Some((core, mut c)) = self.inner.take() {
+            c.end = SystemTime::now();
+            core.queue.push(Finished::Client(c));
         }
-        span.end();
     }
 }
 
@@ -962,45 +1131,62 @@ fn error_type(e: &ProxyError) -> &'static str {
     }
 }
 
-/// Write `span` as the upstream's parent. `server` is the SERVER span, B3's parent.
-fn inject(span: &SpanContext, server: &SpanContext, h: &mut HeaderMap) {
-    let sampled = span.is_sampled();
-    let tp = format!(
-        "00-{}-{}-{}",
-        span.trace_id(),
-        span.span_id(),
-        if sampled { "01" } else { "00" }
-    );
-    if let Ok(v) = HeaderValue::from_str(&tp) {
+/// Write the CLIENT span `span` as the upstream's parent. `server` is the SERVER span,
+/// B3's parent.
+fn inject(
+    trace: u128,
+    span: u64,
+    sampled: bool,
+    state: Option<&str>,
+    server: u64,
+    h: &mut HeaderMap,
+) {
+    let trace_hex = hex::<32>(trace);
+    let span_hex = hex::<16>(u128::from(span));
+    // B3's parent: most requests carry no B3 header and never need it.
+    let server_hex = || hex::<16>(u128::from(server));
+    // 00-{trace}-{span}-{flags}
+    let mut tp = [0u8; 55];
+    tp[..3].copy_from_slice(b"00-");
+    tp[3..35].copy_from_slice(&trace_hex);
+    tp[35] = b'-';
+    tp[36..52].copy_from_slice(&span_hex);
+    tp[52..].copy_from_slice(if sampled { b"-01" } else { b"-00" });
+    if let Some(v) = header_value(&tp) {
         h.insert(TRACEPARENT.clone(), v);
     }
-    let state = span.trace_state().header();
-    if state.is_empty() {
-        h.remove(&TRACESTATE);
-    } else if let Ok(v) = HeaderValue::from_str(&state) {
-        h.insert(TRACESTATE.clone(), v);
+    let carried = Carried::scan(h);
+    match state.and_then(|s| HeaderValue::from_str(s).ok()) {
+        Some(v) => {
+            h.insert(TRACESTATE.clone(), v);
+        }
+        None if carried.tracestate => {
+            h.remove(&TRACESTATE);
+        }
+        None => {}
     }
     // Keep B3 callers' upstreams consistent: rewrite B3 headers only if the request had them.
-    if h.contains_key(&B3) {
-        let v = format!(
-            "{}-{}-{}-{}",
-            span.trace_id(),
-            span.span_id(),
-            if sampled { "1" } else { "0" },
-            server.span_id()
-        );
-        if let Ok(v) = HeaderValue::from_str(&v) {
+    if carried.b3 {
+        // {trace}-{span}-{sampled}-{parent}
+        let mut v = [0u8; 68];
+        v[..32].copy_from_slice(&trace_hex);
+        v[32] = b'-';
+        v[33..49].copy_from_slice(&span_hex);
+        v[49..52].copy_from_slice(if sampled { b"-1-" } else { b"-0-" });
+        v[52..].copy_from_slice(&server_hex());
+        if let Some(v) = header_value(&v) {
             h.insert(B3.clone(), v);
         }
     }
-    if h.contains_key(&B3_TRACE) {
+    if carried.b3_trace {
+        let server_hex = server_hex();
         for (name, value) in [
-            (&B3_TRACE, span.trace_id().to_string()),
-            (&B3_SPAN, span.span_id().to_string()),
-            (&B3_PARENT, server.span_id().to_string()),
-            (&B3_SAMPLED, (if sampled { "1" } else { "0" }).to_string()),
+            (&B3_TRACE, &trace_hex[..]),
+            (&B3_SPAN, &span_hex[..]),
+            (&B3_PARENT, &server_hex[..]),
+            (&B3_SAMPLED, if sampled { &b"1"[..] } else { &b"0"[..] }),
         ] {
-            if let Ok(v) = HeaderValue::from_str(&value) {
+            if let Some(v) = header_value(value) {
                 h.insert(name.clone(), v);
             }
         }
@@ -1010,6 +1196,7 @@ fn inject(span: &SpanContext, server: &SpanContext, h: &mut HeaderMap) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use opentelemetry_semantic_conventions::attribute as semconv;
     use std::collections::HashMap;
 
     fn resolve(
@@ -1098,7 +1285,13 @@ mod tests {
                 .map(|v| v.to_string()),
             Some("prod eu".to_string())
         );
-        assert!(matches!(s.sampler, Sampler::TraceIdRatioBased(r) if r == 0.25));
+        assert_eq!(
+            s.sampler,
+            Sampler {
+                parent_based: false,
+                root: RootSampler::TraceIdRatio(0.25)
+            }
+        );
         assert!(resolve(Some(&spec), &[("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json")]).is_err());
         assert!(resolve(Some(&spec), &[("OTEL_TRACES_SAMPLER", "sometimes")]).is_err());
         assert!(resolve(Some(&spec), &[("OTEL_SDK_DISABLED", "true")])
@@ -1114,30 +1307,29 @@ mod tests {
             HeaderValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
         );
         h.insert("tracestate", HeaderValue::from_static("vendor=x"));
-        let sc = extract(&h).expect("context");
-        assert_eq!(
-            sc.trace_id().to_string(),
-            "4bf92f3577b34da6a3ce929d0e0e4736"
-        );
-        assert!(sc.is_sampled() && sc.is_remote());
-        assert_eq!(sc.trace_state().header(), "vendor=x");
+        let p = extract(&h).expect("context");
+        assert_eq!(p.trace_id, 0x4bf92f3577b34da6a3ce929d0e0e4736);
+        assert_eq!(p.span_id, 0x00f067aa0ba902b7);
+        assert!(p.sampled);
+        assert_eq!(p.state.as_deref(), Some("vendor=x"));
 
         let mut b3 = HeaderMap::new();
         b3.insert(
             "b3",
             HeaderValue::from_static("80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1-1"),
         );
-        let sc = extract(&b3).expect("b3 single");
-        assert_eq!(sc.span_id().to_string(), "e457b5a2e4d86bd1");
+        let p = extract(&b3).expect("b3 single");
+        assert_eq!(hex_string::<16>(u128::from(p.span_id)), "e457b5a2e4d86bd1");
+        assert_eq!(p.state, None);
 
-        let child = SpanContext::new(
-            sc.trace_id(),
-            SpanId::from_hex("1111111111111111").expect("id"),
-            TraceFlags::SAMPLED,
-            false,
-            TraceState::default(),
+        inject(
+            p.trace_id,
+            0x1111111111111111,
+            true,
+            None,
+            p.span_id,
+            &mut b3,
         );
-        inject(&child, &sc, &mut b3);
         assert_eq!(
             b3.get("traceparent").and_then(|v| v.to_str().ok()),
             Some("00-80f198ee56343ba864fe8b2a57d3eff7-1111111111111111-01")
@@ -1146,6 +1338,125 @@ mod tests {
             b3.get("b3").and_then(|v| v.to_str().ok()),
             Some("80f198ee56343ba864fe8b2a57d3eff7-1111111111111111-1-e457b5a2e4d86bd1")
         );
+
+        let mut multi = HeaderMap::new();
+        multi.insert("x-b3-traceid", HeaderValue::from_static("a3ce929d0e0e4736"));
+        multi.insert("x-b3-spanid", HeaderValue::from_static("00f067aa0ba902b7"));
+        multi.insert("tracestate", HeaderValue::from_static("stale=1"));
+        let p = extract(&multi).expect("b3 multi");
+        assert_eq!(p.trace_id, 0xa3ce929d0e0e4736);
+        inject(p.trace_id, 0x2a, false, None, 0xbeef, &mut multi);
+        let get = |k: &str| {
+            multi
+                .get(k)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        };
+        assert_eq!(
+            get("traceparent").as_deref(),
+            Some("00-0000000000000000a3ce929d0e0e4736-000000000000002a-00")
+        );
+        assert_eq!(
+            get("x-b3-traceid").as_deref(),
+            Some("0000000000000000a3ce929d0e0e4736")
+        );
+        assert_eq!(get("x-b3-spanid").as_deref(), Some("000000000000002a"));
+        assert_eq!(
+            get("x-b3-parentspanid").as_deref(),
+            Some("000000000000beef")
+        );
+        assert_eq!(get("x-b3-sampled").as_deref(), Some("0"));
+        assert_eq!(
+            get("tracestate"),
+            None,
+            "no state of our own: the caller's is dropped"
+        );
+        assert!(extract(&HeaderMap::new()).is_none());
+    }
+
+    /// The sampler decides as the OpenTelemetry SDK's does, for new traces and for
+    /// callers' sampled and unsampled decisions.
+    #[test]
+    fn same_decisions_as_the_sdk() {
+        use opentelemetry::trace::{SpanContext, SpanKind, TraceContextExt as _, TraceFlags};
+        use opentelemetry_sdk::trace::{Sampler as Sdk, SamplingDecision, ShouldSample as _};
+        let pairs = [
+            (
+                Sampler::parent_based(RootSampler::TraceIdRatio(0.3)),
+                Sdk::ParentBased(Box::new(Sdk::TraceIdRatioBased(0.3))),
+            ),
+            (
+                Sampler::parent_based(RootSampler::TraceIdRatio(0.0)),
+                Sdk::ParentBased(Box::new(Sdk::TraceIdRatioBased(0.0))),
+            ),
+            (
+                Sampler::parent_based(RootSampler::TraceIdRatio(1.0)),
+                Sdk::ParentBased(Box::new(Sdk::TraceIdRatioBased(1.0))),
+            ),
+            (
+                Sampler::parent_based(RootSampler::AlwaysOff),
+                Sdk::ParentBased(Box::new(Sdk::AlwaysOff)),
+            ),
+            (
+                Sampler {
+                    parent_based: false,
+                    root: RootSampler::TraceIdRatio(0.5),
+                },
+                Sdk::TraceIdRatioBased(0.5),
+            ),
+            (
+                Sampler {
+                    parent_based: false,
+                    root: RootSampler::AlwaysOn,
+                },
+                Sdk::AlwaysOn,
+            ),
+        ];
+        for (ours, sdk) in &pairs {
+            for _ in 0..2000 {
+                let trace = new_trace_id();
+                for parent in [None, Some(true), Some(false)] {
+                    let cx = parent.map(|sampled| {
+                        opentelemetry::Context::new().with_remote_span_context(SpanContext::new(
+                            opentelemetry::trace::TraceId::from(trace),
+                            opentelemetry::trace::SpanId::from(7u64),
+                            if sampled {
+                                TraceFlags::SAMPLED
+                            } else {
+                                TraceFlags::default()
+                            },
+                            true,
+                            TraceState::default(),
+                        ))
+                    });
+                    let want = sdk
+                        .should_sample(
+                            cx.as_ref(),
+                            opentelemetry::trace::TraceId::from(trace),
+                            "GET",
+                            &SpanKind::Server,
+                            &[],
+                            &[],
+                        )
+                        .decision
+                        == SamplingDecision::RecordAndSample;
+                    assert_eq!(
+                        ours.sample(parent, trace),
+                        want,
+                        "{ours:?} {parent:?} {trace:x}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn hex_ids() {
+        assert_eq!(
+            hex_string::<32>(0x4bf92f3577b34da6a3ce929d0e0e4736),
+            "4bf92f3577b34da6a3ce929d0e0e4736"
+        );
+        assert_eq!(hex_string::<16>(0xab), "00000000000000ab");
     }
 
     #[test]
