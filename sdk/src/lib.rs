@@ -52,11 +52,18 @@ pub mod bindings {
     });
 }
 
+// Hooks make and drop many small blocks; see `alloc` for why and how.
+#[cfg(all(target_arch = "wasm32", feature = "fast-alloc"))]
+#[global_allocator]
+static ALLOC: alloc::FreeListAlloc = alloc::FreeListAlloc::new();
+
 #[doc(hidden)]
 pub mod __rt {
     pub use wit_bindgen;
 }
 
+#[cfg(all(target_arch = "wasm32", feature = "fast-alloc"))]
+mod alloc;
 pub mod crypto;
 mod effects;
 pub mod log;
