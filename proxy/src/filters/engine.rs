@@ -99,6 +99,11 @@ impl Runtime {
             .memory_guard_size(64 << 10)
             .memory_reservation_for_growth(0)
             .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        // Profiling aid: `/tmp/perf-PID.map` names the filters' compiled functions (for
+        // `perf`, or to name the JIT addresses in a callgrind profile of a filter chain).
+        if std::env::var_os("WASMESH_PERFMAP").is_some() {
+            config.profiler(wasmtime::ProfilingStrategy::PerfMap);
+        }
         let engine = Engine::new(&config).map_err(|e| FilterError::Engine(format!("{e:#}")))?;
         let mut linker: Linker<HostState> = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker)
