@@ -63,7 +63,7 @@ impl Ops {
     /// The operations can be decided on the request side (no rename, which reads the
     /// response, and values that stay the same all along the request): the host then
     /// applies them to the response without a response hook.
-    fn from_request_side(&self) -> bool {
+    fn decidable_on_request_side(&self) -> bool {
         self.rename.is_empty()
             && self
                 .set
@@ -204,7 +204,7 @@ fn apply(ops: &Ops, target: &impl Headers, req: &Request) {
     }
 }
 
-/// Response operations queued from the request hook (see [`Ops::from_request_side`]).
+/// Response operations queued from the request hook (see [`Ops::decidable_on_request_side`]).
 fn queue_response(ops: &Ops, req: &Request) {
     for name in &ops.remove {
         req.remove_response_header(name);
@@ -240,7 +240,7 @@ impl Filter for HeadersFilter {
         let cfg: Config = config::parse(json)?;
         let request = ops(cfg.request, "request")?;
         let response = ops(cfg.response, "response")?;
-        let response_early = !response.is_empty() && response.from_request_side();
+        let response_early = !response.is_empty() && response.decidable_on_request_side();
         let f = HeadersFilter {
             request,
             response,
