@@ -52,21 +52,31 @@ pub mod bindings {
     });
 }
 
+// Hooks make and drop many small blocks; see `alloc` for why and how.
+#[cfg(all(target_arch = "wasm32", feature = "fast-alloc"))]
+#[global_allocator]
+static ALLOC: alloc::FreeListAlloc = alloc::FreeListAlloc::new();
+
 #[doc(hidden)]
 pub mod __rt {
     pub use wit_bindgen;
 }
 
+#[cfg(all(target_arch = "wasm32", feature = "fast-alloc"))]
+mod alloc;
 pub mod crypto;
+mod effects;
 pub mod log;
 pub mod metrics;
+mod request;
 pub mod state;
 mod types;
 
-pub use bindings::wasmesh::filter::http::{Request, Response};
+pub use bindings::wasmesh::filter::http::Response;
 pub use bindings::wasmesh::filter::types::{
     Action, CalloutRequest, CalloutResponse, Delay, Header, Hooks, LocalResponse, LogLevel, Outcome,
 };
+pub use request::Request;
 
 /// Wall-clock time in nanoseconds since the Unix epoch (the host's clock).
 ///
@@ -97,6 +107,9 @@ pub fn random_u64() -> u64 {
 
 /// A wasmesh filter. Implement the hooks you need and list them in [`Filter::HOOKS`];
 /// the host calls only those (each call into a filter costs a few hundred nanoseconds).
+/// Add `Hooks::PASS_*` flags for the request data read on every request
+/// ([`Request::id`], [`Request::method`], [`Request::path`], [`Request::source_address`]):
+/// the host then hands it over with `on_request_headers` instead of one call per read.
 ///
 /// One value of this type lives in each filter instance; an instance serves many
 /// requests, one hook at a time, so per-request state must be keyed by
@@ -174,6 +187,8 @@ pub trait Filter: Sized + 'static {
 #[doc(hidden)]
 pub mod __glue {
     use super::*;
+    use crate::bindings::wasmesh::filter::http::Request as RawRequest;
+    use crate::bindings::wasmesh::filter::types::{Prefetched, Reply};
     use std::cell::RefCell;
     use std::thread::LocalKey;
 
@@ -214,6 +229,30 @@ pub mod __glue {
             Err(_) => default,
         })
     }
+
+    /// Run one hook: effects it records are collected and returned with its action.
+    pub fn hook<F: Filter>(
+        slot: &'static Slot<F>,
+        req: &RawRequest,
+        pre: Option<Prefetched>,
+        f: impl FnOnce(&mut F, &Request) -> Action,
+    ) -> Reply {
+        let req = Request::wrap(req);
+        crate::effects::begin(pre);
+        let action = with(slot, Action::Continue, |filter| f(filter, req));
+        Reply {
+            action,
+            effects: crate::effects::end(),
+        }
+    }
+
+    /// Run `on-done`, which has no action: only its effects go back.
+    pub fn done<F: Filter>(slot: &'static Slot<F>, req: &RawRequest, outcome: &Outcome) -> Vec<u8> {
+        let req = Request::wrap(req);
+        crate::effects::begin(None);
+        with(slot, (), |filter| filter.on_done(req, outcome));
+        crate::effects::end()
+    }
 }
 
 /// Export a [`Filter`] type as the component's hooks. Use it once, at the crate root of a
@@ -230,6 +269,8 @@ macro_rules! export_filter {
                 static __WASMESH_FILTER: ::core::cell::RefCell<::core::option::Option<$filter>> =
                     const { ::core::cell::RefCell::new(::core::option::Option::None) };
             }
+            type __Raw = $crate::bindings::wasmesh::filter::http::Request;
+            type __Reply = $crate::bindings::wasmesh::filter::types::Reply;
             struct __WasmeshGlue;
             impl $crate::bindings::Guest for __WasmeshGlue {
                 fn configure(
@@ -237,45 +278,57 @@ macro_rules! export_filter {
                 ) -> ::core::result::Result<$crate::Hooks, ::std::string::String> {
                     $crate::__glue::configure::<$filter>(&__WASMESH_FILTER, config)
                 }
-                fn on_request_headers(req: &$crate::Request) -> $crate::Action {
-                    $crate::__glue::with(&__WASMESH_FILTER, $crate::Action::Continue, |f| {
-                        <$filter as $crate::Filter>::on_request_headers(f, req)
-                    })
+                fn on_request_headers(
+                    req: &__Raw,
+                    pre: $crate::bindings::wasmesh::filter::types::Prefetched,
+                ) -> __Reply {
+                    $crate::__glue::hook(
+                        &__WASMESH_FILTER,
+                        req,
+                        ::core::option::Option::Some(pre),
+                        |f, req| <$filter as $crate::Filter>::on_request_headers(f, req),
+                    )
                 }
-                fn on_request_body(req: &$crate::Request) -> $crate::Action {
-                    $crate::__glue::with(&__WASMESH_FILTER, $crate::Action::Continue, |f| {
-                        <$filter as $crate::Filter>::on_request_body(f, req)
-                    })
+                fn on_request_body(req: &__Raw) -> __Reply {
+                    $crate::__glue::hook(
+                        &__WASMESH_FILTER,
+                        req,
+                        ::core::option::Option::None,
+                        |f, req| <$filter as $crate::Filter>::on_request_body(f, req),
+                    )
                 }
-                fn on_response_headers(
-                    req: &$crate::Request,
-                    resp: &$crate::Response,
-                ) -> $crate::Action {
-                    $crate::__glue::with(&__WASMESH_FILTER, $crate::Action::Continue, |f| {
-                        <$filter as $crate::Filter>::on_response_headers(f, req, resp)
-                    })
+                fn on_response_headers(req: &__Raw, resp: &$crate::Response) -> __Reply {
+                    $crate::__glue::hook(
+                        &__WASMESH_FILTER,
+                        req,
+                        ::core::option::Option::None,
+                        |f, req| <$filter as $crate::Filter>::on_response_headers(f, req, resp),
+                    )
                 }
-                fn on_response_body(
-                    req: &$crate::Request,
-                    resp: &$crate::Response,
-                ) -> $crate::Action {
-                    $crate::__glue::with(&__WASMESH_FILTER, $crate::Action::Continue, |f| {
-                        <$filter as $crate::Filter>::on_response_body(f, req, resp)
-                    })
+                fn on_response_body(req: &__Raw, resp: &$crate::Response) -> __Reply {
+                    $crate::__glue::hook(
+                        &__WASMESH_FILTER,
+                        req,
+                        ::core::option::Option::None,
+                        |f, req| <$filter as $crate::Filter>::on_response_body(f, req, resp),
+                    )
                 }
-                fn on_done(req: &$crate::Request, outcome: $crate::Outcome) {
-                    $crate::__glue::with(&__WASMESH_FILTER, (), |f| {
-                        <$filter as $crate::Filter>::on_done(f, req, &outcome)
-                    })
+                fn on_done(req: &__Raw, outcome: $crate::Outcome) -> ::std::vec::Vec<u8> {
+                    $crate::__glue::done(&__WASMESH_FILTER, req, &outcome)
                 }
                 fn on_callout_response(
-                    req: &$crate::Request,
+                    req: &__Raw,
                     resp: ::core::option::Option<&$crate::Response>,
                     answer: ::core::result::Result<$crate::CalloutResponse, ::std::string::String>,
-                ) -> $crate::Action {
-                    $crate::__glue::with(&__WASMESH_FILTER, $crate::Action::Continue, |f| {
-                        <$filter as $crate::Filter>::on_callout_response(f, req, resp, answer)
-                    })
+                ) -> __Reply {
+                    $crate::__glue::hook(
+                        &__WASMESH_FILTER,
+                        req,
+                        ::core::option::Option::None,
+                        |f, req| {
+                            <$filter as $crate::Filter>::on_callout_response(f, req, resp, answer)
+                        },
+                    )
                 }
             }
     $crate::bindings::__export_filter_world!(__WasmeshGlue with_types_in $crate::bindings);

@@ -10,6 +10,7 @@
 
 use crate::bindings::wasmesh::filter::host;
 use crate::bindings::wasmesh::filter::types::MetricKind;
+use crate::effects::{push_metric, MetricOp};
 
 fn define(
     kind: MetricKind,
@@ -24,6 +25,21 @@ fn define(
 
 fn values(labels: &[&str]) -> Vec<String> {
     labels.iter().map(|s| s.to_string()).collect()
+}
+
+/// Inside a hook the update goes back with the hook's reply (no call of its own);
+/// elsewhere (e.g. in `configure`) it is sent now.
+fn update(metric: u32, labels: &[&str], op: MetricOp) {
+    if push_metric(metric, labels, &op) {
+        return;
+    }
+    let labels = values(labels);
+    match op {
+        MetricOp::CounterAdd(v) => host::counter_add(metric, &labels, v),
+        MetricOp::GaugeSet(v) => host::gauge_set(metric, &labels, v),
+        MetricOp::GaugeAdd(v) => host::gauge_add(metric, &labels, v),
+        MetricOp::Observe(v) => host::histogram_observe(metric, &labels, v),
+    }
 }
 
 /// A monotonic counter.
@@ -42,7 +58,7 @@ impl Counter {
     }
     /// Add `value`; `labels` are the values, in definition order.
     pub fn add(&self, labels: &[&str], value: u64) {
-        host::counter_add(self.0, &values(labels), value)
+        update(self.0, labels, MetricOp::CounterAdd(value))
     }
 }
 
@@ -62,11 +78,11 @@ impl Gauge {
     }
     /// Set the value.
     pub fn set(&self, labels: &[&str], value: i64) {
-        host::gauge_set(self.0, &values(labels), value)
+        update(self.0, labels, MetricOp::GaugeSet(value))
     }
     /// Add `delta` (negative to subtract).
     pub fn add(&self, labels: &[&str], delta: i64) {
-        host::gauge_add(self.0, &values(labels), delta)
+        update(self.0, labels, MetricOp::GaugeAdd(delta))
     }
 }
 
@@ -91,6 +107,6 @@ impl Histogram {
     }
     /// Record one observation.
     pub fn observe(&self, labels: &[&str], value: f64) {
-        host::histogram_observe(self.0, &values(labels), value)
+        update(self.0, labels, MetricOp::Observe(value))
     }
 }

@@ -68,6 +68,12 @@ impl Filter for Authz {
         })
     }
 
+    fn hooks(&self) -> Hooks {
+        // Method and path are read on every request (by rules, or to log a denial): they
+        // come with the hook rather than through a call each.
+        Hooks::REQUEST_HEADERS | Hooks::PASS_METHOD | Hooks::PASS_PATH
+    }
+
     fn on_request_headers(&mut self, req: &Request) -> Action {
         if let Some(rule) = self.policy.allowing(&Req(req)) {
             req.set_attribute("authz.rule", &rule.name);

@@ -106,9 +106,43 @@ impl Template {
         self.parts.iter().all(|p| matches!(p, Part::Text(_)))
     }
 
+    /// The `Hooks::PASS_*` flags that make the host hand this template's request data to
+    /// `on_request_headers` (rather than one call per read).
+    pub fn pass_flags(&self) -> wasmesh_sdk::Hooks {
+        use wasmesh_sdk::Hooks;
+        self.parts.iter().fold(Hooks::empty(), |h, p| {
+            h | match p {
+                Part::RequestId => Hooks::PASS_ID,
+                Part::Method => Hooks::PASS_METHOD,
+                Part::Path => Hooks::PASS_PATH,
+                Part::SourceAddress | Part::SourceIp => Hooks::PASS_SOURCE_ADDRESS,
+                _ => Hooks::empty(),
+            }
+        })
+    }
+
+    /// The value is the same all along the request: no header or path in it (a later
+    /// filter may change those), only the id, method, client, route or peer identity.
+    pub fn is_request_constant(&self) -> bool {
+        !self
+            .parts
+            .iter()
+            .any(|p| matches!(p, Part::Header(_) | Part::Path | Part::Authority))
+    }
+
     /// The value for this request. Missing data renders as an empty string.
     pub fn render(&self, req: &impl RequestData) -> String {
         let mut out = String::new();
+        self.render_into(req, &mut out);
+        out
+    }
+
+    /// [`Template::render`], appended to `out` (reuse one buffer across values).
+    pub fn render_into(&self, req: &impl RequestData, out: &mut String) {
+        if let [Part::Text(t)] = self.parts.as_slice() {
+            out.push_str(t);
+            return;
+        }
         for p in &self.parts {
             match p {
                 Part::Text(t) => out.push_str(t),
@@ -123,7 +157,6 @@ impl Template {
                 Part::PeerIdentity => out.push_str(&req.peer_identity().unwrap_or_default()),
             }
         }
-        out
     }
 }
 

@@ -52,6 +52,26 @@ struct Ops {
 }
 
 impl Ops {
+    /// The `Hooks::PASS_*` flags for the request data the templates read.
+    fn pass_flags(&self) -> Hooks {
+        self.set
+            .iter()
+            .chain(&self.add)
+            .fold(Hooks::empty(), |h, (_, t)| h | t.pass_flags())
+    }
+
+    /// The operations can be decided on the request side (no rename, which reads the
+    /// response, and values that stay the same all along the request): the host then
+    /// applies them to the response without a response hook.
+    fn decidable_on_request_side(&self) -> bool {
+        self.rename.is_empty()
+            && self
+                .set
+                .iter()
+                .chain(&self.add)
+                .all(|(_, t)| t.is_request_constant())
+    }
+
     fn is_empty(&self) -> bool {
         self.rename.is_empty()
             && self.remove.is_empty()
@@ -167,16 +187,41 @@ fn apply(ops: &Ops, target: &impl Headers, req: &Request) {
     for name in &ops.remove {
         check(target.remove(name));
     }
+    let mut v = String::new();
     for (name, t) in &ops.set {
-        let v = t.render(req);
+        v.clear();
+        t.render_into(req, &mut v);
         if !v.is_empty() {
             check(target.set(name, &v));
         }
     }
     for (name, t) in &ops.add {
-        let v = t.render(req);
+        v.clear();
+        t.render_into(req, &mut v);
         if !v.is_empty() {
             check(target.add(name, &v));
+        }
+    }
+}
+
+/// Response operations queued from the request hook (see [`Ops::decidable_on_request_side`]).
+fn queue_response(ops: &Ops, req: &Request) {
+    for name in &ops.remove {
+        req.remove_response_header(name);
+    }
+    let mut v = String::new();
+    for (name, t) in &ops.set {
+        v.clear();
+        t.render_into(req, &mut v);
+        if !v.is_empty() {
+            req.set_response_header(name, &v);
+        }
+    }
+    for (name, t) in &ops.add {
+        v.clear();
+        t.render_into(req, &mut v);
+        if !v.is_empty() {
+            req.add_response_header(name, &v);
         }
     }
 }
@@ -184,6 +229,8 @@ fn apply(ops: &Ops, target: &impl Headers, req: &Request) {
 struct HeadersFilter {
     request: Ops,
     response: Ops,
+    /// Response operations are queued from `on_request_headers` (no response hook).
+    response_early: bool,
 }
 
 impl Filter for HeadersFilter {
@@ -191,9 +238,13 @@ impl Filter for HeadersFilter {
 
     fn configure(json: &str) -> Result<Self, String> {
         let cfg: Config = config::parse(json)?;
+        let request = ops(cfg.request, "request")?;
+        let response = ops(cfg.response, "response")?;
+        let response_early = !response.is_empty() && response.decidable_on_request_side();
         let f = HeadersFilter {
-            request: ops(cfg.request, "request")?,
-            response: ops(cfg.response, "response")?,
+            request,
+            response,
+            response_early,
         };
         if f.request.is_empty() && f.response.is_empty() {
             return Err("config: no header operations (give `request` or `response`)".to_string());
@@ -204,9 +255,11 @@ impl Filter for HeadersFilter {
     fn hooks(&self) -> Hooks {
         let mut h = Hooks::empty();
         if !self.request.is_empty() {
-            h |= Hooks::REQUEST_HEADERS;
+            h |= Hooks::REQUEST_HEADERS | self.request.pass_flags();
         }
-        if !self.response.is_empty() {
+        if self.response_early {
+            h |= Hooks::REQUEST_HEADERS | self.response.pass_flags();
+        } else if !self.response.is_empty() {
             h |= Hooks::RESPONSE_HEADERS;
         }
         h
@@ -214,6 +267,9 @@ impl Filter for HeadersFilter {
 
     fn on_request_headers(&mut self, req: &Request) -> Action {
         apply(&self.request, req, req);
+        if self.response_early {
+            queue_response(&self.response, req);
+        }
         Action::Continue
     }
 

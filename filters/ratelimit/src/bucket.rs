@@ -80,8 +80,9 @@ pub fn take_token(
                 retry_after_ns: Some(ahead - capacity),
             });
         }
-        let value = filter_common::decimal(new_tat);
-        if store.compare_and_swap(key, current.as_deref(), value.as_bytes(), ttl_ms(ahead))? {
+        let mut buf = [0; 20];
+        let value = filter_common::fmt_u64(new_tat, &mut buf).as_bytes();
+        if store.compare_and_swap(key, current.as_deref(), value, ttl_ms(ahead))? {
             return Ok(Decision {
                 allowed: true,
                 remaining: (capacity - ahead) / interval_ns.max(1),
@@ -109,8 +110,9 @@ pub fn return_token(store: &impl Store, key: &str, now: u64, interval_ns: u64) {
             // Full bucket either way; leave the key to expire.
             return;
         }
-        let value = filter_common::decimal(back);
-        match store.compare_and_swap(key, Some(&current), value.as_bytes(), ttl_ms(back - now)) {
+        let mut buf = [0; 20];
+        let value = filter_common::fmt_u64(back, &mut buf).as_bytes();
+        match store.compare_and_swap(key, Some(&current), value, ttl_ms(back - now)) {
             Ok(false) => continue,
             _ => return,
         }

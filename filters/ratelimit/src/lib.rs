@@ -14,35 +14,9 @@ use filter_common::config::{self, field_error};
 use filter_common::duration::Duration;
 use serde::Deserialize;
 use wasmesh_sdk::metrics::Counter;
-use wasmesh_sdk::{export_filter, state, Action, Filter, Hooks, LocalResponse, Request, Response};
+use wasmesh_sdk::{export_filter, state, Action, Filter, Hooks, LocalResponse, Request};
 
 const SEC: u64 = 1_000_000_000;
-
-/// Bag key: what the request side tells the response side for `x-ratelimit-*` on passes,
-/// as one value (see [`bag_value`]): one host call each way rather than one per header.
-const BAG_HEADERS: &str = "ratelimit.headers";
-
-/// The bag value for the response side: `LIMIT REMAINING`, then ` RESET` when the limit
-/// has one (values of `x-ratelimit-limit`, `-remaining`, `-reset`).
-fn bag_value(limit: u64, remaining: u64, reset_secs: Option<u64>) -> String {
-    let mut v = String::with_capacity(64);
-    filter_common::push_u64(&mut v, limit);
-    v.push(' ');
-    filter_common::push_u64(&mut v, remaining);
-    if let Some(reset) = reset_secs {
-        v.push(' ');
-        filter_common::push_u64(&mut v, reset);
-    }
-    v
-}
-
-/// The response headers a [`bag_value`] stands for: limit, remaining and reset, if any.
-fn bag_headers(value: &str) -> Option<(&str, &str, Option<&str>)> {
-    let mut parts = value.split(' ');
-    let limit = parts.next()?;
-    let remaining = parts.next()?;
-    Some((limit, remaining, parts.next()))
-}
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -146,14 +120,32 @@ impl KeyPart {
         })
     }
 
-    fn value(&self, req: &Request) -> Option<String> {
+    /// Append this part's value for `req` to `key` (kept short: see
+    /// [`filter_common::hash::bounded_key`]); false when the request has none.
+    fn push_value(&self, req: &Request, key: &mut String) -> bool {
+        let push = |key: &mut String, v: &str| {
+            if v.len() <= 128 {
+                key.push_str(v);
+            } else {
+                key.push_str(&filter_common::hash::bounded_key(v));
+            }
+        };
         match self {
-            KeyPart::ClientAddress => Some(filter_common::client_ip(&req.source_address())),
-            KeyPart::PeerIdentity => req.peer_identity().filter(|s| !s.is_empty()),
-            KeyPart::Route => Some(req.route_name()),
-            KeyPart::Header(h) => req.header(h),
-            KeyPart::Global => Some(String::new()),
+            KeyPart::ClientAddress => {
+                push(key, &filter_common::client_ip(&req.source_address()));
+            }
+            KeyPart::PeerIdentity => match req.peer_identity().filter(|s| !s.is_empty()) {
+                Some(v) => push(key, &v),
+                None => return false,
+            },
+            KeyPart::Route => push(key, &req.route_name()),
+            KeyPart::Header(h) => match req.header(h) {
+                Some(v) => push(key, &v),
+                None => return false,
+            },
+            KeyPart::Global => {}
         }
+        true
     }
 }
 
@@ -241,13 +233,15 @@ impl Limit {
 
     /// The shared-state key of this request's bucket, or `None` when the limit does not apply.
     fn state_key(&self, req: &Request) -> Option<String> {
-        let mut key = self.name.clone();
+        let mut key = String::with_capacity(self.name.len() + 48);
+        key.push_str(&self.name);
         for part in &self.key {
             key.push('|');
-            match part.value(req) {
-                Some(v) => key.push_str(&filter_common::hash::bounded_key(&v)),
-                None if self.missing == Missing::Shared => key.push('\u{0}'),
-                None => return None,
+            if !part.push_value(req, &mut key) {
+                if self.missing != Missing::Shared {
+                    return None;
+                }
+                key.push('\u{0}');
             }
         }
         Some(key)
@@ -412,8 +406,14 @@ impl Filter for RateLimit {
     }
 
     fn hooks(&self) -> Hooks {
-        if self.response_headers {
-            Hooks::REQUEST_HEADERS | Hooks::RESPONSE_HEADERS
+        // `x-ratelimit-*` on passes are set from the request side (`set_response_header`):
+        // no response hook. The client address, read by most limits, comes with the hook.
+        let by_client = self
+            .limits
+            .iter()
+            .any(|l| l.key.contains(&KeyPart::ClientAddress));
+        if by_client {
+            Hooks::REQUEST_HEADERS | Hooks::PASS_SOURCE_ADDRESS
         } else {
             Hooks::REQUEST_HEADERS
         }
@@ -424,18 +424,6 @@ impl Filter for RateLimit {
         let action = self.check(&limits, req);
         self.limits = limits;
         action
-    }
-
-    fn on_response_headers(&mut self, req: &Request, resp: &Response) -> Action {
-        let value = req.get_property(BAG_HEADERS);
-        if let Some((limit, remaining, reset)) = value.as_deref().and_then(bag_headers) {
-            let _ = resp.set_header("x-ratelimit-limit", limit);
-            let _ = resp.set_header("x-ratelimit-remaining", remaining);
-            if let Some(reset) = reset {
-                let _ = resp.set_header("x-ratelimit-reset", reset);
-            }
-        }
-        Action::Continue
     }
 }
 
@@ -481,8 +469,15 @@ impl RateLimit {
         }
         if self.response_headers {
             if let Some((limit, d)) = tightest {
-                let value = bag_value(limit.burst, d.remaining, d.reset_ns.map(secs_ceil));
-                req.set_property(BAG_HEADERS, &value);
+                let buf = &mut [0; 20];
+                let limit_text = filter_common::fmt_u64(limit.burst, buf);
+                req.set_response_header("x-ratelimit-limit", limit_text);
+                let remaining = filter_common::fmt_u64(d.remaining, buf);
+                req.set_response_header("x-ratelimit-remaining", remaining);
+                if let Some(reset) = d.reset_ns {
+                    let reset = filter_common::fmt_u64(secs_ceil(reset), buf);
+                    req.set_response_header("x-ratelimit-reset", reset);
+                }
             }
         }
         Action::Continue
@@ -529,16 +524,6 @@ mod tests {
         assert_eq!(l.missing, Missing::Shared);
         let l = limit(r#"{"key": "global", "burst": 3, "refill": {"tokens": 0}}"#).unwrap();
         assert_eq!(l.kind, Kind::Quota { window_ns: None });
-    }
-
-    #[test]
-    fn bag_round_trip() {
-        assert_eq!(
-            bag_headers(&bag_value(1000, 999, Some(1))),
-            Some(("1000", "999", Some("1")))
-        );
-        assert_eq!(bag_headers(&bag_value(3, 0, None)), Some(("3", "0", None)));
-        assert_eq!(bag_headers("7"), None);
     }
 
     #[test]

@@ -251,7 +251,22 @@ impl ChainRun {
 
     /// Run `on-response-headers` in reverse chain order. A local answer replaces the response.
     pub async fn response_headers(&mut self, parts: &mut http::response::Parts) -> Verdict {
+        let mut queued = self
+            .ctx
+            .as_mut()
+            .map(|c| std::mem::take(&mut c.response_ops))
+            .unwrap_or_default();
         for idx in (0..self.entries.len()).rev() {
+            // Response headers this filter asked for from the request side go first, where
+            // its own response hook would run.
+            if !queued.is_empty() {
+                let enabled = self.entries.get(idx).is_some_and(|e| !e.disabled);
+                for (_, op) in queued.extract_if(.., |(i, _)| *i == idx) {
+                    if enabled {
+                        op.apply(&mut parts.headers);
+                    }
+                }
+            }
             if !self.has(idx, Hooks::RESPONSE_HEADERS) {
                 continue;
             }
@@ -583,6 +598,12 @@ impl ChainRun {
             }
         }
         let has_resp = io.resp.is_some();
+        let pre = match (&hook, io.req.as_deref()) {
+            (Hook::RequestHeaders, Some(parts)) => {
+                prefetch(v.hooks, parts, self.ctx.as_deref_mut())
+            }
+            _ => no_prefetch(),
+        };
         {
             let call = &mut inst.store.data_mut().call;
             *call = CallData {
@@ -605,27 +626,42 @@ impl ChainRun {
         let req = Resource::new_borrow(0);
         // A host function that panics unwinds through the guest to here: count it as a
         // trap rather than lose the worker thread.
-        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match hook {
-            Hook::RequestHeaders => inst.filter.call_on_request_headers(&mut inst.store, req),
-            Hook::RequestBody => inst.filter.call_on_request_body(&mut inst.store, req),
-            Hook::ResponseHeaders => {
-                inst.filter
-                    .call_on_response_headers(&mut inst.store, req, Resource::new_borrow(0))
-            }
-            Hook::ResponseBody => {
-                inst.filter
-                    .call_on_response_body(&mut inst.store, req, Resource::new_borrow(0))
-            }
-            Hook::Done(o) => inst
-                .filter
-                .call_on_done(&mut inst.store, req, o)
-                .map(|()| Action::Continue),
-            Hook::Callout(answer) => {
-                let resp = has_resp.then(|| Resource::new_borrow(0));
-                let answer = answer.as_ref().map_err(String::as_str);
-                inst.filter
-                    .call_on_callout_response(&mut inst.store, req, resp, answer)
-            }
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let reply = match hook {
+                Hook::RequestHeaders => {
+                    inst.filter
+                        .call_on_request_headers(&mut inst.store, req, &pre)?
+                }
+                Hook::RequestBody => inst.filter.call_on_request_body(&mut inst.store, req)?,
+                Hook::ResponseHeaders => inst.filter.call_on_response_headers(
+                    &mut inst.store,
+                    req,
+                    Resource::new_borrow(0),
+                )?,
+                Hook::ResponseBody => inst.filter.call_on_response_body(
+                    &mut inst.store,
+                    req,
+                    Resource::new_borrow(0),
+                )?,
+                Hook::Done(o) => wt::Reply {
+                    action: Action::Continue,
+                    effects: inst.filter.call_on_done(&mut inst.store, req, o)?,
+                },
+                Hook::Callout(answer) => {
+                    let resp = has_resp.then(|| Resource::new_borrow(0));
+                    let answer = answer.as_ref().map_err(String::as_str);
+                    inst.filter
+                        .call_on_callout_response(&mut inst.store, req, resp, answer)?
+                }
+            };
+            // Applied while the store still holds the request's context and parts. A
+            // malformed buffer is the filter's error, not a trap: the instance stays usable.
+            wasmtime::Result::Ok(
+                inst.store
+                    .data_mut()
+                    .apply_effects(idx, &reply.effects)
+                    .map(|()| reply.action),
+            )
         }))
         .unwrap_or_else(|_| Err(wasmtime::format_err!("host function panicked")));
         inst.store.data().end_call();
@@ -645,9 +681,13 @@ impl ChainRun {
         io.body_replaced |= call.body_replaced;
         self.ctx = call.ctx;
         match result {
-            Ok(action) => {
+            Ok(Ok(action)) => {
                 instance::checkin(&v, inst);
                 Ok(action)
+            }
+            Ok(Err(e)) => {
+                instance::checkin(&v, inst);
+                Err(CallFailure::new("invalid_action", e))
             }
             // The instance is dropped here: after a trap it cannot be entered again.
             Err(e) => Err(CallFailure::from_wasm(&e)),
@@ -707,6 +747,39 @@ impl ChainRun {
             }
         }
     }
+}
+
+fn no_prefetch() -> wt::Prefetched {
+    wt::Prefetched {
+        id: None,
+        method: None,
+        path: None,
+        source_address: None,
+    }
+}
+
+/// The request data a filter asked to get with `on-request-headers` (`pass-*` flags).
+fn prefetch(
+    hooks: Hooks,
+    parts: &http::request::Parts,
+    ctx: Option<&mut RequestCtx>,
+) -> wt::Prefetched {
+    let mut pre = no_prefetch();
+    if hooks.contains(Hooks::PASS_METHOD) {
+        pre.method = Some(parts.method.as_str().to_string());
+    }
+    if hooks.contains(Hooks::PASS_PATH) {
+        pre.path = Some(parts.uri.path().to_string());
+    }
+    if let Some(ctx) = ctx {
+        if hooks.contains(Hooks::PASS_ID) {
+            pre.id = Some(ctx.info.request_id.clone());
+        }
+        if hooks.contains(Hooks::PASS_SOURCE_ADDRESS) {
+            pre.source_address = Some(ctx.source_text().to_string());
+        }
+    }
+    pre
 }
 
 fn to_local(r: wt::LocalResponse) -> Result<LocalResponse, String> {

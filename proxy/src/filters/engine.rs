@@ -99,6 +99,11 @@ impl Runtime {
             .memory_guard_size(64 << 10)
             .memory_reservation_for_growth(0)
             .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        // Profiling aid: `/tmp/perf-PID.map` names the filters' compiled functions (for
+        // `perf`, or to name the JIT addresses in a callgrind profile of a filter chain).
+        if std::env::var_os("WASMESH_PERFMAP").is_some() {
+            config.profiler(wasmtime::ProfilingStrategy::PerfMap);
+        }
         let engine = Engine::new(&config).map_err(|e| FilterError::Engine(format!("{e:#}")))?;
         let mut linker: Linker<HostState> = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker)
@@ -167,9 +172,9 @@ impl Runtime {
         let pre = self
             .linker
             .instantiate_pre(&component)
-            .map_err(|e| format!("does not match the wasmesh:filter@0.1.0 imports: {e:#}"))?;
+            .map_err(|e| format!("does not match the wasmesh:filter@0.2.0 imports: {e:#}"))?;
         let pre = FilterPre::new(pre)
-            .map_err(|e| format!("does not match the wasmesh:filter@0.1.0 exports: {e:#}"))?;
+            .map_err(|e| format!("does not match the wasmesh:filter@0.2.0 exports: {e:#}"))?;
         let compiled = Arc::new(Compiled {
             sha256: sha.to_string(),
             pre,

@@ -10,7 +10,8 @@
 use super::bindings::wasmesh::filter::{host, http as wit_http, types};
 use super::bindings::{RequestHandle, ResponseHandle};
 use super::crypto::KeyTable;
-use super::metrics::{DynMetric, MetricOp, SeriesCache};
+use super::effects::{self, encode_labels, Effect, MetricOp};
+use super::metrics::{DynMetric, SeriesCache};
 use super::slot::EntryShared;
 use super::stderr::FilterOutput;
 use super::RequestInfo;
@@ -60,6 +61,10 @@ pub struct RequestCtx {
     pub attributes: Vec<(String, String)>,
     pub cluster: Option<String>,
     pub filters_ran: Vec<String>,
+    /// Response header changes request hooks asked for (`set-response-header` effects),
+    /// with the index of the filter that asked: applied when the response head arrives,
+    /// at that filter's place in the reverse walk.
+    pub response_ops: Vec<(usize, ResponseOp)>,
     /// `info.source_addr` as text, made on the first `source-address` call: several
     /// filters of a chain read it (e.g. a rate limit and a header template).
     source_text: Option<String>,
@@ -75,8 +80,15 @@ impl RequestCtx {
             attributes: Vec::new(),
             cluster: None,
             filters_ran: Vec::new(),
+            response_ops: Vec::new(),
             source_text: None,
         }
+    }
+
+    /// The client address as `IP:PORT` text, made once per request.
+    pub fn source_text(&mut self) -> &str {
+        self.source_text
+            .get_or_insert_with(|| self.info.source_addr.to_string())
     }
 
     pub fn add_flag(&mut self, flag: &str) {
@@ -87,6 +99,48 @@ impl RequestCtx {
             && !self.flags.iter().any(|f| f == flag)
         {
             self.flags.push(flag.to_string());
+        }
+    }
+}
+
+/// A response header change a filter asked for from a request hook.
+#[derive(Debug)]
+pub enum ResponseOp {
+    Set(HeaderName, HeaderValue),
+    Add(HeaderName, HeaderValue),
+    Remove(HeaderName),
+}
+
+impl ResponseOp {
+    fn parse(e: &Effect<'_>) -> Result<Option<ResponseOp>, String> {
+        let name = |n: &[u8]| {
+            HeaderName::from_bytes(n)
+                .map_err(|_| format!("invalid header name {:?}", String::from_utf8_lossy(n)))
+        };
+        let value = |n: &[u8], v: &[u8]| {
+            HeaderValue::from_bytes(v)
+                .map_err(|_| format!("invalid value for header {:?}", String::from_utf8_lossy(n)))
+        };
+        Ok(Some(match *e {
+            Effect::SetResponseHeader(n, v) => ResponseOp::Set(name(n)?, value(n, v)?),
+            Effect::AddResponseHeader(n, v) => ResponseOp::Add(name(n)?, value(n, v)?),
+            Effect::RemoveResponseHeader(n) => ResponseOp::Remove(name(n)?),
+            _ => return Ok(None),
+        }))
+    }
+
+    /// Apply to a response's headers.
+    pub fn apply(self, headers: &mut HeaderMap) {
+        match self {
+            ResponseOp::Set(n, v) => {
+                headers.insert(n, v);
+            }
+            ResponseOp::Add(n, v) => {
+                headers.append(n, v);
+            }
+            ResponseOp::Remove(n) => {
+                headers.remove(n);
+            }
         }
     }
 }
@@ -186,7 +240,63 @@ impl HostState {
             .ok_or_else(|| "no response in this hook".to_string())
     }
 
-    fn record(&mut self, metric: u32, labels: Vec<String>, op: MetricOp) {
+    /// Apply the effects a hook returned, in order; `idx` is the filter's place in the
+    /// chain (for response headers asked from the request side). An effect the host
+    /// refuses (e.g. an invalid header name) is skipped and logged: the hook already
+    /// returned. A buffer out of format is an error (the entries before it stay applied).
+    pub fn apply_effects(&mut self, idx: usize, buf: &[u8]) -> Result<(), String> {
+        for e in effects::decode(buf) {
+            let e = e?;
+            match e {
+                Effect::SetProperty(k, v) => {
+                    if let Some(ctx) = self.call.ctx.as_mut() {
+                        put(&mut ctx.bag, k, v);
+                    }
+                }
+                Effect::SetAttribute(k, v) => {
+                    if let Some(ctx) = self.call.ctx.as_mut() {
+                        put(&mut ctx.attributes, k, v);
+                    }
+                }
+                Effect::ResponseFlag(f) => {
+                    if let Some(ctx) = self.call.ctx.as_mut() {
+                        ctx.add_flag(f);
+                    }
+                }
+                Effect::Metric { metric, op, labels } => self.record(metric, labels, op),
+                header_op => self.response_op(idx, &header_op),
+            }
+        }
+        Ok(())
+    }
+
+    fn response_op(&mut self, idx: usize, e: &Effect<'_>) {
+        let op = match ResponseOp::parse(e) {
+            Ok(Some(op)) => op,
+            Ok(None) => return,
+            Err(err) => {
+                tracing::debug!(target: "wasmesh::filter", filter = %self.entry.name, error = %err, "response header not changed");
+                return;
+            }
+        };
+        if let Some(resp) = self.call.resp.as_mut() {
+            op.apply(&mut resp.headers);
+            return;
+        }
+        match (self.call.phase, self.call.ctx.as_mut()) {
+            (Phase::RequestHeaders | Phase::RequestBody, Some(ctx))
+                if ctx.response_ops.len() < MAX_ITEMS =>
+            {
+                ctx.response_ops.push((idx, op));
+            }
+            _ => {
+                tracing::debug!(target: "wasmesh::filter", filter = %self.entry.name, "response header change with no response to apply it to");
+            }
+        }
+    }
+
+    /// `labels`: encoded as in a metric effect (see [`effects::encode_labels`]).
+    fn record(&mut self, metric: u32, labels: &[u8], op: MetricOp) {
         let Some((idx, m)) = usize::try_from(metric)
             .ok()
             .and_then(|i| Some((i, self.metrics.get(i)?)))
@@ -260,18 +370,17 @@ fn remove_header(headers: &mut HeaderMap, name: &str) -> Result<(), String> {
     Ok(())
 }
 
-fn put(list: &mut Vec<(String, String)>, key: String, value: String, replace: bool) {
+/// Set `key` in a per-request list (bag or attributes), replacing its value.
+fn put(list: &mut Vec<(String, String)>, key: &str, value: &str) {
     if key.len() > MAX_ITEM_LEN || value.len() > MAX_ITEM_LEN {
         return;
     }
-    if replace {
-        if let Some(slot) = list.iter_mut().find(|(k, _)| *k == key) {
-            slot.1 = value;
-            return;
-        }
+    if let Some(slot) = list.iter_mut().find(|(k, _)| k == key) {
+        value.clone_into(&mut slot.1);
+        return;
     }
     if list.len() < MAX_ITEMS {
-        list.push((key, value));
+        list.push((key.to_string(), value.to_string()));
     }
 }
 
@@ -372,12 +481,11 @@ impl wit_http::HostRequest for HostState {
         Ok(())
     }
     fn source_address(&mut self, _: Resource<RequestHandle>) -> String {
-        let Some(ctx) = self.call.ctx.as_deref_mut() else {
-            return String::new();
-        };
-        ctx.source_text
-            .get_or_insert_with(|| ctx.info.source_addr.to_string())
-            .clone()
+        self.call
+            .ctx
+            .as_deref_mut()
+            .map(|c| c.source_text().to_string())
+            .unwrap_or_default()
     }
     fn peer_identity(&mut self, _: Resource<RequestHandle>) -> Option<String> {
         self.info()?.peer_identity.clone()
@@ -412,21 +520,6 @@ impl wit_http::HostRequest for HostState {
             .iter()
             .find(|(k, _)| *k == key)
             .map(|(_, v)| v.clone())
-    }
-    fn set_property(&mut self, _: Resource<RequestHandle>, key: String, value: String) {
-        if let Some(ctx) = self.call.ctx.as_mut() {
-            put(&mut ctx.bag, key, value, true);
-        }
-    }
-    fn set_attribute(&mut self, _: Resource<RequestHandle>, key: String, value: String) {
-        if let Some(ctx) = self.call.ctx.as_mut() {
-            put(&mut ctx.attributes, key, value, true);
-        }
-    }
-    fn set_response_flag(&mut self, _: Resource<RequestHandle>, flag: String) {
-        if let Some(ctx) = self.call.ctx.as_mut() {
-            ctx.add_flag(&flag);
-        }
     }
     fn drop(&mut self, _: Resource<RequestHandle>) -> wasmtime::Result<()> {
         // The host only lends borrows; nothing to free.
@@ -547,17 +640,18 @@ impl host::Host for HostState {
         self.metrics.push(m);
         u32::try_from(self.metrics.len() - 1).map_err(|_| "too many metrics".to_string())
     }
+    // Outside hooks (a hook's updates come as effects): encoded like an effect's labels.
     fn counter_add(&mut self, metric: u32, labels: Vec<String>, value: u64) {
-        self.record(metric, labels, MetricOp::CounterAdd(value))
+        self.record(metric, &encode_labels(&labels), MetricOp::CounterAdd(value))
     }
     fn gauge_set(&mut self, metric: u32, labels: Vec<String>, value: i64) {
-        self.record(metric, labels, MetricOp::GaugeSet(value))
+        self.record(metric, &encode_labels(&labels), MetricOp::GaugeSet(value))
     }
     fn gauge_add(&mut self, metric: u32, labels: Vec<String>, value: i64) {
-        self.record(metric, labels, MetricOp::GaugeAdd(value))
+        self.record(metric, &encode_labels(&labels), MetricOp::GaugeAdd(value))
     }
     fn histogram_observe(&mut self, metric: u32, labels: Vec<String>, value: f64) {
-        self.record(metric, labels, MetricOp::Observe(value))
+        self.record(metric, &encode_labels(&labels), MetricOp::Observe(value))
     }
 
     fn state_get(&mut self, key: String) -> Option<Vec<u8>> {

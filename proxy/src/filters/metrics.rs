@@ -16,6 +16,7 @@
 //! Filter-defined metrics (`define-metric`) are exported by [`DynMetrics`], a collector
 //! that renders them at scrape time as `wasmesh_filter_NAME{filter="ENTRY",...}`.
 
+use super::effects::{decode_labels, MetricOp};
 use poison_free::RwLock;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
@@ -25,6 +26,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
+use rustc_hash::FxHashMap;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -249,15 +251,6 @@ pub struct DynMetric {
     series: RwLock<HashMap<Vec<String>, Series>>,
 }
 
-/// Which operation a filter asks of a metric.
-#[derive(Clone, Copy)]
-pub enum MetricOp {
-    CounterAdd(u64),
-    GaugeSet(i64),
-    GaugeAdd(i64),
-    Observe(f64),
-}
-
 impl DynMetric {
     /// Full exported name (`wasmesh_filter_...`).
     pub fn name(&self) -> &str {
@@ -316,45 +309,45 @@ impl Series {
 /// One filter instance's handles to the series it recorded to, by metric id (the
 /// instance's index) and label values. A filter records on every request, usually to a
 /// handful of label sets: after the first value, recording is one lookup in the
-/// instance's own map, without the metric's lock or building the shared map's key.
+/// instance's own map, keyed by the label values as the effect carried them (no string
+/// made), without the metric's lock or building the shared map's key.
 /// Series are never removed from a metric, so a handle stays valid; overflow values are
 /// not cached, so each one is still counted as an overflow.
 #[derive(Default)]
 pub struct SeriesCache {
-    by_metric: Vec<HashMap<Vec<String>, Series>>,
+    by_metric: Vec<FxHashMap<Box<[u8]>, Series>>,
 }
 
 impl SeriesCache {
-    /// Apply `op` to the series of `filter` with `labels`; `idx` is the metric's id in
-    /// this instance. Returns true when the value went to the overflow set. Wrong label
-    /// count or wrong kind: ignored (false).
+    /// Apply `op` to the series of `filter` with `labels` (encoded as in a metric
+    /// effect); `idx` is the metric's id in this instance. Returns true when the value went
+    /// to the overflow set. Wrong label count, bad labels or wrong kind: ignored (false).
     pub fn record(
         &mut self,
         idx: usize,
         m: &DynMetric,
         filter: &str,
-        labels: Vec<String>,
+        labels: &[u8],
         op: MetricOp,
     ) -> bool {
-        if let Some(s) = self
-            .by_metric
-            .get(idx)
-            .and_then(|c| c.get(labels.as_slice()))
-        {
+        if let Some(s) = self.by_metric.get(idx).and_then(|c| c.get(labels)) {
             s.apply(op);
             return false;
         }
-        let Some((series, overflow)) = m.series(filter, &labels) else {
+        let Ok(values) = decode_labels(labels) else {
+            return false;
+        };
+        let Some((series, overflow)) = m.series(filter, &values) else {
             return false;
         };
         series.apply(op);
         if !overflow {
             if self.by_metric.len() <= idx {
-                self.by_metric.resize_with(idx + 1, HashMap::new);
+                self.by_metric.resize_with(idx + 1, FxHashMap::default);
             }
             if let Some(c) = self.by_metric.get_mut(idx) {
                 if c.len() < MAX_LABEL_SETS {
-                    c.insert(labels, series);
+                    c.insert(labels.into(), series);
                 }
             }
         }

@@ -19,6 +19,7 @@ pub mod bindings;
 pub mod chain;
 mod coalesce;
 pub mod crypto;
+pub mod effects;
 pub mod engine;
 pub mod host;
 pub mod instance;
