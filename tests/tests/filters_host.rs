@@ -355,7 +355,9 @@ async fn runtime_failures_are_contained_while_other_requests_succeed() {
     let proxy = Proxy::start(json!({
         "workers": 2,
         "filter_dir": dir,
-        "filter_engine": {"call_deadline": "50ms", "max_instance_memory_mib": 16},
+        // The deadline leaves a memory bomb time to hit the 16 MiB cap first even on a
+        // starved CPU (at 50 ms it was sometimes counted as a blown deadline instead).
+        "filter_engine": {"call_deadline": "250ms", "max_instance_memory_mib": 16},
         "filters": [
             testkit("closed", "v1", json!({})),
             testkit("steady", "v1", json!({})),
@@ -374,6 +376,9 @@ async fn runtime_failures_are_contained_while_other_requests_succeed() {
     // (Requests in flight on the *same* fail_closed instance that traps lose the
     // per-request state it held and get 500 `FE` (state_lost), by design: not tested here.)
     let stop = Arc::new(AtomicBool::new(false));
+    // A failed assertion below must stop the clients too, or the runtime never shuts
+    // down (a client whose proxy is gone fails at once and would spin forever).
+    let _stop_on_panic = StopOnDrop(stop.clone());
     let good = Arc::new(AtomicUsize::new(0));
     let bad = Arc::new(Mutex::new(Vec::<String>::new()));
     let mut bg = Vec::new();
@@ -395,7 +400,10 @@ async fn runtime_failures_are_contained_while_other_requests_succeed() {
                         .lock()
                         .expect("bad")
                         .push(format!("{} {}", r.status, r.text())),
-                    Err(e) => bad.lock().expect("bad").push(e),
+                    Err(e) => {
+                        bad.lock().expect("bad").push(e);
+                        tokio::task::yield_now().await;
+                    }
                 }
             }
         }));
@@ -452,6 +460,15 @@ async fn runtime_failures_are_contained_while_other_requests_succeed() {
     let bad = bad.lock().expect("bad").clone();
     assert!(bad.is_empty(), "good requests failed: {bad:?}");
     assert!(good.load(Ordering::Relaxed) > 20);
+}
+
+/// Sets the flag when dropped, also while a failed assertion unwinds.
+struct StopOnDrop(Arc<AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
