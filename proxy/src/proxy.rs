@@ -538,10 +538,7 @@ impl Done {
                 listener: &self.listener.name,
                 method: x.method.as_str(),
                 authority: &x.authority,
-                path: x
-                    .original_uri
-                    .path_and_query()
-                    .map_or("/", |p| p.as_str()),
+                path: x.original_uri.path_and_query().map_or("/", |p| p.as_str()),
                 protocol: x.protocol,
                 status: self.status,
                 response_flags: &flags_str,

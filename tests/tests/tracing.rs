@@ -146,9 +146,13 @@ async fn two_chained_proxies_make_one_trace() {
 
     // The receiver holds the spans before the exporter has read its reply and counted
     // them, so wait for the counter rather than reading it once.
-    a.wait_for(Duration::from_secs(5), "spans counted as exported", || async {
-        (a.metric("wasmesh_tracing_spans_exported_total", &[]).await >= 2.0).then_some(())
-    })
+    a.wait_for(
+        Duration::from_secs(5),
+        "spans counted as exported",
+        || async {
+            (a.metric("wasmesh_tracing_spans_exported_total", &[]).await >= 2.0).then_some(())
+        },
+    )
     .await;
     assert_eq!(
         a.metric("wasmesh_tracing_spans_dropped_total", &[]).await,
