@@ -326,28 +326,29 @@ thread_local! {
     static RNG: RefCell<rand::rngs::SmallRng> = RefCell::new(rand::rngs::SmallRng::from_rng(&mut rand::rng()));
 }
 
-fn new_trace_id() -> u128 {
+/// A random id that is not all zeros (W3C Trace Context: an all-zero id is invalid).
+fn nonzero_id<T>() -> T
+where
+    rand::distr::StandardUniform: rand::distr::Distribution<T>,
+    T: Default + PartialEq,
+{
     RNG.with(|r| {
         let mut r = r.borrow_mut();
         loop {
-            let id: u128 = r.random();
-            if id != 0 {
+            let id: T = r.random();
+            if id != T::default() {
                 return id;
             }
         }
     })
 }
 
+fn new_trace_id() -> u128 {
+    nonzero_id()
+}
+
 fn new_span_id() -> u64 {
-    RNG.with(|r| {
-        let mut r = r.borrow_mut();
-        loop {
-            let id: u64 = r.random();
-            if id != 0 {
-                return id;
-            }
-        }
-    })
+    nonzero_id()
 }
 
 const HEX: &[u8; 16] = b"0123456789abcdef";
