@@ -28,6 +28,9 @@ struct Counts {
     malformed: AtomicU64,
 }
 
+/// A field's number and, when length-delimited, its content.
+type Field<'a> = (u64, Option<&'a [u8]>);
+
 /// A protobuf wire-format reader over one message: just enough to find fields and skip
 /// the rest.
 struct Wire<'a>(&'a [u8]);
@@ -57,7 +60,7 @@ impl<'a> Wire<'a> {
 
     /// The next field: its number and, for a length-delimited one, its bytes. `None` at the
     /// end; `Some(Err(()))` on malformed input.
-    fn field(&mut self) -> Option<Result<(u64, Option<&'a [u8]>), ()>> {
+    fn field(&mut self) -> Option<Result<Field<'a>, ()>> {
         if self.0.is_empty() {
             return None;
         }
