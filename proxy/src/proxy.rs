@@ -11,7 +11,7 @@ use crate::routing::{normalize_path, RequestView, Route, RouteAction};
 use crate::server::{ListenerRuntime, Shared};
 use crate::telemetry::access_log::{now_rfc3339, Entry, LocalResponseLog};
 use crate::telemetry::metrics::RequestLabels;
-use crate::telemetry::otel::{RequestTrace, ServerEnd};
+use crate::telemetry::otel::{RequestTrace, ServerEnd, TraceIds};
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri, Version};
@@ -80,10 +80,9 @@ pub(crate) struct Exchange {
     pub(crate) destination_principal: Option<Arc<str>>,
     /// The SERVER span (tracing on), ended with the request.
     pub(crate) trace: RequestTrace,
-    /// Hex ids for logs and filters: the proxy's SERVER span, or with tracing off the
-    /// caller's span from `traceparent`/B3.
-    pub(crate) trace_id: Option<String>,
-    pub(crate) span_id: Option<String>,
+    /// Ids for logs and filters: the proxy's SERVER span, or with tracing off the caller's
+    /// span from `traceparent`/B3.
+    pub(crate) trace_ids: Option<TraceIds>,
 }
 
 /// Headers only the proxy may set; stripped from client requests so no one can forge them.
@@ -113,21 +112,27 @@ pub async fn handle(
 ) -> Result<Response<Body>, std::convert::Infallible> {
     let (parts, body) = req.into_parts();
     let bytes_in = Arc::new(AtomicU64::new(0));
-    let trace =
-        shared
-            .tracing
-            .start_server(&parts, conn.peer, conn.local, conn.peer_identity.is_some());
-    let (trace_id, span_id) = trace.ids(&parts.headers).unzip();
+    let authority = request_authority(&parts).unwrap_or_default();
+    let user_agent = parts.headers.get(header::USER_AGENT);
+    let trace = shared.tracing.start_server(
+        &parts,
+        authority,
+        user_agent,
+        conn.peer,
+        conn.local,
+        conn.peer_identity.is_some(),
+    );
+    let trace_ids = trace.ids(&parts.headers);
     let mut x = Exchange {
         start: Instant::now(),
         method: parts.method.clone(),
-        authority: request_authority(&parts).unwrap_or_default().to_string(),
+        authority: authority.to_string(),
         // Clones of the parsed head share its buffer: no copy per request.
         original_uri: parts.uri.clone(),
         protocol: protocol_name(parts.version),
         request_id: String::new(),
         client: conn.peer,
-        user_agent: parts.headers.get(header::USER_AGENT).cloned(),
+        user_agent: user_agent.cloned(),
         route: None,
         cluster: None,
         endpoint: None,
@@ -138,8 +143,7 @@ pub async fn handle(
         inflight: None,
         destination_principal: conn.local_identity.clone(),
         trace,
-        trace_id,
-        span_id,
+        trace_ids,
     };
     let body: Body = CountingBody::new(
         body.map_err(|e| Box::new(e) as BoxError).boxed_unsync(),
@@ -256,14 +260,15 @@ async fn serve(
     let mut chain = if route.chain.is_empty() {
         None
     } else {
+        let (trace_id, span_id) = x.trace_ids.map(|t| t.hex()).unzip();
         let mut run = route.chain.start(RequestInfo {
             request_id: x.request_id.clone(),
             source_addr: x.client,
             peer_identity: conn.peer_identity.as_ref().map(|s| s.to_string()),
             route: route.name.clone(),
             scheme: "http",
-            trace_id: x.trace_id.clone(),
-            span_id: x.span_id.clone(),
+            trace_id,
+            span_id,
         });
         if x.trace.is_recording() {
             run.record_timings();
@@ -533,6 +538,7 @@ impl Done {
         );
 
         if shared.access_log.enabled() {
+            let (trace_id, span_id) = x.trace_ids.map(|t| t.hex()).unzip();
             shared.access_log.log(&Entry {
                 time: now_rfc3339(),
                 listener: &self.listener.name,
@@ -555,8 +561,8 @@ impl Done {
                 filters: &filters_ran,
                 attributes: &attributes,
                 peer_identity: x.peer_identity.as_deref(),
-                trace_id: x.trace_id.as_deref(),
-                span_id: x.span_id.as_deref(),
+                trace_id: trace_id.as_deref(),
+                span_id: span_id.as_deref(),
                 local_response: local_response
                     .as_ref()
                     .map(|(filter, status)| LocalResponseLog {

@@ -383,19 +383,14 @@ impl Carried {
     fn scan(h: &HeaderMap) -> Self {
         let mut c = Carried::default();
         for name in h.keys() {
-            // Every name we look for is at least 2 and at most 12 bytes long.
+            // Each name we look for has its own length: one comparison at most per header.
             let n = name.as_str();
-            if n.len() < 2 || n.len() > 12 {
-                continue;
-            }
-            if name == TRACEPARENT {
-                c.traceparent = true;
-            } else if name == TRACESTATE {
-                c.tracestate = true;
-            } else if name == B3 {
-                c.b3 = true;
-            } else if name == B3_TRACE {
-                c.b3_trace = true;
+            match n.len() {
+                2 => c.b3 |= n == "b3",
+                10 => c.tracestate |= n == "tracestate",
+                11 => c.traceparent |= n == "traceparent",
+                12 => c.b3_trace |= n == "x-b3-traceid",
+                _ => {}
             }
         }
         c
@@ -409,6 +404,23 @@ impl Carried {
 fn hex_string<const N: usize>(v: u128) -> String {
     // Hex digits are ASCII: the conversion cannot fail.
     String::from_utf8(hex::<N>(v).to_vec()).unwrap_or_default()
+}
+
+/// A request's trace id and span id, kept as numbers: most requests never show them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TraceIds {
+    pub trace: u128,
+    pub span: u64,
+}
+
+impl TraceIds {
+    /// Both ids as lowercase hex (32 and 16 digits), as in `traceparent`.
+    pub fn hex(&self) -> (String, String) {
+        (
+            hex_string::<32>(self.trace),
+            hex_string::<16>(u128::from(self.span)),
+        )
+    }
 }
 
 fn header_value(b: &[u8]) -> Option<HeaderValue> {
@@ -652,9 +664,13 @@ impl Tracing {
 
     /// Begin a request's trace: the SERVER span, child of the caller's context if the
     /// request carries one. Only a sampled request copies anything from the request.
+    /// `authority` (from the URI, else `Host`) and `user_agent` are the request's, looked up
+    /// once by the caller.
     pub fn start_server(
         &self,
         parts: &http::request::Parts,
+        authority: &str,
+        user_agent: Option<&HeaderValue>,
         peer: SocketAddr,
         local: SocketAddr,
         tls: bool,
@@ -715,22 +731,8 @@ impl Tracing {
         };
         if sampled {
             rec.start = SystemTime::now();
-            let authority = parts
-                .uri
-                .authority()
-                .map(|a| a.as_str())
-                .or_else(|| {
-                    parts
-                        .headers
-                        .get(http::header::HOST)
-                        .and_then(|v| v.to_str().ok())
-                })
-                .unwrap_or_default();
             let (host, port) = split_authority(authority, local.port());
-            let ua = parts
-                .headers
-                .get(http::header::USER_AGENT)
-                .and_then(|v| v.to_str().ok());
+            let ua = user_agent.and_then(|v| v.to_str().ok());
             let path = parts.uri.path();
             let query = parts.uri.query();
             // Room for these and for what `end` adds (route, cluster, flags).
@@ -955,17 +957,20 @@ impl RequestTrace {
         self.inner.as_ref().is_some_and(|(_, s)| s.sampled)
     }
 
-    /// The trace id and the proxy's SERVER span id, as lowercase hex; when tracing is off,
-    /// the caller's trace id and span id from the request's headers, if any.
-    pub fn ids(&self, headers: &HeaderMap) -> Option<(String, String)> {
-        let (trace, span) = match &self.inner {
-            Some((_, s)) => (s.trace_id, s.span_id),
-            None => {
-                let p = extract(headers)?;
-                (p.trace_id, p.span_id)
-            }
-        };
-        Some((hex_string::<32>(trace), hex_string::<16>(u128::from(span))))
+    /// The trace id and the proxy's SERVER span id; when tracing is off, the caller's
+    /// trace id and span id from the request's headers, if any. Render them with
+    /// [`TraceIds::hex`] only where they are shown (a filter asks, the access log).
+    pub fn ids(&self, headers: &HeaderMap) -> Option<TraceIds> {
+        match &self.inner {
+            Some((_, s)) => Some(TraceIds {
+                trace: s.trace_id,
+                span: s.span_id,
+            }),
+            None => extract(headers).map(|p| TraceIds {
+                trace: p.trace_id,
+                span: p.span_id,
+            }),
+        }
     }
 
     /// The matched route's template becomes `http.route` and part of the span name.

@@ -317,6 +317,15 @@ fn attr_int(buf: &mut Vec<u8>, k: &str, v: i64) {
     // int64 is a plain varint: negative numbers take ten bytes.
     let av = 1 + varint_len(v as u64);
     let body = 2 + varint_len(k.len() as u64) + k.len() + varint_len(av as u64) + av;
+    if body < 0x80 {
+        // Every length fits in one byte (every attribute we write): fixed headers.
+        buf.reserve(2 + body);
+        buf.extend_from_slice(&[0x4a, body as u8, 0x0a, k.len() as u8]);
+        buf.extend_from_slice(k.as_bytes());
+        buf.extend_from_slice(&[0x12, av as u8, 0x18]);
+        varint(buf, v as u64);
+        return;
+    }
     buf.reserve(1 + varint_len(body as u64) + body);
     buf.push(0x4a); // field 9, length-delimited
     varint(buf, body as u64);
@@ -421,8 +430,6 @@ pub(crate) struct Encoder {
     schema_url: String,
     /// [`GAP`] bytes, then the spans so far, each already framed as field 2 of `ScopeSpans`.
     spans: Vec<u8>,
-    /// One span's body while it is written (its length goes first).
-    scratch: Vec<u8>,
     peers: AddrText,
     upstreams: AddrText,
 }
@@ -444,17 +451,36 @@ impl Encoder {
             scope,
             schema_url: resource.schema_url().unwrap_or_default().to_string(),
             spans: vec![0; GAP],
-            scratch: Vec::new(),
             peers: AddrText::default(),
             upstreams: AddrText::default(),
         }
     }
 
-    fn frame_scratch(&mut self) {
+    /// Start a span (field 2 of `ScopeSpans`) in place: its length goes first and is not
+    /// known yet, so two bytes are left for it (a span is 128 bytes to 16 KiB long but
+    /// for an odd one); returns where they are, for [`Self::end_span`].
+    fn begin_span(&mut self) -> usize {
         key(&mut self.spans, 2, LEN);
-        varint(&mut self.spans, self.scratch.len() as u64);
-        self.spans.extend_from_slice(&self.scratch);
-        self.scratch.clear();
+        let at = self.spans.len();
+        self.spans.extend_from_slice(&[0, 0]);
+        at
+    }
+
+    /// Write the length of the span begun at `at`.
+    fn end_span(&mut self, at: usize) {
+        let len = self.spans.len().saturating_sub(at + 2);
+        match self.spans.get_mut(at..at + 2) {
+            Some([lo, hi]) if (0x80..0x4000).contains(&len) => {
+                *lo = (len as u8) | 0x80;
+                *hi = (len >> 7) as u8;
+            }
+            _ => {
+                // Shorter or longer: the length takes 1 or 3 bytes; move the span to fit.
+                let mut v = Vec::with_capacity(3);
+                varint(&mut v, len as u64);
+                self.spans.splice(at..at + 2, v);
+            }
+        }
     }
 
     /// Add a record's spans (filter spans before their SERVER span, the order they ended).
@@ -471,7 +497,8 @@ impl Encoder {
     }
 
     fn server(&mut self, s: &ServerRecord) {
-        let b = &mut self.scratch;
+        let at = self.begin_span();
+        let b = &mut self.spans;
         let template = s.template.as_deref().filter(|_| s.outcome.is_some());
         let full_name = [s.method, " ", template.unwrap_or_default()];
         let name = if template.is_some() {
@@ -540,11 +567,12 @@ impl Encoder {
             }
         }
         tail(b, error, s.parent.is_some());
-        self.frame_scratch();
+        self.end_span(at);
     }
 
     fn filter(&mut self, s: &ServerRecord, span_id: u64, t: &FilterTiming) {
-        let b = &mut self.scratch;
+        let at = self.begin_span();
+        let b = &mut self.spans;
         head(
             b,
             &Head {
@@ -562,11 +590,12 @@ impl Encoder {
         attr_str(b, attr::FILTER_VERSION, &t.version);
         attr_str(b, attr::FILTER_HOOK, t.hook);
         tail(b, t.failed.then_some("filter failed"), false);
-        self.frame_scratch();
+        self.end_span(at);
     }
 
     fn client(&mut self, c: &ClientRecord) {
-        let b = &mut self.scratch;
+        let at = self.begin_span();
+        let b = &mut self.spans;
         head(
             b,
             &Head {
@@ -614,7 +643,7 @@ impl Encoder {
             }
         };
         tail(b, error, false);
-        self.frame_scratch();
+        self.end_span(at);
     }
 
     /// The request for the spans added so far (and start over).
@@ -1153,5 +1182,55 @@ mod tests {
             Some("[::1]:80")
         );
         assert_eq!(c.status.as_ref().map(|s| s.code), Some(0));
+    }
+
+    /// A span's length is written after the span, in the two bytes left for it: spans
+    /// shorter than 128 bytes or longer than 16 KiB move to fit, and every size decodes.
+    #[test]
+    fn span_lengths_of_every_size() {
+        let mut enc = Encoder::new(&Resource::builder_empty().build());
+        let sizes = [0usize, 1, 30, 100, 127, 128, 500, 16_000, 16_500, 70_000];
+        for (i, n) in sizes.iter().enumerate() {
+            enc.add(&Finished::Client(Box::new(ClientRecord {
+                trace_id: 1,
+                span_id: i as u64 + 1,
+                parent: 3,
+                state: None,
+                start: at(1),
+                end: at(2),
+                method: "GET",
+                url_full: "u".repeat(*n),
+                upstream: "127.0.0.1:80".parse().expect("addr"),
+                version: "1.1",
+                cluster: Arc::from(""),
+                resend: 0,
+                outcome: None,
+            })));
+        }
+        let req = ExportTraceServiceRequest::decode(enc.finish()).expect("valid protobuf");
+        let spans = &req.resource_spans[0].scope_spans[0].spans;
+        assert_eq!(spans.len(), sizes.len());
+        for ((span, n), i) in spans.iter().zip(sizes).zip(1u64..) {
+            assert_eq!(span.span_id, i.to_be_bytes());
+            let full = attrs(&span.attributes)
+                .remove("url.full")
+                .unwrap_or_default();
+            assert_eq!(full.len(), n);
+        }
+    }
+
+    #[test]
+    fn span_framing_moves_short_and_long_spans() {
+        let mut enc = Encoder::new(&Resource::builder_empty().build());
+        for n in [0usize, 1, 127, 128, 16_383, 16_384, 100_000] {
+            enc.spans.clear();
+            let at = enc.begin_span();
+            enc.spans.extend(std::iter::repeat_n(7u8, n));
+            enc.end_span(at);
+            let mut want = vec![0x12];
+            varint(&mut want, n as u64);
+            want.extend(std::iter::repeat_n(7u8, n));
+            assert_eq!(enc.spans, want, "{n}");
+        }
     }
 }
