@@ -117,7 +117,7 @@ fn response() -> http::response::Parts {
 
 fn info(n: u64) -> RequestInfo {
     RequestInfo {
-        request_id: format!("bench-{n:016x}"),
+        request_id: format!("bench-{n:016x}").into(),
         source_addr: std::net::SocketAddr::from(([127, 0, 0, 1], 40000)),
         peer_identity: None,
         route: Arc::from("ingress"),

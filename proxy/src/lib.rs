@@ -30,6 +30,7 @@ pub mod pool;
 pub mod proxy;
 pub mod reload;
 pub mod retry;
+pub mod rng;
 pub mod routing;
 pub mod scaffold;
 pub mod server;

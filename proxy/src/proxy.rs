@@ -62,7 +62,8 @@ pub(crate) struct Exchange {
     /// The request target as the client sent it (before normalization), for the log.
     pub(crate) original_uri: Uri,
     pub(crate) protocol: &'static str,
-    pub(crate) request_id: String,
+    /// Set once the request is checked; `None` if it was rejected before that.
+    pub(crate) request_id: Option<Arc<str>>,
     pub(crate) client: SocketAddr,
     pub(crate) user_agent: Option<HeaderValue>,
     pub(crate) route: Option<Arc<str>>,
@@ -130,7 +131,7 @@ pub async fn handle(
         // Clones of the parsed head share its buffer: no copy per request.
         original_uri: parts.uri.clone(),
         protocol: protocol_name(parts.version),
-        request_id: String::new(),
+        request_id: None,
         client: conn.peer,
         user_agent: user_agent.cloned(),
         route: None,
@@ -180,7 +181,7 @@ async fn serve(
         return Err((ProxyError::TooManyHeaders, None));
     }
     strip_internal_headers(&mut parts.headers);
-    x.request_id = ensure_request_id(&mut parts.headers);
+    x.request_id = Some(ensure_request_id(&mut parts.headers));
     x.client = client_address(&parts.headers, conn.peer, lc.spec.xff_num_trusted_hops);
     if lc.spec.xff_num_trusted_hops == 0 {
         // An edge listener: the client cannot tell the upstream it came over TLS (Envoy
@@ -262,9 +263,9 @@ async fn serve(
     } else {
         let (trace_id, span_id) = x.trace_ids.map(|t| t.hex()).unzip();
         let mut run = route.chain.start(RequestInfo {
-            request_id: x.request_id.clone(),
+            request_id: x.request_id.clone().unwrap_or_default(),
             source_addr: x.client,
-            peer_identity: conn.peer_identity.as_ref().map(|s| s.to_string()),
+            peer_identity: conn.peer_identity.clone(),
             route: route.name.clone(),
             scheme: "http",
             trace_id,
@@ -447,11 +448,9 @@ impl Done {
         }
         let duration = self.x.start.elapsed();
         let mut flags: Vec<String> = std::mem::take(&mut self.x.flags);
-        let mut filters_ran = Vec::new();
-        let mut attributes = Vec::new();
-        let mut local_response: Option<(String, u16)> = None;
         let mut filter_timings = Vec::new();
-        if let Some(mut chain) = self.chain.take() {
+        let mut chain = self.chain.take();
+        if let Some(chain) = chain.as_mut() {
             // Building the outcome costs a few allocations: only when a done hook reads it.
             if chain.wants_done() {
                 let mut outcome_flags = flags.clone();
@@ -466,9 +465,6 @@ impl Done {
             }
             // Read after the done hooks: what they add still belongs in the log line.
             flags.extend(chain.response_flags().iter().cloned());
-            filters_ran = chain.filters_ran().to_vec();
-            attributes = chain.attributes().to_vec();
-            local_response = chain.local_response().map(|(f, s)| (f.to_string(), s));
             filter_timings = chain.take_timings();
         }
         flags.dedup();
@@ -539,6 +535,10 @@ impl Done {
 
         if shared.access_log.enabled() {
             let (trace_id, span_id) = x.trace_ids.map(|t| t.hex()).unzip();
+            let filters_ran = chain
+                .as_ref()
+                .map(ChainRun::filters_ran)
+                .unwrap_or_default();
             shared.access_log.log(&Entry {
                 time: now_rfc3339(),
                 listener: &self.listener.name,
@@ -554,21 +554,19 @@ impl Done {
                 upstream: x.endpoint.as_ref().map(|e| e.addr.to_string()),
                 route: x.route.as_deref(),
                 cluster: x.cluster.as_ref().map(|c| &*c.name),
-                request_id: &x.request_id,
+                request_id: x.request_id.as_deref().unwrap_or_default(),
                 client_address: x.client.ip().to_string(),
                 user_agent: x.user_agent.as_ref().and_then(|v| v.to_str().ok()),
                 reason: x.reason.as_deref(),
                 filters: &filters_ran,
-                attributes: &attributes,
+                attributes: chain.as_ref().map_or(&[], |c| c.attributes()),
                 peer_identity: x.peer_identity.as_deref(),
                 trace_id: trace_id.as_deref(),
                 span_id: span_id.as_deref(),
-                local_response: local_response
+                local_response: chain
                     .as_ref()
-                    .map(|(filter, status)| LocalResponseLog {
-                        filter,
-                        status: *status,
-                    }),
+                    .and_then(ChainRun::local_response)
+                    .map(|(filter, status)| LocalResponseLog { filter, status }),
             });
         }
     }
@@ -660,23 +658,23 @@ fn strip_internal_headers(h: &mut HeaderMap) {
     }
 }
 
-fn ensure_request_id(h: &mut HeaderMap) -> String {
+fn ensure_request_id(h: &mut HeaderMap) -> Arc<str> {
     if let Some(id) = h.get(&X_REQUEST_ID).and_then(|v| v.to_str().ok()) {
         if !id.is_empty() && id.len() <= 128 {
-            return id.to_string();
+            return Arc::from(id);
         }
     }
     // A v4 UUID from the thread-local generator: no syscall per request, and rendered
     // into a stack buffer rather than through `Display`.
     let mut buf = uuid::Uuid::encode_buffer();
-    let id: &str = uuid::Builder::from_random_bytes(rand::random())
+    let id: &str = uuid::Builder::from_random_bytes(crate::rng::random::<u128>().to_le_bytes())
         .into_uuid()
         .hyphenated()
         .encode_lower(&mut buf);
     if let Ok(v) = HeaderValue::from_str(id) {
         h.insert(X_REQUEST_ID.clone(), v);
     }
-    id.to_string()
+    Arc::from(id)
 }
 
 /// The client address policy uses: the connection's peer, or, when the listener trusts N

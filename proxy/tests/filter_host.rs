@@ -137,7 +137,7 @@ fn load(h: &Harness, dir: Option<&Path>, specs: &[FilterSpec]) -> FilterSet {
 
 fn info(id: &str) -> RequestInfo {
     RequestInfo {
-        request_id: id.to_string(),
+        request_id: id.into(),
         source_addr: "127.0.0.1:4000".parse().expect("addr"),
         peer_identity: None,
         route: Arc::from("r1"),

@@ -372,9 +372,14 @@ impl ChainRun {
         self.local_response.as_ref().map(|(f, s)| (f.as_str(), *s))
     }
 
-    /// `name@version` of each filter that ran, in the order they first ran.
-    pub fn filters_ran(&self) -> &[String] {
-        self.ctx.as_ref().map_or(&[], |c| c.filters_ran.as_slice())
+    /// `name@version` of each filter that ran, in chain order. Built when asked (for the
+    /// access log), not kept up along the request.
+    pub fn filters_ran(&self) -> Vec<String> {
+        self.entries
+            .iter()
+            .filter(|e| e.ran)
+            .map(|e| e.version.label.clone())
+            .collect()
     }
 
     /// A value of the request's bag (what filters passed along with `set-property`).
@@ -591,12 +596,7 @@ impl ChainRun {
             Some(_) => {}
             None => entry.generation = Some(inst.generation),
         }
-        if !entry.ran {
-            entry.ran = true;
-            if let Some(ctx) = self.ctx.as_deref_mut() {
-                ctx.filters_ran.push(v.label.clone());
-            }
-        }
+        entry.ran = true;
         let has_resp = io.resp.is_some();
         let pre = match (&hook, io.req.as_deref()) {
             (Hook::RequestHeaders, Some(parts)) => {
@@ -773,7 +773,7 @@ fn prefetch(
     }
     if let Some(ctx) = ctx {
         if hooks.contains(Hooks::PASS_ID) {
-            pre.id = Some(ctx.info.request_id.clone());
+            pre.id = Some(ctx.info.request_id.to_string());
         }
         if hooks.contains(Hooks::PASS_SOURCE_ADDRESS) {
             pre.source_address = Some(ctx.source_text().to_string());

@@ -60,7 +60,6 @@ pub struct RequestCtx {
     pub flags: Vec<String>,
     pub attributes: Vec<(String, String)>,
     pub cluster: Option<String>,
-    pub filters_ran: Vec<String>,
     /// Response header changes request hooks asked for (`set-response-header` effects),
     /// with the index of the filter that asked: applied when the response head arrives,
     /// at that filter's place in the reverse walk.
@@ -79,7 +78,6 @@ impl RequestCtx {
             flags: Vec::new(),
             attributes: Vec::new(),
             cluster: None,
-            filters_ran: Vec::new(),
             response_ops: Vec::new(),
             source_text: None,
         }
@@ -390,7 +388,7 @@ impl wit_http::Host for HostState {}
 impl wit_http::HostRequest for HostState {
     fn id(&mut self, _: Resource<RequestHandle>) -> String {
         self.info()
-            .map(|i| i.request_id.clone())
+            .map(|i| i.request_id.to_string())
             .unwrap_or_default()
     }
     fn method(&mut self, _: Resource<RequestHandle>) -> String {
@@ -488,7 +486,7 @@ impl wit_http::HostRequest for HostState {
             .unwrap_or_default()
     }
     fn peer_identity(&mut self, _: Resource<RequestHandle>) -> Option<String> {
-        self.info()?.peer_identity.clone()
+        self.info()?.peer_identity.as_deref().map(str::to_string)
     }
     fn route_name(&mut self, _: Resource<RequestHandle>) -> String {
         self.info().map(|i| i.route.to_string()).unwrap_or_default()

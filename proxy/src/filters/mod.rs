@@ -67,9 +67,9 @@ pub trait Callout: Send + Sync {
 /// What a filter may know about the request beyond its head.
 #[derive(Debug, Clone)]
 pub struct RequestInfo {
-    pub request_id: String,
+    pub request_id: Arc<str>,
     pub source_addr: std::net::SocketAddr,
-    pub peer_identity: Option<String>,
+    pub peer_identity: Option<Arc<str>>,
     pub route: Arc<str>,
     pub scheme: &'static str,
     pub trace_id: Option<String>,

@@ -32,8 +32,6 @@ use opentelemetry::trace::TraceState;
 use opentelemetry::KeyValue;
 use opentelemetry_sdk::resource::{Resource, TelemetryResourceDetector};
 use prometheus_client::metrics::counter::Counter;
-use rand::{Rng as _, SeedableRng as _};
-use std::cell::RefCell;
 use std::net::SocketAddr;
 use std::str::FromStr;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -320,35 +318,14 @@ impl Sampler {
     }
 }
 
-thread_local! {
-    /// Ids come from a fast per-thread generator, as the SDK's do (they need to be unique,
-    /// not secret).
-    static RNG: RefCell<rand::rngs::SmallRng> = RefCell::new(rand::rngs::SmallRng::from_rng(&mut rand::rng()));
-}
-
-/// A random id that is not all zeros (W3C Trace Context: an all-zero id is invalid).
-fn nonzero_id<T>() -> T
-where
-    rand::distr::StandardUniform: rand::distr::Distribution<T>,
-    T: Default + PartialEq,
-{
-    RNG.with(|r| {
-        let mut r = r.borrow_mut();
-        loop {
-            let id: T = r.random();
-            if id != T::default() {
-                return id;
-            }
-        }
-    })
-}
-
+/// Ids come from the fast per-thread generator, as the SDK's do (they need to be unique,
+/// not secret).
 fn new_trace_id() -> u128 {
-    nonzero_id()
+    crate::rng::nonzero()
 }
 
 fn new_span_id() -> u64 {
-    nonzero_id()
+    crate::rng::nonzero()
 }
 
 const HEX: &[u8; 16] = b"0123456789abcdef";
