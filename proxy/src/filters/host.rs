@@ -86,7 +86,7 @@ impl RequestCtx {
     /// The client address as `IP:PORT` text, made once per request.
     pub fn source_text(&mut self) -> &str {
         self.source_text
-            .get_or_insert_with(|| self.info.source_addr.to_string())
+            .get_or_insert_with(|| addr_text(self.info.source_addr))
     }
 
     pub fn add_flag(&mut self, flag: &str) {
@@ -110,11 +110,8 @@ pub enum ResponseOp {
 }
 
 impl ResponseOp {
-    fn parse(e: &Effect<'_>) -> Result<Option<ResponseOp>, String> {
-        let name = |n: &[u8]| {
-            HeaderName::from_bytes(n)
-                .map_err(|_| format!("invalid header name {:?}", String::from_utf8_lossy(n)))
-        };
+    fn parse(e: &Effect<'_>, names: &mut HeaderNames) -> Result<Option<ResponseOp>, String> {
+        let mut name = |n: &[u8]| names.get(n);
         let value = |n: &[u8], v: &[u8]| {
             HeaderValue::from_bytes(v)
                 .map_err(|_| format!("invalid value for header {:?}", String::from_utf8_lossy(n)))
@@ -167,7 +164,31 @@ pub struct HostState {
     series: SeriesCache,
     /// Signature keys the instance made (`verifying-key`), by handle.
     pub keys: KeyTable,
+    /// Header names this instance wrote, parsed (see [`HeaderNames`]).
+    names: HeaderNames,
     pub call: CallData,
+}
+
+/// Header names a filter writes, parsed once per instance: a filter sets the same few
+/// names on every request, and parsing a name that is not a standard one allocates.
+/// Bounded: past [`HeaderNames::MAX`] names, new ones are parsed each time.
+#[derive(Default)]
+struct HeaderNames(Vec<(Box<[u8]>, HeaderName)>);
+
+impl HeaderNames {
+    const MAX: usize = 32;
+
+    fn get(&mut self, n: &[u8]) -> Result<HeaderName, String> {
+        if let Some((_, h)) = self.0.iter().find(|(k, _)| **k == *n) {
+            return Ok(h.clone());
+        }
+        let h = HeaderName::from_bytes(n)
+            .map_err(|_| format!("invalid header name {:?}", String::from_utf8_lossy(n)))?;
+        if self.0.len() < Self::MAX {
+            self.0.push((n.into(), h.clone()));
+        }
+        Ok(h)
+    }
 }
 
 impl HostState {
@@ -198,6 +219,7 @@ impl HostState {
             metrics: Vec::new(),
             series: SeriesCache::default(),
             keys: KeyTable::default(),
+            names: HeaderNames::default(),
             call: CallData::default(),
         }
     }
@@ -269,7 +291,7 @@ impl HostState {
     }
 
     fn response_op(&mut self, idx: usize, e: &Effect<'_>) {
-        let op = match ResponseOp::parse(e) {
+        let op = match ResponseOp::parse(e, &mut self.names) {
             Ok(Some(op)) => op,
             Ok(None) => return,
             Err(err) => {
@@ -316,6 +338,44 @@ impl WasiView for HostState {
     }
 }
 
+/// `a` as `IP:PORT`, as `Display` writes it. IPv4 is written digit by digit: going
+/// through the formatter cost more than the rest of a rate-limit filter's host work.
+fn addr_text(a: std::net::SocketAddr) -> String {
+    fn digits(out: &mut String, v: u16) {
+        let mut buf = [0u8; 5];
+        let mut i = buf.len();
+        let mut v = v;
+        loop {
+            i -= 1;
+            if let Some(b) = buf.get_mut(i) {
+                *b = b'0' + (v % 10) as u8;
+            }
+            v /= 10;
+            if v == 0 {
+                break;
+            }
+        }
+        for &b in buf.get(i..).unwrap_or_default() {
+            out.push(char::from(b));
+        }
+    }
+    match a {
+        std::net::SocketAddr::V4(v4) => {
+            let mut out = String::with_capacity(21);
+            for (n, octet) in v4.ip().octets().into_iter().enumerate() {
+                if n > 0 {
+                    out.push('.');
+                }
+                digits(&mut out, u16::from(octet));
+            }
+            out.push(':');
+            digits(&mut out, v4.port());
+            out
+        }
+        v6 => v6.to_string(),
+    }
+}
+
 fn lossy(v: &HeaderValue) -> String {
     match v.to_str() {
         Ok(s) => s.to_string(),
@@ -338,34 +398,23 @@ fn list(headers: &HeaderMap) -> Vec<(String, String)> {
         .collect()
 }
 
-fn parse_header(name: &str, value: &str) -> Result<(HeaderName, HeaderValue), String> {
-    let n = HeaderName::from_bytes(name.as_bytes())
-        .map_err(|_| format!("invalid header name {name:?}"))?;
+fn parse_header(
+    names: &mut HeaderNames,
+    name: &str,
+    value: &str,
+) -> Result<(HeaderName, HeaderValue), String> {
+    let n = names.get(name.as_bytes())?;
     let v =
         HeaderValue::from_str(value).map_err(|_| format!("invalid value for header {name:?}"))?;
     Ok((n, v))
 }
 
-fn set_header(
-    headers: &mut HeaderMap,
-    name: &str,
-    value: &str,
-    append: bool,
-) -> Result<(), String> {
-    let (n, v) = parse_header(name, value)?;
+fn write_header(headers: &mut HeaderMap, (n, v): (HeaderName, HeaderValue), append: bool) {
     if append {
         headers.append(n, v);
     } else {
         headers.insert(n, v);
     }
-    Ok(())
-}
-
-fn remove_header(headers: &mut HeaderMap, name: &str) -> Result<(), String> {
-    let n = HeaderName::from_bytes(name.as_bytes())
-        .map_err(|_| format!("invalid header name {name:?}"))?;
-    headers.remove(n);
-    Ok(())
 }
 
 /// Set `key` in a per-request list (bag or attributes), replacing its value.
@@ -434,7 +483,9 @@ impl wit_http::HostRequest for HostState {
         name: String,
         value: String,
     ) -> Result<(), String> {
-        set_header(&mut self.request_mut()?.headers, &name, &value, false)
+        let h = parse_header(&mut self.names, &name, &value)?;
+        write_header(&mut self.request_mut()?.headers, h, false);
+        Ok(())
     }
     fn add_header(
         &mut self,
@@ -442,10 +493,14 @@ impl wit_http::HostRequest for HostState {
         name: String,
         value: String,
     ) -> Result<(), String> {
-        set_header(&mut self.request_mut()?.headers, &name, &value, true)
+        let h = parse_header(&mut self.names, &name, &value)?;
+        write_header(&mut self.request_mut()?.headers, h, true);
+        Ok(())
     }
     fn remove_header(&mut self, _: Resource<RequestHandle>, name: String) -> Result<(), String> {
-        remove_header(&mut self.request_mut()?.headers, &name)
+        let n = self.names.get(name.as_bytes())?;
+        self.request_mut()?.headers.remove(n);
+        Ok(())
     }
     fn set_path(&mut self, _: Resource<RequestHandle>, path: String) -> Result<(), String> {
         if !path.starts_with('/') {
@@ -558,7 +613,9 @@ impl wit_http::HostResponse for HostState {
         name: String,
         value: String,
     ) -> Result<(), String> {
-        set_header(&mut self.response_mut()?.headers, &name, &value, false)
+        let h = parse_header(&mut self.names, &name, &value)?;
+        write_header(&mut self.response_mut()?.headers, h, false);
+        Ok(())
     }
     fn add_header(
         &mut self,
@@ -566,10 +623,14 @@ impl wit_http::HostResponse for HostState {
         name: String,
         value: String,
     ) -> Result<(), String> {
-        set_header(&mut self.response_mut()?.headers, &name, &value, true)
+        let h = parse_header(&mut self.names, &name, &value)?;
+        write_header(&mut self.response_mut()?.headers, h, true);
+        Ok(())
     }
     fn remove_header(&mut self, _: Resource<ResponseHandle>, name: String) -> Result<(), String> {
-        remove_header(&mut self.response_mut()?.headers, &name)
+        let n = self.names.get(name.as_bytes())?;
+        self.response_mut()?.headers.remove(n);
+        Ok(())
     }
     fn body(&mut self, _: Resource<ResponseHandle>) -> Vec<u8> {
         match (self.call.phase, &self.call.body) {
@@ -689,5 +750,23 @@ impl host::Host for HostState {
     }
     fn random_u64(&mut self) -> u64 {
         rand::random()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn addresses_as_display_writes_them() {
+        for a in [
+            "0.0.0.0:0",
+            "127.0.0.1:8080",
+            "10.20.30.40:65535",
+            "255.255.255.255:9",
+            "[::1]:443",
+            "[fe80::1%2]:80",
+        ] {
+            let addr: std::net::SocketAddr = a.parse().expect("address");
+            assert_eq!(super::addr_text(addr), addr.to_string());
+        }
     }
 }
