@@ -5,7 +5,8 @@
 //! - [`server`]: life cycle (build, bind, serve, reload, drain) and process-wide state;
 //! - [`listener`]: sockets, worker threads and downstream connections;
 //! - [`proxy`]: the HTTP request path, top to bottom;
-//! - [`routing`]: route matching and path normalization;
+//! - [`routing`]: route matching and path normalization; [`framing`]: HTTP/1 request
+//!   framing followed on the wire (Content-Length with Transfer-Encoding);
 //! - [`cluster`]: endpoints, load balancing and upstream connection pools; [`health`]:
 //!   outlier detection and active health checks; [`lb`]: hashing and locality algorithms;
 //! - [`filters`]: the WebAssembly filter host;
@@ -21,6 +22,7 @@ pub mod config;
 pub mod error;
 pub mod filters;
 pub mod forward;
+pub mod framing;
 pub mod health;
 pub mod lb;
 pub mod listener;

@@ -8,6 +8,7 @@
 
 use crate::cluster::Cluster;
 use crate::config::{ListenerLimits, ListenerProtocol};
+use crate::framing::ScanIo;
 use crate::proxy::{self, ConnInfo};
 use crate::server::{ListenerRuntime, Shared};
 use crate::telemetry::metrics::{ListenerLabel, ReasonLabel};
@@ -213,6 +214,7 @@ async fn serve_http(
             inner: stream,
             activity: activity.clone(),
         };
+        let io = ScanIo::new(io, conn_info.framing.clone());
         return serve_http_conn(
             shared,
             listener,
@@ -232,6 +234,7 @@ async fn serve_http(
     if matches!(io, Downstream::Tls(_)) {
         conn_info.local_identity = lc.tls.as_ref().map(|t| t.identity());
     }
+    let io = ScanIo::new(io, conn_info.framing.clone());
     serve_http_conn(
         shared,
         listener,

@@ -37,6 +37,8 @@ pub struct ConnInfo {
     /// The peer's IP as a header value, rendered once per connection: every request on
     /// it appends this hop to `x-forwarded-for`.
     pub peer_ip: HeaderValue,
+    /// What the connection's [`crate::framing::ScanIo`] saw of each request's framing.
+    pub framing: Arc<crate::framing::FramingWatch>,
 }
 
 impl ConnInfo {
@@ -50,6 +52,7 @@ impl ConnInfo {
             peer_identity: None,
             local_identity: None,
             peer_ip,
+            framing: Arc::default(),
         }
     }
 }
@@ -174,6 +177,14 @@ async fn serve(
     let lc = listener.current.load_full();
 
     // 1. Reject what must never reach an upstream (request smuggling, bad paths).
+    if conn.framing.next_request_conflicts() {
+        // hyper has already dropped the Content-Length (see `framing`); it closes the
+        // connection after this answer.
+        return Err((
+            ProxyError::BadRequest("both Content-Length and Transfer-Encoding"),
+            None,
+        ));
+    }
     check_framing(&parts.headers).map_err(|e| (e, None))?;
     check_host(&parts).map_err(|e| (e, None))?;
     if parts.headers.len() > lc.spec.limits.max_headers_count {

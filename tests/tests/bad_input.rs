@@ -127,16 +127,37 @@ async fn content_length_with_transfer_encoding_smuggles_nothing() {
 }
 
 #[tokio::test]
-#[ignore = "hyper resolves CL+TE itself (drops Content-Length, keeps chunked, closes the connection) before the proxy sees the request, so check_framing cannot answer 400; the request is forwarded with its chunked body. Needs a pre-parse check in the listener."]
 async fn content_length_with_transfer_encoding_is_400_and_never_forwarded() {
     let (up, proxy) = setup().await;
     let r = RawConn::exchange(proxy.listener("in"), CL_AND_TE).await;
     assert_eq!(r.status(), Some(400), "{}", r.text());
+    assert!(
+        r.closed,
+        "the connection is closed after conflicting framing"
+    );
+    assert!(
+        r.text()
+            .contains("both Content-Length and Transfer-Encoding"),
+        "{}",
+        r.text()
+    );
     assert_eq!(
         up.request_count(),
         0,
         "the upstream must receive nothing: {:?}",
         up.requests()
+    );
+    // Transfer-Encoding first, then Content-Length, after a good request on the same
+    // connection: only the second request is refused.
+    let wire = b"GET /first HTTP/1.1\r\nHost: x\r\n\r\nPOST /te-cl HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n0\r\n\r\n";
+    let r = RawConn::exchange(proxy.listener("in"), wire).await;
+    assert_eq!(r.statuses(), vec![200, 400], "{}", r.text());
+    assert_eq!(
+        up.requests()
+            .iter()
+            .map(|q| q.path.as_str())
+            .collect::<Vec<_>>(),
+        ["/first"]
     );
 }
 
