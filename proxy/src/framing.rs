@@ -137,7 +137,7 @@ impl Scanner {
                     };
                 }
                 State::Head | State::ChunkSize | State::Trailers => {
-                    let Some(end) = data.iter().position(|&b| b == b'\n') else {
+                    let Some(end) = memchr::memchr(b'\n', data) else {
                         if self.line.len() + data.len() > MAX_LINE {
                             self.state = State::Off;
                         } else {
@@ -201,10 +201,15 @@ impl Scanner {
             self.end_of_head();
             return;
         }
-        if matches!(text.first(), Some(b' ' | b'\t')) {
+        match text.first() {
+            // Only these three names matter; most lines are decided by their first byte.
+            Some(b'c' | b'C' | b't' | b'T' | b'u' | b'U') => {}
             // Obsolete line folding: hyper refuses the request.
-            self.state = State::Off;
-            return;
+            Some(b' ' | b'\t') => {
+                self.state = State::Off;
+                return;
+            }
+            _ => return,
         }
         let Some(colon) = text.iter().position(|&b| b == b':') else {
             self.state = State::Off;
