@@ -37,5 +37,6 @@ pub mod routing;
 pub mod scaffold;
 pub mod server;
 pub mod telemetry;
+pub mod text;
 pub mod tls;
 pub mod trace;

@@ -341,35 +341,18 @@ impl WasiView for HostState {
 /// `a` as `IP:PORT`, as `Display` writes it. IPv4 is written digit by digit: going
 /// through the formatter cost more than the rest of a rate-limit filter's host work.
 fn addr_text(a: std::net::SocketAddr) -> String {
-    fn digits(out: &mut String, v: u16) {
-        let mut buf = [0u8; 5];
-        let mut i = buf.len();
-        let mut v = v;
-        loop {
-            i -= 1;
-            if let Some(b) = buf.get_mut(i) {
-                *b = b'0' + (v % 10) as u8;
-            }
-            v /= 10;
-            if v == 0 {
-                break;
-            }
-        }
-        for &b in buf.get(i..).unwrap_or_default() {
-            out.push(char::from(b));
-        }
-    }
     match a {
         std::net::SocketAddr::V4(v4) => {
             let mut out = String::with_capacity(21);
+            let mut digits = [0; 5];
             for (n, octet) in v4.ip().octets().into_iter().enumerate() {
                 if n > 0 {
                     out.push('.');
                 }
-                digits(&mut out, u16::from(octet));
+                out.push_str(crate::text::u16_decimal(u16::from(octet), &mut digits));
             }
             out.push(':');
-            digits(&mut out, v4.port());
+            out.push_str(crate::text::u16_decimal(v4.port(), &mut digits));
             out
         }
         v6 => v6.to_string(),

@@ -562,7 +562,11 @@ impl Encoder {
             // SERVER spans: 5xx is an error, 4xx is the client's and leaves the status unset.
             if o.status >= 500 {
                 let mut digits = [0; 5];
-                attr_str(b, semconv::ERROR_TYPE, status_text(o.status, &mut digits));
+                attr_str(
+                    b,
+                    semconv::ERROR_TYPE,
+                    crate::text::u16_decimal(o.status, &mut digits),
+                );
                 error = Some("");
             }
         }
@@ -628,7 +632,11 @@ impl Encoder {
                 // CLIENT spans: any 4xx or 5xx is an error.
                 if *status >= 400 {
                     let mut digits = [0; 5];
-                    attr_str(b, semconv::ERROR_TYPE, status_text(*status, &mut digits));
+                    attr_str(
+                        b,
+                        semconv::ERROR_TYPE,
+                        crate::text::u16_decimal(*status, &mut digits),
+                    );
                     Some("")
                 } else {
                     None
@@ -717,23 +725,6 @@ impl AddrText {
         }
         (&self.ip, &self.addr)
     }
-}
-
-/// An HTTP status code as text.
-fn status_text(s: u16, buf: &mut [u8; 5]) -> &str {
-    let mut i = buf.len();
-    let mut v = s;
-    loop {
-        i -= 1;
-        if let Some(b) = buf.get_mut(i) {
-            *b = b'0' + (v % 10) as u8;
-        }
-        v /= 10;
-        if v == 0 || i == 0 {
-            break;
-        }
-    }
-    std::str::from_utf8(buf.get(i..).unwrap_or_default()).unwrap_or_default()
 }
 
 // ------------------------------------------------------------------ transports
@@ -866,6 +857,12 @@ impl Transport {
             crate::config::OtlpProtocol::HttpProtobuf => {
                 let uri = http::Uri::try_from(endpoint)
                     .map_err(|e| format!("invalid endpoint '{endpoint}': {e}"))?;
+                if uri.scheme() == Some(&http::uri::Scheme::HTTPS) {
+                    // The same as for gRPC: at start, not as spans dropped per export.
+                    return Err(format!(
+                        "endpoint '{endpoint}' uses HTTPS, which the OTLP/HTTP exporter does not support"
+                    ));
+                }
                 let client = Box::new(
                     hyper_util::client::legacy::Client::builder(
                         hyper_util::rt::TokioExecutor::new(),
@@ -944,13 +941,6 @@ mod tests {
                 (kv.key.clone(), v)
             })
             .collect()
-    }
-
-    #[test]
-    fn status_codes_as_text() {
-        for s in [0u16, 7, 200, 404, 503, 65535] {
-            assert_eq!(status_text(s, &mut [0; 5]), s.to_string());
-        }
     }
 
     #[test]
@@ -1231,6 +1221,27 @@ mod tests {
             varint(&mut want, n as u64);
             want.extend(std::iter::repeat_n(7u8, n));
             assert_eq!(enc.spans, want, "{n}");
+        }
+    }
+
+    /// No TLS client is built into the exporter: an `https://` collector is refused when
+    /// tracing starts (the proxy does not start), for both protocols, rather than every
+    /// export failing later.
+    #[test]
+    fn https_collectors_are_refused_at_start() {
+        for protocol in [
+            crate::config::OtlpProtocol::Grpc,
+            crate::config::OtlpProtocol::HttpProtobuf,
+        ] {
+            let e = Transport::new(
+                protocol,
+                "https://collector:4318",
+                &[],
+                Duration::from_secs(1),
+            )
+            .err()
+            .unwrap_or_default();
+            assert!(e.contains("uses HTTPS"), "{protocol:?}: {e}");
         }
     }
 }
