@@ -122,8 +122,7 @@ fn info(n: u64) -> RequestInfo {
         peer_identity: None,
         route: Arc::from("ingress"),
         scheme: "http",
-        trace_id: None,
-        span_id: None,
+        trace_ids: None,
     }
 }
 

@@ -272,15 +272,13 @@ async fn serve(
     let mut chain = if route.chain.is_empty() {
         None
     } else {
-        let (trace_id, span_id) = x.trace_ids.map(|t| t.hex()).unzip();
         let mut run = route.chain.start(RequestInfo {
             request_id: x.request_id.clone().unwrap_or_default(),
             source_addr: x.client,
             peer_identity: conn.peer_identity.clone(),
             route: route.name.clone(),
             scheme: "http",
-            trace_id,
-            span_id,
+            trace_ids: x.trace_ids,
         });
         if x.trace.is_recording() {
             run.record_timings();
@@ -545,7 +543,8 @@ impl Done {
         );
 
         if shared.access_log.enabled() {
-            let (trace_id, span_id) = x.trace_ids.map(|t| t.hex()).unzip();
+            let trace_id = x.trace_ids.map(|t| t.trace_hex());
+            let span_id = x.trace_ids.map(|t| t.span_hex());
             let filters_ran = chain
                 .as_ref()
                 .map(ChainRun::filters_ran)

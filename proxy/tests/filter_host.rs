@@ -142,8 +142,7 @@ fn info(id: &str) -> RequestInfo {
         peer_identity: None,
         route: Arc::from("r1"),
         scheme: "http",
-        trace_id: None,
-        span_id: None,
+        trace_ids: None,
     }
 }
 

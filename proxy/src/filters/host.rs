@@ -530,10 +530,10 @@ impl wit_http::HostRequest for HostState {
         self.info().map(|i| i.route.to_string()).unwrap_or_default()
     }
     fn trace_id(&mut self, _: Resource<RequestHandle>) -> Option<String> {
-        self.info()?.trace_id.clone()
+        Some(self.info()?.trace_ids?.trace_hex())
     }
     fn span_id(&mut self, _: Resource<RequestHandle>) -> Option<String> {
-        self.info()?.span_id.clone()
+        Some(self.info()?.trace_ids?.span_hex())
     }
     fn set_cluster(&mut self, _: Resource<RequestHandle>, cluster: String) -> Result<(), String> {
         if !matches!(self.call.phase, Phase::RequestHeaders | Phase::RequestBody) {

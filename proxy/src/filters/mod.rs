@@ -72,8 +72,8 @@ pub struct RequestInfo {
     pub peer_identity: Option<Arc<str>>,
     pub route: Arc<str>,
     pub scheme: &'static str,
-    pub trace_id: Option<String>,
-    pub span_id: Option<String>,
+    /// The request's trace and span ids, rendered as hex only if a filter asks.
+    pub trace_ids: Option<crate::telemetry::otel::TraceIds>,
 }
 
 /// What the chain decided.

@@ -391,12 +391,14 @@ pub struct TraceIds {
 }
 
 impl TraceIds {
-    /// Both ids as lowercase hex (32 and 16 digits), as in `traceparent`.
-    pub fn hex(&self) -> (String, String) {
-        (
-            hex_string::<32>(self.trace),
-            hex_string::<16>(u128::from(self.span)),
-        )
+    /// The trace id as 32 lowercase hex digits, as in `traceparent`.
+    pub fn trace_hex(&self) -> String {
+        hex_string::<32>(self.trace)
+    }
+
+    /// The span id as 16 lowercase hex digits.
+    pub fn span_hex(&self) -> String {
+        hex_string::<16>(u128::from(self.span))
     }
 }
 
