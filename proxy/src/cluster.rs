@@ -1193,6 +1193,17 @@ pin_project_lite::pin_project! {
     }
 }
 
+impl UpstreamConn {
+    /// The TCP socket under TLS (if any): its readiness tells whether the upstream has
+    /// sent anything (a close, most likely) while the connection sat idle in a pool.
+    pub fn tcp(&self) -> &TcpStream {
+        match self.io.inner() {
+            MaybeTls::Plain(s) => s,
+            MaybeTls::Tls(s) => s.get_ref().0,
+        }
+    }
+}
+
 // Tokio's traits too, for TCP proxying (`copy_bidirectional`).
 impl tokio::io::AsyncRead for UpstreamConn {
     fn poll_read(

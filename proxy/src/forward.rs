@@ -12,7 +12,7 @@
 use crate::cluster::{Body, BoxError, Cluster, Endpoint, PickContext, UpstreamOutcome};
 use crate::error::ProxyError;
 use crate::mirror::MirrorBody;
-use crate::pool::PoolError;
+use crate::pool::{PoolError, UpBody};
 use crate::proxy::Exchange;
 use crate::retry::{grpc_timeout, retry_after, AttemptFailure};
 use crate::routing::Route;
@@ -20,7 +20,6 @@ use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, Request, Response};
 use http_body::{Body as _, Frame};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -40,7 +39,7 @@ pub(crate) async fn forward(
     body: Body,
     upgrade: bool,
     x: &mut Exchange,
-) -> Result<Response<Incoming>, ProxyError> {
+) -> Result<Response<UpBody>, ProxyError> {
     // Circuit breaker on requests in flight, held until the response is done.
     let Some(inflight) = cluster.breakers.requests.try_enter() else {
         cluster
@@ -101,7 +100,7 @@ pub(crate) async fn forward(
             .trace
             .start_client(endpoint.addr, &cluster.name, &mut parts);
         let req = Request::from_parts(parts, body.take());
-        let result = attempt(cluster, &endpoint, req, per_try, deadline).await;
+        let result = attempt(cluster, &endpoint, req, upgrade, per_try, deadline).await;
         span.end(match &result {
             Ok(r) => Ok(r.status()),
             Err(Attempt::Failed(_, e) | Attempt::Fatal(e)) => Err(e),
@@ -223,9 +222,10 @@ async fn attempt(
     cluster: &Arc<Cluster>,
     endpoint: &Arc<Endpoint>,
     req: Request<Body>,
+    upgrade: bool,
     per_try: Option<Duration>,
     deadline: Option<Instant>,
-) -> Result<Response<Incoming>, Attempt> {
+) -> Result<Response<UpBody>, Attempt> {
     let now = Instant::now();
     let left = deadline.map(|d| d.saturating_duration_since(now));
     if left.is_some_and(|l| l.is_zero()) {
@@ -242,7 +242,14 @@ async fn attempt(
     endpoint.total.fetch_add(1, Ordering::Relaxed);
     let active = cluster.rq_active();
     active.inc();
-    let sent = cluster.pools().send(endpoint.addr, req);
+    let pools = cluster.pools();
+    // Boxed: the upstream exchange is a few KiB of state, and the request's future (which
+    // hyper moves several times before polling it) would otherwise carry it inline.
+    let sent: std::pin::Pin<Box<dyn std::future::Future<Output = _>>> = if upgrade {
+        Box::pin(pools.send_upgrade(endpoint.addr, req))
+    } else {
+        Box::pin(pools.send(endpoint.addr, req))
+    };
     let result = match limit {
         Some(t) => tokio::time::timeout(t, sent).await.ok(),
         None => Some(sent.await),
@@ -284,6 +291,13 @@ fn classify(e: PoolError) -> Attempt {
         }
         PoolError::Connect(_) | PoolError::Handshake(_) | PoolError::NotOnWorker => {
             Attempt::Failed(AttemptFailure::ConnectFailure, ProxyError::ConnectFailure)
+        }
+        PoolError::H1(e) => {
+            if e.is_request_body() {
+                return Attempt::Fatal(ProxyError::DownstreamBody("request body read failed"));
+            }
+            tracing::debug!(error = %e, "upstream request failed");
+            Attempt::Failed(AttemptFailure::Reset, ProxyError::UpstreamReset)
         }
         PoolError::Send(e) => {
             if request_body_failed(&e) {

@@ -23,6 +23,7 @@ pub mod error;
 pub mod filters;
 pub mod forward;
 pub mod framing;
+pub mod h1;
 pub mod health;
 pub mod lb;
 pub mod listener;

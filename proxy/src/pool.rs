@@ -3,23 +3,29 @@
 //! A worker only ever uses the connections it opened (as in Envoy), so a pool needs no
 //! cross-thread coordination: each worker's pool sits behind its own mutex, which only that
 //! worker takes (uncontended). HTTP/1.1 keeps a stack of idle connections per endpoint (the
-//! most recently used first, so idle ones age out); HTTP/2 keeps one multiplexed connection
-//! per endpoint. The cluster-wide `max_connections` limit is a semaphore the connector
-//! holds a permit of for each open connection.
+//! most recently used first, so idle ones age out), driven by the requests' own tasks
+//! (`crate::h1`); HTTP/2 keeps one multiplexed connection per endpoint, driven by hyper.
+//! The cluster-wide `max_connections` limit is a semaphore the connector holds a permit of
+//! for each open connection.
 //!
 //! Written for the request path rather than taken from hyper-util's generic client: the
 //! generic pool hashes a (scheme, authority) key under a shared lock and spawns a
 //! bookkeeping task per request, which was a measurable share of a proxied request's CPU.
 
 use crate::breaker::Breakers;
-use crate::cluster::{Body, ConnectError, Connector, UpstreamConn};
+use crate::cluster::{Body, BoxError, ConnectError, Connector, UpstreamConn};
 use crate::config::UpstreamProtocol;
-use http::{Request, Response};
+use crate::h1;
+use bytes::Bytes;
+use http::{Method, Request, Response};
+use http_body::{Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use rustc_hash::FxHashMap;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -32,14 +38,11 @@ pub enum PoolError {
     Handshake(hyper::Error),
     #[error("upstream request failed: {0}")]
     Send(#[from] hyper::Error),
+    #[error(transparent)]
+    H1(#[from] h1::Error),
     /// Connections are driven by worker threads' event loops; other threads cannot use them.
     #[error("upstream requests are sent from worker threads only")]
     NotOnWorker,
-}
-
-enum Sender {
-    H1(http1::SendRequest<Body>, Peer),
-    H2(http2::SendRequest<Body>, Peer),
 }
 
 /// The SPIFFE ID the upstream presented on this connection (mTLS clusters), kept with the
@@ -48,9 +51,8 @@ type Peer = Option<Arc<str>>;
 
 #[derive(Default)]
 struct EndpointConns {
-    /// HTTP/1.1: the pooled connections (idle or still reading a response) and when each
-    /// was last handed a request.
-    idle: Vec<(http1::SendRequest<Body>, Instant, Peer)>,
+    /// HTTP/1.1: the idle connections and when each was put back, the most recent last.
+    idle: Vec<(h1::Conn, Instant)>,
     /// HTTP/2: the shared connection.
     h2: Option<(http2::SendRequest<Body>, Peer)>,
 }
@@ -100,46 +102,27 @@ impl ClusterPools {
         &self.workers[i]
     }
 
-    /// Take a usable connection to `addr`: a pooled one, or a new one.
-    async fn checkout(&self, addr: SocketAddr) -> Result<Sender, PoolError> {
+    /// A pooled HTTP/1.1 connection to `addr` that can take a request now, if any.
+    fn idle_h1(&self, addr: SocketAddr) -> Option<h1::Conn> {
+        let mut p = self.pool().lock().ok()?;
+        let ep = p.endpoints.get_mut(&addr)?;
         let now = Instant::now();
-        if let Ok(mut p) = self.pool().lock() {
-            let ep = p.endpoints.entry(addr).or_default();
-            match self.protocol {
-                UpstreamProtocol::Http1 => {
-                    // The pool holds busy connections too (put back as soon as their
-                    // response headers arrived): take the most recent one that is ready
-                    // for a new request, and drop the closed and the expired ones.
-                    let mut i = ep.idle.len();
-                    while i > 0 {
-                        i -= 1;
-                        let (sr, since, _) = &ep.idle[i];
-                        if sr.is_closed() {
-                            ep.idle.swap_remove(i);
-                        } else if sr.is_ready() {
-                            if now.duration_since(*since) < self.idle_timeout {
-                                let (sr, _, peer) = ep.idle.swap_remove(i);
-                                return Ok(Sender::H1(sr, peer));
-                            }
-                            // Idle too long: dropping the sender closes the connection.
-                            ep.idle.swap_remove(i);
-                        }
-                    }
-                }
-                UpstreamProtocol::Http2 => {
-                    if let Some((sr, peer)) = &ep.h2 {
-                        if !sr.is_closed() {
-                            return Ok(Sender::H2(sr.clone(), peer.clone()));
-                        }
-                        ep.h2 = None;
-                    }
-                }
+        while let Some((mut conn, since)) = ep.idle.pop() {
+            if now.duration_since(since) >= self.idle_timeout {
+                // The most recent one is too old, so are all the others: dropping them
+                // closes them.
+                ep.idle.clear();
+                return None;
+            }
+            if conn.is_usable() {
+                return Some(conn);
             }
         }
-        self.connect(addr).await
+        None
     }
 
-    async fn connect(&self, addr: SocketAddr) -> Result<Sender, PoolError> {
+    /// Open a connection to `addr`, as one pending request of the cluster.
+    async fn open(&self, addr: SocketAddr) -> Result<UpstreamConn, PoolError> {
         // A request waiting for its connection is "pending" (Envoy's term): bounded, so a
         // slow-to-accept upstream cannot pile up connecting requests.
         let Some(_pending) = self.breakers.pending.try_enter() else {
@@ -147,103 +130,166 @@ impl ClusterPools {
             return Err(PoolError::Connect(ConnectError::PendingOverflow));
         };
         let _gauge = self.connector.pending();
-        let io: UpstreamConn = self.connector.connect(addr).await?;
-        let peer = io.peer_identity.clone();
-        match self.protocol {
-            UpstreamProtocol::Http1 => {
-                let (sr, conn) = http1::Builder::new()
-                    .handshake(io)
-                    .await
-                    .map_err(PoolError::Handshake)?;
-                tokio::task::spawn_local(async move {
-                    // Upgrades (WebSocket) need the connection to hand over its socket.
-                    if let Err(e) = conn.with_upgrades().await {
-                        tracing::debug!(upstream = %addr, error = %e, "upstream connection closed with an error");
-                    }
-                });
-                Ok(Sender::H1(sr, peer))
-            }
-            UpstreamProtocol::Http2 => {
-                let (sr, conn) = http2::Builder::new(crate::listener::LocalExec)
-                    .timer(hyper_util::rt::TokioTimer::new())
-                    .keep_alive_interval(Duration::from_secs(30))
-                    .keep_alive_while_idle(true)
-                    .handshake(io)
-                    .await
-                    .map_err(PoolError::Handshake)?;
-                tokio::task::spawn_local(async move {
-                    if let Err(e) = conn.await {
-                        tracing::debug!(upstream = %addr, error = %e, "upstream h2 connection closed with an error");
-                    }
-                });
-                if let Ok(mut p) = self.pool().lock() {
-                    p.endpoints.entry(addr).or_default().h2 = Some((sr.clone(), peer.clone()));
-                }
-                Ok(Sender::H2(sr, peer))
-            }
-        }
+        Ok(self.connector.connect(addr).await?)
     }
 
-    fn put_back(&self, addr: SocketAddr, sr: http1::SendRequest<Body>, peer: Peer) {
+    /// The shared HTTP/2 connection to `addr`, opened if there is none.
+    async fn h2(&self, addr: SocketAddr) -> Result<(http2::SendRequest<Body>, Peer), PoolError> {
+        if let Ok(mut p) = self.pool().lock() {
+            let ep = p.endpoints.entry(addr).or_default();
+            if let Some((sr, peer)) = &ep.h2 {
+                if !sr.is_closed() {
+                    return Ok((sr.clone(), peer.clone()));
+                }
+                ep.h2 = None;
+            }
+        }
+        let io = self.open(addr).await?;
+        let peer = io.peer_identity.clone();
+        let (sr, conn) = http2::Builder::new(crate::listener::LocalExec)
+            .timer(hyper_util::rt::TokioTimer::new())
+            .keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_while_idle(true)
+            .handshake(io)
+            .await
+            .map_err(PoolError::Handshake)?;
+        tokio::task::spawn_local(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(upstream = %addr, error = %e, "upstream h2 connection closed with an error");
+            }
+        });
+        if let Ok(mut p) = self.pool().lock() {
+            p.endpoints.entry(addr).or_default().h2 = Some((sr.clone(), peer.clone()));
+        }
+        Ok((sr, peer))
+    }
+
+    /// An HTTP/1.1 connection the request's exchange ended cleanly on: kept for the next
+    /// request unless the pool is full.
+    pub(crate) fn put_back_h1(&self, addr: SocketAddr, conn: h1::Conn) {
         if let Ok(mut p) = self.pool().lock() {
             let ep = p.endpoints.entry(addr).or_default();
             if ep.idle.len() < self.max_idle {
-                ep.idle.push((sr, Instant::now(), peer));
+                ep.idle.push((conn, Instant::now()));
             }
         }
     }
 
-    /// Send a request to `addr`. A pooled HTTP/1.1 connection that turns out to have been
-    /// closed by the upstream before our request went out is retried once on a new one
-    /// (the request was never sent, so this is safe for any method).
+    /// Send a request to `addr`. HTTP/2: a connection that went away before our request
+    /// went out is replaced once (the request was never sent, so this is safe for any
+    /// method). HTTP/1.1: an idempotent request without a streamed body that meets a
+    /// pooled connection the upstream had just closed goes again once on a new one.
     pub async fn send(
         self: &std::sync::Arc<Self>,
         addr: SocketAddr,
         req: Request<Body>,
-    ) -> Result<Response<Incoming>, PoolError> {
+    ) -> Result<Response<UpBody>, PoolError> {
         if crate::cluster::worker_index() == usize::MAX {
             return Err(PoolError::NotOnWorker);
         }
-        let mut req = req;
-        for attempt in 0..2 {
-            match self.checkout(addr).await? {
-                Sender::H2(mut sr, peer) => {
-                    return match sr.try_send_request(req).await {
-                        Ok(r) => Ok(with_peer(r, peer)),
-                        Err(mut e) => match e.take_message() {
-                            Some(r) if attempt == 0 => {
-                                // The connection went away under us: forget it and retry.
-                                if let Ok(mut p) = self.pool().lock() {
-                                    if let Some(ep) = p.endpoints.get_mut(&addr) {
-                                        ep.h2 = None;
-                                    }
-                                }
-                                req = r;
-                                continue;
-                            }
-                            _ => Err(PoolError::Send(e.into_error())),
-                        },
-                    };
-                }
-                Sender::H1(mut sr, peer) => match sr.try_send_request(req).await {
-                    Ok(resp) => {
-                        // Back in the pool at once: it stays busy (not `is_ready`) until
-                        // the response body has been read, and checkout skips it until
-                        // then. Cheaper than a task per request waiting for it.
-                        self.put_back(addr, sr, peer.clone());
-                        return Ok(with_peer(resp, peer));
+        match self.protocol {
+            UpstreamProtocol::Http1 => self.send_h1(addr, req).await,
+            UpstreamProtocol::Http2 => self.send_h2(addr, req).await,
+        }
+    }
+
+    async fn send_h1(
+        self: &std::sync::Arc<Self>,
+        addr: SocketAddr,
+        req: Request<Body>,
+    ) -> Result<Response<UpBody>, PoolError> {
+        let (parts, body) = req.into_parts();
+        let idempotent = matches!(
+            parts.method,
+            Method::GET
+                | Method::HEAD
+                | Method::OPTIONS
+                | Method::TRACE
+                | Method::PUT
+                | Method::DELETE
+        );
+        let mut out = h1::Outgoing::new(&parts, body);
+        drop(parts);
+        let mut conn = match self.idle_h1(addr) {
+            Some(c) => c,
+            None => h1::Conn::new(self.open(addr).await?),
+        };
+        let mut retried = false;
+        loop {
+            let peer = conn.peer().clone();
+            let home = h1::Home {
+                pools: self.clone(),
+                addr,
+            };
+            match h1::exchange(conn, out, home).await {
+                Ok(resp) => return Ok(with_peer(resp.map(UpBody::H1), peer)),
+                Err(failed) => match failed.retry {
+                    Some(again) if idempotent && !retried => {
+                        tracing::debug!(upstream = %addr, error = %failed.error, "pooled connection was closed; sending again on a new one");
+                        retried = true;
+                        out = again;
+                        conn = h1::Conn::new(self.open(addr).await?);
                     }
-                    Err(mut e) => match e.take_message() {
-                        Some(r) if attempt == 0 => {
-                            req = r;
-                            continue;
-                        }
-                        _ => return Err(PoolError::Send(e.into_error())),
-                    },
+                    _ => return Err(PoolError::H1(failed.error)),
                 },
             }
         }
-        unreachable_send()
+    }
+
+    async fn send_h2(
+        self: &std::sync::Arc<Self>,
+        addr: SocketAddr,
+        req: Request<Body>,
+    ) -> Result<Response<UpBody>, PoolError> {
+        let mut req = req;
+        for attempt in 0..2 {
+            let (mut sr, peer) = self.h2(addr).await?;
+            match sr.try_send_request(req).await {
+                Ok(r) => return Ok(with_peer(r.map(UpBody::Hyper), peer)),
+                Err(mut e) => match e.take_message() {
+                    Some(r) if attempt == 0 => {
+                        // The connection went away under us: forget it and retry.
+                        if let Ok(mut p) = self.pool().lock() {
+                            if let Some(ep) = p.endpoints.get_mut(&addr) {
+                                ep.h2 = None;
+                            }
+                        }
+                        req = r;
+                    }
+                    _ => return Err(PoolError::Send(e.into_error())),
+                },
+            }
+        }
+        Err(PoolError::Connect(ConnectError::BadAddress))
+    }
+
+    /// Send a request that asks for a protocol switch (WebSocket) on a connection of its
+    /// own, through hyper's client, which hands the socket over once the upstream agrees.
+    /// The connection is never pooled: after a switch it belongs to the tunnel.
+    pub async fn send_upgrade(
+        self: &std::sync::Arc<Self>,
+        addr: SocketAddr,
+        req: Request<Body>,
+    ) -> Result<Response<UpBody>, PoolError> {
+        if self.protocol == UpstreamProtocol::Http2 {
+            return self.send(addr, req).await;
+        }
+        if crate::cluster::worker_index() == usize::MAX {
+            return Err(PoolError::NotOnWorker);
+        }
+        let io = self.open(addr).await?;
+        let peer = io.peer_identity.clone();
+        let (mut sr, conn) = http1::Builder::new()
+            .handshake(io)
+            .await
+            .map_err(PoolError::Handshake)?;
+        tokio::task::spawn_local(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!(upstream = %addr, error = %e, "upstream connection closed with an error");
+            }
+        });
+        let resp = sr.send_request(req).await?;
+        Ok(with_peer(resp.map(UpBody::Hyper), peer))
     }
 
     /// Idle connections held by this worker's pool (for `/clusters`).
@@ -262,7 +308,7 @@ impl ClusterPools {
 }
 
 /// Tell the request path who answered (an `Arc` clone; nothing for plaintext clusters).
-fn with_peer(mut resp: Response<Incoming>, peer: Peer) -> Response<Incoming> {
+fn with_peer(mut resp: Response<UpBody>, peer: Peer) -> Response<UpBody> {
     if let Some(id) = peer {
         resp.extensions_mut()
             .insert(crate::tls::UpstreamIdentity(id));
@@ -270,7 +316,40 @@ fn with_peer(mut resp: Response<Incoming>, peer: Peer) -> Response<Incoming> {
     resp
 }
 
-/// The retry loop above always returns inside its second iteration.
-fn unreachable_send() -> Result<Response<Incoming>, PoolError> {
-    Err(PoolError::Connect(ConnectError::BadAddress))
+/// A response body from an upstream: read by the request's task (HTTP/1.1) or handed over
+/// by hyper (HTTP/2, protocol switches).
+pub enum UpBody {
+    H1(h1::ResponseBody),
+    Hyper(Incoming),
+}
+
+impl http_body::Body for UpBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            UpBody::H1(b) => Pin::new(b).poll_frame(cx),
+            UpBody::Hyper(b) => Pin::new(b)
+                .poll_frame(cx)
+                .map_err(|e| Box::new(e) as BoxError),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpBody::H1(b) => b.is_end_stream(),
+            UpBody::Hyper(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            UpBody::H1(b) => b.size_hint(),
+            UpBody::Hyper(b) => b.size_hint(),
+        }
+    }
 }

@@ -379,7 +379,7 @@ async fn serve(
     let (mut rparts, rbody) = resp.into_parts();
     strip_hop_by_hop(&mut rparts.headers, false);
     route.response_headers.apply(&mut rparts.headers);
-    let mut rbody: Body = rbody.map_err(|e| Box::new(e) as BoxError).boxed_unsync();
+    let mut rbody: Body = rbody.boxed_unsync();
     if let Some(run) = chain.as_mut() {
         match run.response_headers(&mut rparts).await {
             Verdict::Continue => {}

@@ -1,0 +1,375 @@
+//! The upstream HTTP/1.1 client against scripted upstreams: every framing a response can
+//! have, interim answers, connection reuse and its limits, a pooled connection the
+//! upstream closed as the request went out, early answers and malformed responses.
+
+use serde_json::json;
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use wasmesh_e2e::client::{Conn, Req};
+use wasmesh_e2e::{cluster, Proxy};
+
+/// What a scripted connection does, in order.
+#[derive(Clone)]
+enum Step {
+    /// Read one request (head, and a Content-Length or chunked body).
+    Read,
+    /// Read one request's head only.
+    ReadHead,
+    Write(&'static [u8]),
+    /// Close the connection.
+    Close,
+}
+
+/// An upstream whose connections each follow the next script in its queue (the last
+/// script repeats).
+struct Scripted {
+    addr: SocketAddr,
+    scripts: Arc<Mutex<VecDeque<Vec<Step>>>>,
+    connections: Arc<Mutex<usize>>,
+    requests: Arc<Mutex<Vec<String>>>,
+}
+
+impl Scripted {
+    async fn start(scripts: Vec<Vec<Step>>) -> Scripted {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let s = Scripted {
+            addr,
+            scripts: Arc::new(Mutex::new(scripts.into())),
+            connections: Arc::new(Mutex::new(0)),
+            requests: Arc::new(Mutex::new(Vec::new())),
+        };
+        let (scripts, connections, requests) =
+            (s.scripts.clone(), s.connections.clone(), s.requests.clone());
+        tokio::spawn(async move {
+            while let Ok((sock, _)) = listener.accept().await {
+                *connections.lock().expect("lock") += 1;
+                let script = {
+                    let mut q = scripts.lock().expect("lock");
+                    if q.len() > 1 {
+                        q.pop_front().unwrap_or_default()
+                    } else {
+                        q.front().cloned().unwrap_or_default()
+                    }
+                };
+                tokio::spawn(run(sock, script, requests.clone()));
+            }
+        });
+        s
+    }
+
+    fn connections(&self) -> usize {
+        *self.connections.lock().expect("lock")
+    }
+
+    fn requests(&self) -> Vec<String> {
+        self.requests.lock().expect("lock").clone()
+    }
+}
+
+async fn run(mut sock: TcpStream, script: Vec<Step>, requests: Arc<Mutex<Vec<String>>>) {
+    let mut buf = Vec::new();
+    for step in script {
+        match step {
+            Step::Read | Step::ReadHead => {
+                let Some(req) = read_request(&mut sock, &mut buf, matches!(step, Step::Read)).await
+                else {
+                    return;
+                };
+                requests.lock().expect("lock").push(req);
+            }
+            Step::Write(b) => {
+                if sock.write_all(b).await.is_err() {
+                    return;
+                }
+            }
+            Step::Close => return,
+        }
+    }
+    // Scripts that end without closing keep the connection until the peer does.
+    let _ = sock.read_to_end(&mut Vec::new()).await;
+}
+
+/// Read a request; returns its head and body as text.
+async fn read_request(sock: &mut TcpStream, buf: &mut Vec<u8>, body: bool) -> Option<String> {
+    let end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        fill(sock, buf).await?;
+    };
+    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+    buf.drain(..end);
+    if !body {
+        return Some(head);
+    }
+    let lower = head.to_ascii_lowercase();
+    let mut text = head.clone();
+    if let Some(cl) = lower
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length: "))
+        .and_then(|v| v.trim().parse::<usize>().ok())
+    {
+        while buf.len() < cl {
+            fill(sock, buf).await?;
+        }
+        text.push_str(&String::from_utf8_lossy(&buf[..cl]));
+        buf.drain(..cl);
+    } else if lower.contains("transfer-encoding: chunked") {
+        let end = loop {
+            if let Some(i) = buf.windows(5).position(|w| w == b"0\r\n\r\n") {
+                break i + 5;
+            }
+            fill(sock, buf).await?;
+        };
+        text.push_str(&String::from_utf8_lossy(&buf[..end]));
+        buf.drain(..end);
+    }
+    Some(text)
+}
+
+async fn fill(sock: &mut TcpStream, buf: &mut Vec<u8>) -> Option<()> {
+    let mut chunk = [0u8; 16384];
+    match sock.read(&mut chunk).await {
+        Ok(0) | Err(_) => None,
+        Ok(n) => {
+            buf.extend_from_slice(&chunk[..n]);
+            Some(())
+        }
+    }
+}
+
+async fn proxy_for(up: &Scripted) -> Proxy {
+    Proxy::start(json!({
+        "listeners": [{"name": "in", "address": "127.0.0.1:0", "routes": [
+            {"match": {"prefix": "/"}, "cluster": "up", "timeout": "5s"},
+        ]}],
+        "clusters": [cluster("up", up.addr)],
+    }))
+    .await
+}
+
+const OK_HELLO: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\nx-up: 1\r\n\r\nhello";
+
+#[tokio::test]
+async fn keep_alive_connections_are_reused_and_heads_stream_through() {
+    let up = Scripted::start(vec![vec![
+        Step::Read,
+        Step::Write(OK_HELLO),
+        Step::Read,
+        // Interim answers are skipped; the final one is chunked with trailers.
+        Step::Write(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nlink: </a.css>\r\n\r\nHTTP/1.1 201 Created\r\ntransfer-encoding: chunked\r\n\r\n5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nx-checksum: 42\r\n\r\n"),
+        Step::Read,
+        // HEAD: a Content-Length but no body follows.
+        Step::Write(b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\n"),
+        Step::Read,
+        Step::Write(b"HTTP/1.1 204 No Content\r\n\r\n"),
+        Step::Read,
+        Step::Write(OK_HELLO),
+    ]])
+    .await;
+    let proxy = proxy_for(&up).await;
+    let mut c = Conn::h1(proxy.listener("in")).await;
+    let r = c.send(Req::get("/one")).await;
+    assert_eq!((r.status, r.text().as_str()), (200, "hello"));
+    assert_eq!(r.header("x-up"), Some("1"));
+    let r = c.send(Req::post("/two").body("payload")).await;
+    assert_eq!((r.status, r.text().as_str()), (201, "hello world"));
+    assert!(r.body_error.is_none());
+    let r = c.send(Req::new("HEAD", "/three")).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("content-length"), Some("1000"));
+    assert!(r.body.is_empty());
+    let r = c.send(Req::get("/four")).await;
+    assert_eq!(r.status, 204);
+    let r = c.send(Req::get("/five")).await;
+    assert_eq!((r.status, r.text().as_str()), (200, "hello"));
+    assert_eq!(
+        up.connections(),
+        1,
+        "one upstream connection for every exchange"
+    );
+    let reqs = up.requests();
+    assert_eq!(reqs.len(), 5);
+    assert!(reqs[0].starts_with("GET /one HTTP/1.1\r\n"), "{}", reqs[0]);
+    assert!(
+        reqs[1].contains("content-length: 7\r\n") && reqs[1].ends_with("\r\n\r\npayload"),
+        "a body with a known length goes with its length: {}",
+        reqs[1]
+    );
+    assert!(!reqs[0].to_ascii_lowercase().contains("transfer-encoding"));
+}
+
+#[tokio::test]
+async fn responses_read_to_the_close_are_whole_and_end_the_connection() {
+    let up = Scripted::start(vec![
+        vec![
+            Step::Read,
+            Step::Write(b"HTTP/1.1 200 OK\r\nx-kind: eof\r\n\r\nall of this, "),
+            Step::Write(b"until the close"),
+            Step::Close,
+        ],
+        // Transfer-Encoding and Content-Length together: chunked wins, and the connection
+        // is not trusted with another request.
+        vec![
+            Step::Read,
+            Step::Write(
+                b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n4\r\nwxyz\r\n0\r\n\r\n",
+            ),
+        ],
+        vec![Step::Read, Step::Write(OK_HELLO)],
+    ])
+    .await;
+    let proxy = proxy_for(&up).await;
+    let mut c = Conn::h1(proxy.listener("in")).await;
+    let r = c.send(Req::get("/eof")).await;
+    assert_eq!(r.text(), "all of this, until the close");
+    assert!(r.body_error.is_none(), "{:?}", r.body_error);
+    let r = c.send(Req::get("/both")).await;
+    assert_eq!(r.text(), "wxyz");
+    let r = c.send(Req::get("/third")).await;
+    assert_eq!(r.text(), "hello");
+    assert_eq!(up.connections(), 3);
+}
+
+#[tokio::test]
+async fn a_pooled_connection_closed_under_a_request_is_retried_only_when_idempotent() {
+    // The first connection answers once, then takes the next request and closes without
+    // answering: the upstream's idle close racing the proxy's reuse.
+    let stale = vec![Step::Read, Step::Write(OK_HELLO), Step::Read, Step::Close];
+    let up = Scripted::start(vec![stale.clone(), vec![Step::Read, Step::Write(OK_HELLO)]]).await;
+    let proxy = proxy_for(&up).await;
+    let mut c = Conn::h1(proxy.listener("in")).await;
+    assert_eq!(c.send(Req::get("/a")).await.status, 200);
+    let r = c.send(Req::get("/b")).await;
+    assert_eq!(
+        (r.status, r.text().as_str()),
+        (200, "hello"),
+        "a GET goes again on a new connection"
+    );
+    assert_eq!(up.connections(), 2);
+
+    // A POST is not replayed: the upstream may have acted on it.
+    let up = Scripted::start(vec![stale]).await;
+    let proxy = proxy_for(&up).await;
+    let mut c = Conn::h1(proxy.listener("in")).await;
+    let r = c.send(Req::post("/c").body("x")).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = c
+        .send(
+            Req::post("/d")
+                .body("once")
+                .header("x-request-id", "post-on-stale"),
+        )
+        .await;
+    assert_eq!(r.status, 503);
+    assert_eq!(r.text(), "upstream reset before response\n");
+    let log = proxy.log_for_request_id("post-on-stale").await;
+    assert_eq!(log["response_flags"], "UR");
+    assert_eq!(up.connections(), 1, "no second connection for the POST");
+    assert_eq!(up.requests().len(), 2);
+}
+
+#[tokio::test]
+async fn malformed_and_cut_responses_are_upstream_resets() {
+    let up = Scripted::start(vec![
+        vec![Step::Read, Step::Write(b"HTTP/1.1 abc nonsense\r\n\r\n")],
+        vec![
+            Step::Read,
+            Step::Write(b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\nab"),
+        ],
+        vec![
+            Step::Read,
+            Step::Write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n"),
+        ],
+        vec![
+            Step::Read,
+            Step::Write(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nonly ten.."),
+            Step::Close,
+        ],
+        vec![Step::Read, Step::Write(OK_HELLO)],
+    ])
+    .await;
+    let proxy = proxy_for(&up).await;
+    for path in ["/bad-status", "/two-lengths"] {
+        let r = Req::get(path).send(proxy.listener("in")).await;
+        assert_eq!(r.status, 503, "{path}: {}", r.text());
+    }
+    // A bad chunk and a short body come after the head: the client's response breaks off
+    // (or never starts, when the break is in the first bytes of the body).
+    for (path, id) in [("/bad-chunk", "bad-chunk"), ("/short", "short-body")] {
+        let r = Req::get(path)
+            .header("x-request-id", id)
+            .try_send(proxy.listener("in"))
+            .await;
+        if let Ok(r) = r {
+            assert_eq!(r.status, 200, "{path}");
+            assert!(
+                r.body_error.is_some(),
+                "{path}: the body must not end cleanly"
+            );
+        }
+        let log = proxy.log_for_request_id(id).await;
+        assert_eq!(log["response_flags"], "UR", "{path}: {log}");
+    }
+    let r = Req::get("/fine").send(proxy.listener("in")).await;
+    assert_eq!(r.text(), "hello", "the proxy goes on serving");
+}
+
+#[tokio::test]
+async fn an_early_answer_reaches_the_client_while_its_upload_is_cut_short() {
+    // The upstream refuses the upload after its head and closes.
+    let up = Scripted::start(vec![vec![
+        Step::ReadHead,
+        Step::Write(b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 9\r\nconnection: close\r\n\r\ntoo large"),
+        Step::Close,
+    ]])
+    .await;
+    let proxy = proxy_for(&up).await;
+    let body = wasmesh_e2e::upstream::pattern_body(64 * 1024 * 1024);
+    let r = Req::post("/upload")
+        .stream_body(body)
+        .send(proxy.listener("in"))
+        .await;
+    assert_eq!((r.status, r.text().as_str()), (413, "too large"));
+}
+
+#[tokio::test]
+async fn streamed_request_bodies_go_chunked() {
+    let up = Scripted::start(vec![vec![Step::Read, Step::Write(OK_HELLO)]]).await;
+    let proxy = proxy_for(&up).await;
+    let chunks: Vec<Result<http_body::Frame<bytes::Bytes>, wasmesh_e2e::client::BoxError>> = vec![
+        Ok(http_body::Frame::data(bytes::Bytes::from_static(b"abc"))),
+        Ok(http_body::Frame::data(bytes::Bytes::from_static(b"defgh"))),
+    ];
+    let body = http_body_util::BodyExt::boxed(http_body_util::StreamBody::new(
+        futures_util::stream::iter(chunks),
+    ));
+    let r = Req::post("/stream")
+        .stream_body(body)
+        .send(proxy.listener("in"))
+        .await;
+    assert_eq!(r.status, 200);
+    let req = up.requests().pop().expect("request");
+    assert!(
+        req.contains("transfer-encoding: chunked\r\n"),
+        "no length known: chunked ({req})"
+    );
+    let body = &req[req.find("\r\n\r\n").map_or(0, |i| i + 4)..];
+    // The client's own chunking is not kept; only the bytes and the framing's validity.
+    let mut data = String::new();
+    let mut rest = body;
+    loop {
+        let (size, after) = rest.split_once("\r\n").expect("size line");
+        let n = usize::from_str_radix(size, 16).expect("hex size");
+        if n == 0 {
+            break;
+        }
+        data.push_str(&after[..n]);
+        rest = &after[n + 2..];
+    }
+    assert_eq!(data, "abcdefgh");
+}
