@@ -480,6 +480,19 @@ pub async fn exchange(
 ) -> Result<Response<ResponseBody>, Failed> {
     let mut got_bytes = false;
     let head = std::future::poll_fn(|cx| poll_head(cx, &mut conn, &mut out, &mut got_bytes)).await;
+    let head = head.and_then(|(parts, mut kind, keep_alive)| {
+        if let BodyKind::Chunked(Chunk::Size) = kind {
+            // A first chunk line that is already here is checked now: broken framing
+            // found before the response is handed on is a clean 503, not a response
+            // that breaks off before its first byte.
+            match decode_chunk(&mut conn.rbuf, Chunk::Size)? {
+                Step::Next(next) => kind = BodyKind::Chunked(next),
+                Step::More => {}
+                Step::Frame(..) | Step::End(_) => {}
+            }
+        }
+        Ok((parts, kind, keep_alive))
+    });
     match head {
         Ok((parts, kind, keep_alive)) => {
             conn.reused = true;

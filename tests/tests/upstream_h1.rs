@@ -285,6 +285,12 @@ async fn malformed_and_cut_responses_are_upstream_resets() {
             Step::Read,
             Step::Write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n"),
         ],
+        // The bad chunk comes after a good one: the response has started.
+        vec![
+            Step::Read,
+            Step::Write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n"),
+            Step::Write(b"zz\r\n"),
+        ],
         vec![
             Step::Read,
             Step::Write(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nonly ten.."),
@@ -294,7 +300,7 @@ async fn malformed_and_cut_responses_are_upstream_resets() {
     ])
     .await;
     let proxy = proxy_for(&up).await;
-    for path in ["/bad-status", "/two-lengths"] {
+    for path in ["/bad-status", "/two-lengths", "/bad-first-chunk"] {
         let r = Req::get(path).send(proxy.listener("in")).await;
         assert_eq!(r.status, 503, "{path}: {}", r.text());
     }
