@@ -36,6 +36,8 @@ use tokio::io::AsyncWrite;
 const MAX_HEAD: usize = 64 * 1024;
 /// The most response headers accepted.
 const MAX_HEADERS: usize = 128;
+/// Extra room in a response's header map (see `parse_head`).
+const SPARE_HEADERS: usize = 16;
 /// The longest chunk-size line (extensions included) of a chunked response.
 const MAX_CHUNK_LINE: usize = 4096;
 /// The largest trailer section of a chunked response.
@@ -634,7 +636,10 @@ fn parse_head(
             );
         }
         let head = buf.split_to(len).freeze();
-        let mut map = HeaderMap::with_capacity(n);
+        // Room to spare: once hyper has written this response downstream, it keeps the
+        // map for the next request on that connection, and the headers this proxy adds to
+        // a request (x-request-id, x-forwarded-*, traceparent) then fit without a rehash.
+        let mut map = HeaderMap::with_capacity(n + SPARE_HEADERS);
         let mut te_chunked = None;
         let mut lengths: Option<Result<u64, ()>> = None;
         let mut close = version == Version::HTTP_10;
