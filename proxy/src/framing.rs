@@ -14,6 +14,7 @@
 //! does not understand, which hyper then refuses anyway) turns it off for the rest of the
 //! connection: a missed check, never a wrong 400.
 
+use crate::text::{chunk_size, parse_decimal, trim_ows};
 use pin_project_lite::pin_project;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -257,41 +258,6 @@ impl Scanner {
 fn trim_eol(line: &[u8]) -> &[u8] {
     let line = line.strip_suffix(b"\n").unwrap_or(line);
     line.strip_suffix(b"\r").unwrap_or(line)
-}
-
-fn trim_ows(v: &[u8]) -> &[u8] {
-    let start = v.iter().position(|b| !matches!(b, b' ' | b'\t'));
-    let end = v.iter().rposition(|b| !matches!(b, b' ' | b'\t'));
-    match (start, end) {
-        (Some(s), Some(e)) => v.get(s..=e).unwrap_or_default(),
-        _ => &[],
-    }
-}
-
-fn parse_decimal(v: &[u8]) -> Option<u64> {
-    if v.is_empty() || v.len() > 19 {
-        return None;
-    }
-    v.iter().try_fold(0u64, |n, &b| {
-        b.is_ascii_digit().then(|| n * 10 + u64::from(b - b'0'))
-    })
-}
-
-/// The size of a chunk-size line (`1a;ext=x`), or `None` if it is not one.
-fn chunk_size(line: &[u8]) -> Option<u64> {
-    let digits = line
-        .iter()
-        .position(|b| !b.is_ascii_hexdigit())
-        .unwrap_or(line.len());
-    if digits == 0 || digits > 16 {
-        return None;
-    }
-    let rest = line.get(digits..).unwrap_or_default();
-    if !rest.is_empty() && !matches!(rest.first(), Some(b';' | b' ' | b'\t')) {
-        return None;
-    }
-    let hex = std::str::from_utf8(line.get(..digits)?).ok()?;
-    u64::from_str_radix(hex, 16).ok()
 }
 
 pin_project! {

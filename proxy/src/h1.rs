@@ -22,6 +22,7 @@
 //! the rest of the request is dropped and so is the connection.
 
 use crate::cluster::{Body, BoxError, UpstreamConn};
+use crate::text::{chunk_size, parse_decimal, trim_ows};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode, Version};
 use http_body::{Body as _, Frame, SizeHint};
@@ -459,20 +460,6 @@ fn content_length(h: &HeaderMap) -> Option<u64> {
     Some(n)
 }
 
-fn parse_decimal(b: &[u8]) -> Option<u64> {
-    if b.is_empty() || b.len() > 19 {
-        return None;
-    }
-    let mut n: u64 = 0;
-    for &c in b {
-        if !c.is_ascii_digit() {
-            return None;
-        }
-        n = n * 10 + u64::from(c - b'0');
-    }
-    Some(n)
-}
-
 /// Send `out` on `conn` and wait for the response head. The response body reads the rest
 /// from the connection and hands the connection to `home` once the exchange ended cleanly.
 pub async fn exchange(
@@ -653,7 +640,7 @@ fn parse_head(
                 // The final coding decides; anything but chunked reads to the close.
                 te_chunked = Some(last_token_is(value.as_bytes(), b"chunked"));
             } else if name == header::CONTENT_LENGTH {
-                let v = parse_decimal(trim(value.as_bytes())).ok_or(());
+                let v = parse_decimal(trim_ows(value.as_bytes())).ok_or(());
                 lengths = Some(match (lengths, v) {
                     (None, v) => v,
                     (Some(Ok(a)), Ok(b)) if a == b => Ok(a),
@@ -709,27 +696,15 @@ fn parse_head(
     }
 }
 
-fn trim(b: &[u8]) -> &[u8] {
-    let s = b
-        .iter()
-        .position(|c| !c.is_ascii_whitespace())
-        .unwrap_or(b.len());
-    let e = b
-        .iter()
-        .rposition(|c| !c.is_ascii_whitespace())
-        .map_or(s, |e| e + 1);
-    &b[s..e.max(s)]
-}
-
 fn has_token(v: &[u8], token: &[u8]) -> bool {
     v.split(|&c| c == b',')
-        .any(|t| trim(t).eq_ignore_ascii_case(token))
+        .any(|t| trim_ows(t).eq_ignore_ascii_case(token))
 }
 
 fn last_token_is(v: &[u8], token: &[u8]) -> bool {
     v.rsplit(|&c| c == b',')
         .next()
-        .is_some_and(|t| trim(t).eq_ignore_ascii_case(token))
+        .is_some_and(|t| trim_ows(t).eq_ignore_ascii_case(token))
 }
 
 /// Where a connection goes when its exchange ends cleanly.
@@ -929,26 +904,7 @@ fn decode_chunk(buf: &mut BytesMut, state: Chunk) -> Result<Step, Error> {
             if eol == 0 || buf[eol - 1] != b'\r' {
                 return Err(Error::Invalid("chunk size line not ended by CRLF"));
             }
-            let line = &buf[..eol - 1];
-            let digits = line
-                .iter()
-                .position(|c| !c.is_ascii_hexdigit())
-                .unwrap_or(line.len());
-            if digits == 0 || digits > 16 {
-                return Err(Error::Invalid("invalid chunk size"));
-            }
-            // Only whitespace or extensions may follow the size.
-            if !matches!(line.get(digits), None | Some(b';' | b' ' | b'\t')) {
-                return Err(Error::Invalid("invalid chunk size"));
-            }
-            let mut size: u64 = 0;
-            for &c in &line[..digits] {
-                let d = (c as char).to_digit(16).unwrap_or(0);
-                size = size
-                    .checked_mul(16)
-                    .and_then(|s| s.checked_add(u64::from(d)))
-                    .ok_or(Error::Invalid("chunk size overflows"))?;
-            }
+            let size = chunk_size(&buf[..eol - 1]).ok_or(Error::Invalid("invalid chunk size"))?;
             buf.advance(eol + 1);
             Ok(Step::Next(if size == 0 {
                 Chunk::Trailers

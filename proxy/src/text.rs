@@ -19,6 +19,43 @@ pub fn u16_decimal(v: u16, buf: &mut [u8; 5]) -> &str {
     std::str::from_utf8(buf.get(i..).unwrap_or_default()).unwrap_or_default()
 }
 
+/// `v` without leading and trailing spaces and tabs (HTTP's optional whitespace).
+pub fn trim_ows(v: &[u8]) -> &[u8] {
+    let start = v.iter().position(|b| !matches!(b, b' ' | b'\t'));
+    let end = v.iter().rposition(|b| !matches!(b, b' ' | b'\t'));
+    match (start, end) {
+        (Some(s), Some(e)) => v.get(s..=e).unwrap_or_default(),
+        _ => &[],
+    }
+}
+
+/// A decimal number of 1 to 19 digits and nothing else (a Content-Length).
+pub fn parse_decimal(v: &[u8]) -> Option<u64> {
+    if v.is_empty() || v.len() > 19 {
+        return None;
+    }
+    v.iter().try_fold(0u64, |n, &b| {
+        b.is_ascii_digit().then(|| n * 10 + u64::from(b - b'0'))
+    })
+}
+
+/// The size of a chunk-size line (`1a;ext=x`), or `None` if it is not one.
+pub fn chunk_size(line: &[u8]) -> Option<u64> {
+    let digits = line
+        .iter()
+        .position(|b| !b.is_ascii_hexdigit())
+        .unwrap_or(line.len());
+    if digits == 0 || digits > 16 {
+        return None;
+    }
+    let rest = line.get(digits..).unwrap_or_default();
+    if !rest.is_empty() && !matches!(rest.first(), Some(b';' | b' ' | b'\t')) {
+        return None;
+    }
+    let hex = std::str::from_utf8(line.get(..digits)?).ok()?;
+    u64::from_str_radix(hex, 16).ok()
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
