@@ -60,6 +60,8 @@ struct EndpointConns {
 #[derive(Default)]
 struct WorkerPool {
     endpoints: FxHashMap<SocketAddr, EndpointConns>,
+    /// A sweeper task is scheduled for this pool's idle HTTP/1.1 connections.
+    sweeping: bool,
 }
 
 /// The pools of one cluster, one per worker thread (plus one for other threads).
@@ -166,11 +168,44 @@ impl ClusterPools {
 
     /// An HTTP/1.1 connection the request's exchange ended cleanly on: kept for the next
     /// request unless the pool is full.
-    pub(crate) fn put_back_h1(&self, addr: SocketAddr, conn: h1::Conn) {
-        if let Ok(mut p) = self.pool().lock() {
-            let ep = p.endpoints.entry(addr).or_default();
-            if ep.idle.len() < self.max_idle {
-                ep.idle.push((conn, Instant::now()));
+    pub(crate) fn put_back_h1(self: &std::sync::Arc<Self>, addr: SocketAddr, conn: h1::Conn) {
+        let Ok(mut p) = self.pool().lock() else {
+            return;
+        };
+        let ep = p.endpoints.entry(addr).or_default();
+        if ep.idle.len() >= self.max_idle {
+            return;
+        }
+        ep.idle.push((conn, Instant::now()));
+        if !p.sweeping && crate::cluster::worker_index() != usize::MAX {
+            p.sweeping = true;
+            tokio::task::spawn_local(self.clone().sweep());
+        }
+    }
+
+    /// Close this worker's idle HTTP/1.1 connections that expired or that the upstream
+    /// closed. Nothing polls an idle connection (requests drive them), so without this an
+    /// upstream's close would leave the socket half-closed until the next request to that
+    /// endpoint, or for ever once the endpoint gets none. Runs while the pool holds idle
+    /// connections, one pass per half idle timeout.
+    async fn sweep(self: std::sync::Arc<Self>) {
+        let every = (self.idle_timeout / 2).max(Duration::from_millis(100));
+        loop {
+            tokio::time::sleep(every).await;
+            let Ok(mut p) = self.pool().lock() else {
+                return;
+            };
+            let now = Instant::now();
+            for ep in p.endpoints.values_mut() {
+                ep.idle.retain_mut(|(conn, since)| {
+                    now.duration_since(*since) < self.idle_timeout && conn.is_usable()
+                });
+            }
+            p.endpoints
+                .retain(|_, ep| !ep.idle.is_empty() || ep.h2.is_some());
+            if p.endpoints.values().all(|ep| ep.idle.is_empty()) {
+                p.sweeping = false;
+                return;
             }
         }
     }

@@ -6,6 +6,7 @@ use serde_json::json;
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use wasmesh_e2e::client::{Conn, Req};
@@ -378,4 +379,50 @@ async fn streamed_request_bodies_go_chunked() {
         rest = &after[n + 2..];
     }
     assert_eq!(data, "abcdefgh");
+}
+
+#[tokio::test]
+async fn idle_connections_close_when_the_upstream_closes_them_or_they_expire() {
+    // One connection the upstream closes after its answer, one it keeps open.
+    let up = Scripted::start(vec![
+        vec![Step::Read, Step::Write(OK_HELLO), Step::Close],
+        vec![Step::Read, Step::Write(OK_HELLO)],
+    ])
+    .await;
+    let mut c = cluster("up", up.addr);
+    c["idle_timeout"] = json!("1s");
+    let proxy = Proxy::start(json!({
+        "listeners": [{"name": "in", "address": "127.0.0.1:0", "routes": [
+            {"match": {"prefix": "/"}, "cluster": "up"},
+        ]}],
+        "clusters": [c],
+    }))
+    .await;
+    let active = || async {
+        proxy
+            .metric("wasmesh_upstream_cx_active", &[("cluster", "up")])
+            .await
+    };
+    let r = Req::get("/a").send(proxy.listener("in")).await;
+    assert_eq!(r.text(), "hello");
+    // The upstream's close is noticed without another request: the pool holds nothing.
+    proxy
+        .wait_for(
+            Duration::from_secs(5),
+            "the closed connection to be dropped",
+            || async { (active().await == 0.0).then_some(()) },
+        )
+        .await;
+    let r = Req::get("/b").send(proxy.listener("in")).await;
+    assert_eq!(r.text(), "hello");
+    assert_eq!(up.connections(), 2);
+    assert_eq!(active().await, 1.0, "kept for the next request");
+    // Unused past the cluster's idle_timeout, it is closed.
+    proxy
+        .wait_for(
+            Duration::from_secs(5),
+            "the idle connection to expire",
+            || async { (active().await == 0.0).then_some(()) },
+        )
+        .await;
 }
