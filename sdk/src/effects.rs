@@ -1,9 +1,11 @@
 //! Writes that answer nothing (properties, attributes, flags, metric updates, response
-//! headers), recorded while a hook runs and handed to the host with the hook's reply: one
-//! crossing for all of them rather than one call each, in the byte format of the WIT's
-//! `effects` type (written straight into one buffer: no allocation per string). Also
-//! keeps the request data the host passed with the hook (`Hooks::PASS_*`).
+//! headers), recorded while a hook runs and handed to the host when it ends: one crossing
+//! (`hook.add-effects`) for all of them rather than one call each, none when there are
+//! none, in the byte format of the WIT's `effects` type (written straight into one buffer,
+//! kept from hook to hook: no allocation per string nor per hook). Also keeps the request
+//! data the host passed with the hook (`Hooks::PASS_*`).
 
+use crate::bindings::wasmesh::filter::hook;
 use crate::bindings::wasmesh::filter::types::Prefetched;
 use std::cell::RefCell;
 
@@ -54,20 +56,22 @@ pub(crate) fn begin(pre: Option<Prefetched>) {
     });
 }
 
-/// The hook returns: the effects it recorded.
-pub(crate) fn end() -> Vec<u8> {
-    CURRENT.with(|c| match c.try_borrow_mut() {
-        Ok(mut c) => {
+/// The hook returns: hand the effects it recorded to the host (no call when none).
+pub(crate) fn end() {
+    CURRENT.with(|c| {
+        if let Ok(mut c) = c.try_borrow_mut() {
             c.in_hook = false;
             c.pre = None;
-            std::mem::take(&mut c.buf)
+            if !c.buf.is_empty() {
+                hook::add_effects(&c.buf);
+                c.buf.clear();
+            }
         }
-        Err(_) => Vec::new(),
     })
 }
 
-/// The buffer goes to the host with each reply: start each with room for a few entries
-/// (one allocation, rather than one per growth).
+/// Start the buffer with room for a few entries (one allocation, kept for later hooks,
+/// rather than one per growth).
 fn room(buf: &mut Vec<u8>) {
     if buf.capacity() == 0 {
         buf.reserve(256);
