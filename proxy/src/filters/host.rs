@@ -720,6 +720,24 @@ impl host::Host for HostState {
     fn state_increment(&mut self, key: String, delta: i64, ttl_millis: u64) -> Result<i64, String> {
         self.entry.state.increment(&key, delta, ttl_millis)
     }
+    fn state_take_token(
+        &mut self,
+        key: String,
+        burst: u64,
+        interval_nanos: u64,
+    ) -> Result<host::TokenDecision, String> {
+        let now = self.monotonic_nanos();
+        let d = self
+            .entry
+            .state
+            .take_token(&key, now, burst, interval_nanos)?;
+        Ok(host::TokenDecision {
+            allowed: d.allowed,
+            remaining: d.remaining,
+            reset_nanos: d.reset_ns,
+            retry_after_nanos: d.retry_after_ns,
+        })
+    }
     fn state_delete(&mut self, key: String) -> bool {
         self.entry.state.delete(&key)
     }
