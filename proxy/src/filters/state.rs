@@ -40,10 +40,14 @@ pub struct SharedState {
 }
 
 fn expiry(ttl_ms: u64) -> Option<Instant> {
+    expiry_from(Instant::now(), ttl_ms)
+}
+
+fn expiry_from(now: Instant, ttl_ms: u64) -> Option<Instant> {
     if ttl_ms == 0 {
         None
     } else {
-        Instant::now().checked_add(Duration::from_millis(ttl_ms))
+        now.checked_add(Duration::from_millis(ttl_ms))
     }
 }
 
@@ -145,10 +149,12 @@ fn take_token_item(
         });
     }
     item.value.clear();
-    write_decimal(&mut item.value, i64::try_from(new_tat).unwrap_or(i64::MAX));
+    let digits = &mut [0; 20];
+    item.value
+        .extend_from_slice(crate::text::u64_decimal(new_tat, digits).as_bytes());
     // Expiring late is harmless (a past TAT reads as a full bucket), early is not: round
     // up, plus a millisecond.
-    item.expires = expiry(ahead.div_ceil(1_000_000) + 1);
+    item.expires = expiry_from(instant, ahead.div_ceil(1_000_000) + 1);
     Ok(TokenDecision {
         allowed: true,
         remaining: (capacity - ahead) / interval_ns,
@@ -157,11 +163,13 @@ fn take_token_item(
     })
 }
 
-/// `n` in decimal, appended to `out` (no temporary `String`).
+/// `n` in decimal, appended to `out` (no temporary `String`, no formatter).
 fn write_decimal(out: &mut Vec<u8>, n: i64) {
-    use std::io::Write;
-    // Writing to a Vec cannot fail.
-    let _ = write!(out, "{n}");
+    if n < 0 {
+        out.push(b'-');
+    }
+    let digits = &mut [0; 20];
+    out.extend_from_slice(crate::text::u64_decimal(n.unsigned_abs(), digits).as_bytes());
 }
 
 impl SharedState {
