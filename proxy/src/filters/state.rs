@@ -40,14 +40,10 @@ pub struct SharedState {
 }
 
 fn expiry(ttl_ms: u64) -> Option<Instant> {
-    expiry_from(Instant::now(), ttl_ms)
-}
-
-fn expiry_from(now: Instant, ttl_ms: u64) -> Option<Instant> {
     if ttl_ms == 0 {
         None
     } else {
-        now.checked_add(Duration::from_millis(ttl_ms))
+        Instant::now().checked_add(Duration::from_millis(ttl_ms))
     }
 }
 
@@ -149,12 +145,10 @@ fn take_token_item(
         });
     }
     item.value.clear();
-    let digits = &mut [0; 20];
-    item.value
-        .extend_from_slice(crate::text::u64_decimal(new_tat, digits).as_bytes());
+    write_decimal(&mut item.value, i64::try_from(new_tat).unwrap_or(i64::MAX));
     // Expiring late is harmless (a past TAT reads as a full bucket), early is not: round
     // up, plus a millisecond.
-    item.expires = expiry_from(instant, ahead.div_ceil(1_000_000) + 1);
+    item.expires = expiry(ahead.div_ceil(1_000_000) + 1);
     Ok(TokenDecision {
         allowed: true,
         remaining: (capacity - ahead) / interval_ns,
@@ -163,13 +157,11 @@ fn take_token_item(
     })
 }
 
-/// `n` in decimal, appended to `out` (no temporary `String`, no formatter).
+/// `n` in decimal, appended to `out` (no temporary `String`).
 fn write_decimal(out: &mut Vec<u8>, n: i64) {
-    if n < 0 {
-        out.push(b'-');
-    }
-    let digits = &mut [0; 20];
-    out.extend_from_slice(crate::text::u64_decimal(n.unsigned_abs(), digits).as_bytes());
+    use std::io::Write;
+    // Writing to a Vec cannot fail.
+    let _ = write!(out, "{n}");
 }
 
 impl SharedState {
