@@ -30,11 +30,22 @@ struct Current {
     in_hook: bool,
     buf: Vec<u8>,
     pre: Option<Prefetched>,
+    /// The hook changed the path: the prefetched one is stale.
+    path_changed: bool,
+}
+
+/// A value of [`Prefetched`], in the order of its `text`.
+#[derive(Clone, Copy)]
+pub(crate) enum Pre {
+    Id = 0,
+    Method = 1,
+    Path = 2,
+    SourceAddress = 3,
 }
 
 thread_local! {
     static CURRENT: RefCell<Current> = const {
-        RefCell::new(Current { in_hook: false, buf: Vec::new(), pre: None })
+        RefCell::new(Current { in_hook: false, buf: Vec::new(), pre: None, path_changed: false })
     };
 }
 
@@ -52,6 +63,7 @@ pub(crate) fn begin(pre: Option<Prefetched>) {
             c.in_hook = true;
             c.buf.clear();
             c.pre = pre;
+            c.path_changed = false;
         }
     });
 }
@@ -170,18 +182,31 @@ pub(crate) fn pending_property(key: &str) -> Option<String> {
     })
 }
 
-/// Read what the host passed with the running hook.
-pub(crate) fn prefetched<R>(f: impl FnOnce(&Prefetched) -> Option<R>) -> Option<R> {
-    CURRENT.with(|c| f(c.try_borrow().ok()?.pre.as_ref()?))
+/// A value the host passed with the running hook, if it did.
+pub(crate) fn prefetched(which: Pre) -> Option<String> {
+    CURRENT.with(|c| {
+        let c = c.try_borrow().ok()?;
+        let p = c.pre.as_ref()?;
+        if matches!(which, Pre::Path) && c.path_changed {
+            return None;
+        }
+        let lens = [p.id_len, p.method_len, p.path_len, p.source_address_len];
+        let i = which as usize;
+        let start = lens
+            .get(..i)?
+            .iter()
+            .flatten()
+            .try_fold(0usize, |sum, &n| sum.checked_add(usize::try_from(n).ok()?))?;
+        let end = start.checked_add(usize::try_from((*lens.get(i)?)?).ok()?)?;
+        p.text.as_deref()?.get(start..end).map(str::to_string)
+    })
 }
 
 /// Forget the prefetched path (the hook changed it).
 pub(crate) fn forget_path() {
     CURRENT.with(|c| {
         if let Ok(mut c) = c.try_borrow_mut() {
-            if let Some(p) = c.pre.as_mut() {
-                p.path = None;
-            }
+            c.path_changed = true;
         }
     });
 }

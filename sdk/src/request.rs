@@ -5,7 +5,7 @@
 //! hook returns, in order.
 
 use crate::bindings::wasmesh::filter::{request as raw, response as raw_resp};
-use crate::effects;
+use crate::effects::{self, Pre};
 use crate::Header;
 
 /// The downstream request being proxied, valid during the hook it was passed to. Reads
@@ -48,7 +48,7 @@ impl Request {
     /// self.started.insert(req.id(), wasmesh_sdk::monotonic_nanos());
     /// ```
     pub fn id(&self) -> String {
-        effects::prefetched(|p| p.id.clone()).unwrap_or_else(raw::id)
+        effects::prefetched(Pre::Id).unwrap_or_else(raw::id)
     }
 
     /// HTTP method, e.g. "GET".
@@ -57,7 +57,7 @@ impl Request {
     /// let read_only = matches!(req.method().as_str(), "GET" | "HEAD");
     /// ```
     pub fn method(&self) -> String {
-        effects::prefetched(|p| p.method.clone()).unwrap_or_else(raw::method)
+        effects::prefetched(Pre::Method).unwrap_or_else(raw::method)
     }
 
     /// The path, without the query.
@@ -66,7 +66,7 @@ impl Request {
     /// if req.path().starts_with("/admin/") { /* ... */ }
     /// ```
     pub fn path(&self) -> String {
-        effects::prefetched(|p| p.path.clone()).unwrap_or_else(raw::path)
+        effects::prefetched(Pre::Path).unwrap_or_else(raw::path)
     }
 
     /// Replace the path (and query, if `path` has a '?') sent upstream. Request hooks only.
@@ -85,7 +85,7 @@ impl Request {
     /// let client = req.source_address();
     /// ```
     pub fn source_address(&self) -> String {
-        effects::prefetched(|p| p.source_address.clone()).unwrap_or_else(raw::source_address)
+        effects::prefetched(Pre::SourceAddress).unwrap_or_else(raw::source_address)
     }
 
     /// A value put in the request's bag by this hook, an earlier hook or an earlier filter.

@@ -738,34 +738,46 @@ impl ChainRun {
 
 fn no_prefetch() -> wt::Prefetched {
     wt::Prefetched {
-        id: None,
-        method: None,
-        path: None,
-        source_address: None,
+        text: None,
+        id_len: None,
+        method_len: None,
+        path_len: None,
+        source_address_len: None,
     }
 }
 
-/// The request data a filter asked to get with `on-request-headers` (`pass-*` flags).
+/// The request data a filter asked to get with `on-request-headers` (`pass-*` flags),
+/// back to back in one string.
 fn prefetch(
     hooks: Hooks,
     parts: &http::request::Parts,
     ctx: Option<&mut RequestCtx>,
 ) -> wt::Prefetched {
     let mut pre = no_prefetch();
+    let pass = Hooks::PASS_ID | Hooks::PASS_METHOD | Hooks::PASS_PATH | Hooks::PASS_SOURCE_ADDRESS;
+    if !hooks.intersects(pass) {
+        // Nothing asked: no string (even an empty one costs a call into the filter).
+        return pre;
+    }
+    // Room for the usual id, method, path and address: one allocation.
+    let mut text = String::with_capacity(96);
+    let mut push = |v: &str| {
+        text.push_str(v);
+        u32::try_from(v.len()).ok()
+    };
+    if let (true, Some(c)) = (hooks.contains(Hooks::PASS_ID), ctx.as_deref()) {
+        pre.id_len = push(&c.info.request_id);
+    }
     if hooks.contains(Hooks::PASS_METHOD) {
-        pre.method = Some(parts.method.as_str().to_string());
+        pre.method_len = push(parts.method.as_str());
     }
     if hooks.contains(Hooks::PASS_PATH) {
-        pre.path = Some(parts.uri.path().to_string());
+        pre.path_len = push(parts.uri.path());
     }
-    if let Some(ctx) = ctx {
-        if hooks.contains(Hooks::PASS_ID) {
-            pre.id = Some(ctx.info.request_id.to_string());
-        }
-        if hooks.contains(Hooks::PASS_SOURCE_ADDRESS) {
-            pre.source_address = Some(ctx.source_text().to_string());
-        }
+    if let (true, Some(c)) = (hooks.contains(Hooks::PASS_SOURCE_ADDRESS), ctx) {
+        pre.source_address_len = push(c.source_text());
     }
+    pre.text = Some(text);
     pre
 }
 
