@@ -1,9 +1,11 @@
 //! Writes that answer nothing (properties, attributes, flags, metric updates, response
-//! headers), recorded while a hook runs and handed to the host with the hook's reply: one
-//! crossing for all of them rather than one call each, in the byte format of the WIT's
-//! `effects` type (written straight into one buffer: no allocation per string). Also
-//! keeps the request data the host passed with the hook (`Hooks::PASS_*`).
+//! headers), recorded while a hook runs and handed to the host when it ends: one crossing
+//! (`hook.add-effects`) for all of them rather than one call each, none when there are
+//! none, in the byte format of the WIT's `effects` type (written straight into one buffer,
+//! kept from hook to hook: no allocation per string nor per hook). Also keeps the request
+//! data the host passed with the hook (`Hooks::PASS_*`).
 
+use crate::bindings::wasmesh::filter::hook;
 use crate::bindings::wasmesh::filter::types::Prefetched;
 use std::cell::RefCell;
 
@@ -28,11 +30,22 @@ struct Current {
     in_hook: bool,
     buf: Vec<u8>,
     pre: Option<Prefetched>,
+    /// The hook changed the path: the prefetched one is stale.
+    path_changed: bool,
+}
+
+/// A value of [`Prefetched`], in the order of its `text`.
+#[derive(Clone, Copy)]
+pub(crate) enum Pre {
+    Id = 0,
+    Method = 1,
+    Path = 2,
+    SourceAddress = 3,
 }
 
 thread_local! {
     static CURRENT: RefCell<Current> = const {
-        RefCell::new(Current { in_hook: false, buf: Vec::new(), pre: None })
+        RefCell::new(Current { in_hook: false, buf: Vec::new(), pre: None, path_changed: false })
     };
 }
 
@@ -50,24 +63,27 @@ pub(crate) fn begin(pre: Option<Prefetched>) {
             c.in_hook = true;
             c.buf.clear();
             c.pre = pre;
+            c.path_changed = false;
         }
     });
 }
 
-/// The hook returns: the effects it recorded.
-pub(crate) fn end() -> Vec<u8> {
-    CURRENT.with(|c| match c.try_borrow_mut() {
-        Ok(mut c) => {
+/// The hook returns: hand the effects it recorded to the host (no call when none).
+pub(crate) fn end() {
+    CURRENT.with(|c| {
+        if let Ok(mut c) = c.try_borrow_mut() {
             c.in_hook = false;
             c.pre = None;
-            std::mem::take(&mut c.buf)
+            if !c.buf.is_empty() {
+                hook::add_effects(&c.buf);
+                c.buf.clear();
+            }
         }
-        Err(_) => Vec::new(),
     })
 }
 
-/// The buffer goes to the host with each reply: start each with room for a few entries
-/// (one allocation, rather than one per growth).
+/// Start the buffer with room for a few entries (one allocation, kept for later hooks,
+/// rather than one per growth).
 fn room(buf: &mut Vec<u8>) {
     if buf.capacity() == 0 {
         buf.reserve(256);
@@ -166,18 +182,31 @@ pub(crate) fn pending_property(key: &str) -> Option<String> {
     })
 }
 
-/// Read what the host passed with the running hook.
-pub(crate) fn prefetched<R>(f: impl FnOnce(&Prefetched) -> Option<R>) -> Option<R> {
-    CURRENT.with(|c| f(c.try_borrow().ok()?.pre.as_ref()?))
+/// A value the host passed with the running hook, if it did.
+pub(crate) fn prefetched(which: Pre) -> Option<String> {
+    CURRENT.with(|c| {
+        let c = c.try_borrow().ok()?;
+        let p = c.pre.as_ref()?;
+        if matches!(which, Pre::Path) && c.path_changed {
+            return None;
+        }
+        let lens = [p.id_len, p.method_len, p.path_len, p.source_address_len];
+        let i = which as usize;
+        let start = lens
+            .get(..i)?
+            .iter()
+            .flatten()
+            .try_fold(0usize, |sum, &n| sum.checked_add(usize::try_from(n).ok()?))?;
+        let end = start.checked_add(usize::try_from((*lens.get(i)?)?).ok()?)?;
+        p.text.as_deref()?.get(start..end).map(str::to_string)
+    })
 }
 
 /// Forget the prefetched path (the hook changed it).
 pub(crate) fn forget_path() {
     CURRENT.with(|c| {
         if let Ok(mut c) = c.try_borrow_mut() {
-            if let Some(p) = c.pre.as_mut() {
-                p.path = None;
-            }
+            c.path_changed = true;
         }
     });
 }

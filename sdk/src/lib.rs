@@ -72,11 +72,10 @@ mod request;
 pub mod state;
 mod types;
 
-pub use bindings::wasmesh::filter::http::Response;
 pub use bindings::wasmesh::filter::types::{
     Action, CalloutRequest, CalloutResponse, Delay, Header, Hooks, LocalResponse, LogLevel, Outcome,
 };
-pub use request::Request;
+pub use request::{Request, Response};
 
 /// Wall-clock time in nanoseconds since the Unix epoch (the host's clock).
 ///
@@ -187,8 +186,9 @@ pub trait Filter: Sized + 'static {
 #[doc(hidden)]
 pub mod __glue {
     use super::*;
-    use crate::bindings::wasmesh::filter::http::Request as RawRequest;
-    use crate::bindings::wasmesh::filter::types::{Prefetched, Reply};
+    use crate::bindings::wasmesh::filter::hook;
+    use crate::bindings::wasmesh::filter::types::Prefetched;
+    use crate::request::{REQUEST, RESPONSE};
     use std::cell::RefCell;
     use std::thread::LocalKey;
 
@@ -230,28 +230,28 @@ pub mod __glue {
         })
     }
 
-    /// Run one hook: effects it records are collected and returned with its action.
+    /// Run one hook: the effects it records, then its action unless it continues, go to
+    /// the host (a hook that continues with no effects makes no call back).
     pub fn hook<F: Filter>(
         slot: &'static Slot<F>,
-        req: &RawRequest,
         pre: Option<Prefetched>,
-        f: impl FnOnce(&mut F, &Request) -> Action,
-    ) -> Reply {
-        let req = Request::wrap(req);
+        f: impl FnOnce(&mut F, &Request, &Response) -> Action,
+    ) {
         crate::effects::begin(pre);
-        let action = with(slot, Action::Continue, |filter| f(filter, req));
-        Reply {
-            action,
-            effects: crate::effects::end(),
+        let action = with(slot, Action::Continue, |filter| {
+            f(filter, &REQUEST, &RESPONSE)
+        });
+        crate::effects::end();
+        if !matches!(action, Action::Continue) {
+            hook::set_action(&action);
         }
     }
 
     /// Run `on-done`, which has no action: only its effects go back.
-    pub fn done<F: Filter>(slot: &'static Slot<F>, req: &RawRequest, outcome: &Outcome) -> Vec<u8> {
-        let req = Request::wrap(req);
+    pub fn done<F: Filter>(slot: &'static Slot<F>, outcome: &Outcome) {
         crate::effects::begin(None);
-        with(slot, (), |filter| filter.on_done(req, outcome));
-        crate::effects::end()
+        with(slot, (), |filter| filter.on_done(&REQUEST, outcome));
+        crate::effects::end();
     }
 }
 
@@ -269,8 +269,8 @@ macro_rules! export_filter {
                 static __WASMESH_FILTER: ::core::cell::RefCell<::core::option::Option<$filter>> =
                     const { ::core::cell::RefCell::new(::core::option::Option::None) };
             }
-            type __Raw = $crate::bindings::wasmesh::filter::http::Request;
-            type __Reply = $crate::bindings::wasmesh::filter::types::Reply;
+            type __Pre = $crate::bindings::wasmesh::filter::types::Prefetched;
+            type __Answer = ::core::result::Result<$crate::CalloutResponse, ::std::string::String>;
             struct __WasmeshGlue;
             impl $crate::bindings::Guest for __WasmeshGlue {
                 fn configure(
@@ -278,54 +278,45 @@ macro_rules! export_filter {
                 ) -> ::core::result::Result<$crate::Hooks, ::std::string::String> {
                     $crate::__glue::configure::<$filter>(&__WASMESH_FILTER, config)
                 }
-                fn on_request_headers(
-                    req: &__Raw,
-                    pre: $crate::bindings::wasmesh::filter::types::Prefetched,
-                ) -> __Reply {
+                fn on_request_headers(pre: __Pre) {
                     $crate::__glue::hook(
                         &__WASMESH_FILTER,
-                        req,
                         ::core::option::Option::Some(pre),
-                        |f, req| <$filter as $crate::Filter>::on_request_headers(f, req),
+                        |f, req, _| <$filter as $crate::Filter>::on_request_headers(f, req),
                     )
                 }
-                fn on_request_body(req: &__Raw) -> __Reply {
+                fn on_request_body() {
                     $crate::__glue::hook(
                         &__WASMESH_FILTER,
-                        req,
                         ::core::option::Option::None,
-                        |f, req| <$filter as $crate::Filter>::on_request_body(f, req),
+                        |f, req, _| <$filter as $crate::Filter>::on_request_body(f, req),
                     )
                 }
-                fn on_response_headers(req: &__Raw, resp: &$crate::Response) -> __Reply {
+                fn on_response_headers() {
                     $crate::__glue::hook(
                         &__WASMESH_FILTER,
-                        req,
                         ::core::option::Option::None,
-                        |f, req| <$filter as $crate::Filter>::on_response_headers(f, req, resp),
+                        |f, req, resp| {
+                            <$filter as $crate::Filter>::on_response_headers(f, req, resp)
+                        },
                     )
                 }
-                fn on_response_body(req: &__Raw, resp: &$crate::Response) -> __Reply {
+                fn on_response_body() {
                     $crate::__glue::hook(
                         &__WASMESH_FILTER,
-                        req,
                         ::core::option::Option::None,
-                        |f, req| <$filter as $crate::Filter>::on_response_body(f, req, resp),
+                        |f, req, resp| <$filter as $crate::Filter>::on_response_body(f, req, resp),
                     )
                 }
-                fn on_done(req: &__Raw, outcome: $crate::Outcome) -> ::std::vec::Vec<u8> {
-                    $crate::__glue::done(&__WASMESH_FILTER, req, &outcome)
+                fn on_done(outcome: $crate::Outcome) {
+                    $crate::__glue::done(&__WASMESH_FILTER, &outcome)
                 }
-                fn on_callout_response(
-                    req: &__Raw,
-                    resp: ::core::option::Option<&$crate::Response>,
-                    answer: ::core::result::Result<$crate::CalloutResponse, ::std::string::String>,
-                ) -> __Reply {
+                fn on_callout_response(from_response: bool, answer: __Answer) {
                     $crate::__glue::hook(
                         &__WASMESH_FILTER,
-                        req,
                         ::core::option::Option::None,
-                        |f, req| {
+                        |f, req, resp| {
+                            let resp = from_response.then_some(resp);
                             <$filter as $crate::Filter>::on_callout_response(f, req, resp, answer)
                         },
                     )

@@ -27,7 +27,7 @@ fn values(labels: &[&str]) -> Vec<String> {
     labels.iter().map(|s| s.to_string()).collect()
 }
 
-/// Inside a hook the update goes back with the hook's reply (no call of its own);
+/// Inside a hook the update goes back with the hook's effects (no call of its own);
 /// elsewhere (e.g. in `configure`) it is sent now.
 fn update(metric: u32, labels: &[&str], op: MetricOp) {
     if push_metric(metric, labels, &op) {

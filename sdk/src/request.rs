@@ -1,16 +1,16 @@
-//! [`Request`]: the request a hook works on. A request exists only inside a hook, so its
-//! recorded writes always have a hook to go with.
-//! Reads and header changes go to the host
-//! as they happen; writes that answer nothing (properties, attributes, flags, response
-//! headers) are recorded and applied by the host when the hook returns, in order.
+//! [`Request`] and [`Response`]: the request and response a hook works on. They exist
+//! only inside a hook, so recorded writes always have a hook to go with. Reads and header
+//! changes go to the host as they happen; writes that answer nothing (properties,
+//! attributes, flags, response headers) are recorded and applied by the host when the
+//! hook returns, in order.
 
-use crate::bindings::wasmesh::filter::http::Request as RawRequest;
-use crate::effects;
+use crate::bindings::wasmesh::filter::{request as raw, response as raw_resp};
+use crate::effects::{self, Pre};
+use crate::Header;
 
-/// The downstream request being proxied, valid during the hook it was passed to. Every
-/// method of the WIT `request` resource is available (through `Deref`), e.g.
-/// [`header`](RawRequest::header) and [`set_header`](RawRequest::set_header); the methods
-/// below add the batched writes and serve prefetched data.
+/// The downstream request being proxied, valid during the hook it was passed to. Reads
+/// and changes go to the host when made; the batched writes ([`Request::set_property`]
+/// and the like) are applied when the hook returns.
 ///
 /// ```ignore
 /// fn on_request_headers(&mut self, req: &Request) -> Action {
@@ -20,30 +20,35 @@ use crate::effects;
 ///     Action::Continue
 /// }
 /// ```
-#[repr(transparent)]
-pub struct Request(RawRequest);
-
-impl std::ops::Deref for Request {
-    type Target = RawRequest;
-    fn deref(&self) -> &RawRequest {
-        &self.0
-    }
+pub struct Request {
+    /// The host knows which request a hook works on: nothing to carry.
+    _private: (),
 }
 
-impl Request {
-    pub(crate) fn wrap(raw: &RawRequest) -> &Request {
-        // SAFETY: `Request` is `repr(transparent)` over `RawRequest`, so the two
-        // references have the same layout and lifetime.
-        unsafe { &*(raw as *const RawRequest as *const Request) }
-    }
+/// The response of a response hook, valid during that hook.
+///
+/// ```ignore
+/// fn on_response_headers(&mut self, _req: &Request, resp: &Response) -> Action {
+///     let _ = resp.set_header("x-served-by", "edge");
+///     Action::Continue
+/// }
+/// ```
+pub struct Response {
+    _private: (),
+}
 
+/// The one request (and response) value hooks are given.
+pub(crate) static REQUEST: Request = Request { _private: () };
+pub(crate) static RESPONSE: Response = Response { _private: () };
+
+impl Request {
     /// Host-generated request id; key per-request state by it.
     ///
     /// ```ignore
     /// self.started.insert(req.id(), wasmesh_sdk::monotonic_nanos());
     /// ```
     pub fn id(&self) -> String {
-        effects::prefetched(|p| p.id.clone()).unwrap_or_else(|| self.0.id())
+        effects::prefetched(Pre::Id).unwrap_or_else(raw::id)
     }
 
     /// HTTP method, e.g. "GET".
@@ -52,7 +57,7 @@ impl Request {
     /// let read_only = matches!(req.method().as_str(), "GET" | "HEAD");
     /// ```
     pub fn method(&self) -> String {
-        effects::prefetched(|p| p.method.clone()).unwrap_or_else(|| self.0.method())
+        effects::prefetched(Pre::Method).unwrap_or_else(raw::method)
     }
 
     /// The path, without the query.
@@ -61,7 +66,7 @@ impl Request {
     /// if req.path().starts_with("/admin/") { /* ... */ }
     /// ```
     pub fn path(&self) -> String {
-        effects::prefetched(|p| p.path.clone()).unwrap_or_else(|| self.0.path())
+        effects::prefetched(Pre::Path).unwrap_or_else(raw::path)
     }
 
     /// Replace the path (and query, if `path` has a '?') sent upstream. Request hooks only.
@@ -71,7 +76,7 @@ impl Request {
     /// ```
     pub fn set_path(&self, path: &str) -> Result<(), String> {
         effects::forget_path();
-        self.0.set_path(path)
+        raw::set_path(path)
     }
 
     /// Address of the downstream client, `IP:PORT`.
@@ -80,7 +85,7 @@ impl Request {
     /// let client = req.source_address();
     /// ```
     pub fn source_address(&self) -> String {
-        effects::prefetched(|p| p.source_address.clone()).unwrap_or_else(|| self.0.source_address())
+        effects::prefetched(Pre::SourceAddress).unwrap_or_else(raw::source_address)
     }
 
     /// A value put in the request's bag by this hook, an earlier hook or an earlier filter.
@@ -89,7 +94,7 @@ impl Request {
     /// let user = req.get_property("jwt.sub");
     /// ```
     pub fn get_property(&self, key: &str) -> Option<String> {
-        effects::pending_property(key).or_else(|| self.0.get_property(key))
+        effects::pending_property(key).or_else(|| raw::get_property(key))
     }
 
     /// Put a value in the request's bag, for later filters and later hooks.
@@ -147,5 +152,241 @@ impl Request {
     /// ```
     pub fn remove_response_header(&self, name: &str) {
         effects::push(effects::REMOVE_RESPONSE_HEADER, &[name]);
+    }
+
+    /// "http" or "https".
+    ///
+    /// ```ignore
+    /// let secure = req.scheme() == "https";
+    /// ```
+    pub fn scheme(&self) -> String {
+        raw::scheme()
+    }
+
+    /// The :authority / Host (with port if given), if any.
+    ///
+    /// ```ignore
+    /// let host = req.authority().unwrap_or_default();
+    /// ```
+    pub fn authority(&self) -> Option<String> {
+        raw::authority()
+    }
+
+    /// The query string without '?', if any.
+    ///
+    /// ```ignore
+    /// let debug = req.query().is_some_and(|q| q.contains("debug=1"));
+    /// ```
+    pub fn query(&self) -> Option<String> {
+        raw::query()
+    }
+
+    /// The first value of header `name` (case-insensitive), if present.
+    ///
+    /// ```ignore
+    /// let user = req.header("x-user");
+    /// ```
+    pub fn header(&self, name: &str) -> Option<String> {
+        raw::header(name)
+    }
+
+    /// Every value of header `name`, in order.
+    ///
+    /// ```ignore
+    /// let forwarded = req.header_all("x-forwarded-for");
+    /// ```
+    pub fn header_all(&self, name: &str) -> Vec<String> {
+        raw::header_all(name)
+    }
+
+    /// All headers, in order. Copies every header: prefer [`Request::header`].
+    ///
+    /// ```ignore
+    /// for (name, value) in req.headers() { /* ... */ }
+    /// ```
+    pub fn headers(&self) -> Vec<Header> {
+        raw::headers()
+    }
+
+    /// Replace header `name` with one value. Request hooks only.
+    ///
+    /// ```ignore
+    /// req.set_header("x-tenant", "acme")?;
+    /// ```
+    pub fn set_header(&self, name: &str, value: &str) -> Result<(), String> {
+        raw::set_header(name, value)
+    }
+
+    /// Append a value to header `name`. Request hooks only.
+    ///
+    /// ```ignore
+    /// req.add_header("via", "wasmesh")?;
+    /// ```
+    pub fn add_header(&self, name: &str, value: &str) -> Result<(), String> {
+        raw::add_header(name, value)
+    }
+
+    /// Remove every value of header `name`. Request hooks only.
+    ///
+    /// ```ignore
+    /// req.remove_header("cookie")?;
+    /// ```
+    pub fn remove_header(&self, name: &str) -> Result<(), String> {
+        raw::remove_header(name)
+    }
+
+    /// The buffered request body (in `on_request_body`; empty elsewhere).
+    ///
+    /// ```ignore
+    /// let body = req.body();
+    /// ```
+    pub fn body(&self) -> Vec<u8> {
+        raw::body()
+    }
+
+    /// Replace the request body (in `on_request_body`); the host fixes content-length.
+    ///
+    /// ```ignore
+    /// req.set_body(b"{}")?;
+    /// ```
+    pub fn set_body(&self, body: &[u8]) -> Result<(), String> {
+        raw::set_body(body)
+    }
+
+    /// The client's verified identity (e.g. a SPIFFE id from mTLS), if any.
+    ///
+    /// ```ignore
+    /// let caller = req.peer_identity();
+    /// ```
+    pub fn peer_identity(&self) -> Option<String> {
+        raw::peer_identity()
+    }
+
+    /// Name of the matched route.
+    ///
+    /// ```ignore
+    /// let route = req.route_name();
+    /// ```
+    pub fn route_name(&self) -> String {
+        raw::route_name()
+    }
+
+    /// Trace id (32 hex digits) from the request's `traceparent` (or B3) header, if any.
+    ///
+    /// ```ignore
+    /// let trace = req.trace_id();
+    /// ```
+    pub fn trace_id(&self) -> Option<String> {
+        raw::trace_id()
+    }
+
+    /// Span id (16 hex digits) of the caller's span, if any.
+    ///
+    /// ```ignore
+    /// let parent = req.span_id();
+    /// ```
+    pub fn span_id(&self) -> Option<String> {
+        raw::span_id()
+    }
+
+    /// Send the request to `cluster` (one of the entry's `clusters`) instead of the route's.
+    ///
+    /// ```ignore
+    /// req.set_cluster("canary")?;
+    /// ```
+    pub fn set_cluster(&self, cluster: &str) -> Result<(), String> {
+        raw::set_cluster(cluster)
+    }
+}
+
+impl Response {
+    /// HTTP status.
+    ///
+    /// ```ignore
+    /// let failed = resp.status() >= 500;
+    /// ```
+    pub fn status(&self) -> u16 {
+        raw_resp::status()
+    }
+
+    /// Change the status (100..=999).
+    ///
+    /// ```ignore
+    /// resp.set_status(503)?;
+    /// ```
+    pub fn set_status(&self, status: u16) -> Result<(), String> {
+        raw_resp::set_status(status)
+    }
+
+    /// The first value of header `name`, if present.
+    ///
+    /// ```ignore
+    /// let ct = resp.header("content-type");
+    /// ```
+    pub fn header(&self, name: &str) -> Option<String> {
+        raw_resp::header(name)
+    }
+
+    /// Every value of header `name`, in order.
+    ///
+    /// ```ignore
+    /// let cookies = resp.header_all("set-cookie");
+    /// ```
+    pub fn header_all(&self, name: &str) -> Vec<String> {
+        raw_resp::header_all(name)
+    }
+
+    /// All headers, in order.
+    ///
+    /// ```ignore
+    /// let n = resp.headers().len();
+    /// ```
+    pub fn headers(&self) -> Vec<Header> {
+        raw_resp::headers()
+    }
+
+    /// Replace header `name` with one value.
+    ///
+    /// ```ignore
+    /// resp.set_header("cache-control", "no-store")?;
+    /// ```
+    pub fn set_header(&self, name: &str, value: &str) -> Result<(), String> {
+        raw_resp::set_header(name, value)
+    }
+
+    /// Append a value to header `name`.
+    ///
+    /// ```ignore
+    /// resp.add_header("vary", "x-user")?;
+    /// ```
+    pub fn add_header(&self, name: &str, value: &str) -> Result<(), String> {
+        raw_resp::add_header(name, value)
+    }
+
+    /// Remove every value of header `name`.
+    ///
+    /// ```ignore
+    /// resp.remove_header("server")?;
+    /// ```
+    pub fn remove_header(&self, name: &str) -> Result<(), String> {
+        raw_resp::remove_header(name)
+    }
+
+    /// The buffered response body (in `on_response_body`; empty elsewhere).
+    ///
+    /// ```ignore
+    /// let body = resp.body();
+    /// ```
+    pub fn body(&self) -> Vec<u8> {
+        raw_resp::body()
+    }
+
+    /// Replace the response body (in `on_response_body`).
+    ///
+    /// ```ignore
+    /// resp.set_body(b"redacted")?;
+    /// ```
+    pub fn set_body(&self, body: &[u8]) -> Result<(), String> {
+        raw_resp::set_body(body)
     }
 }

@@ -11,6 +11,8 @@
 use crate::bindings::wasmesh::filter::host;
 use std::time::Duration;
 
+pub use crate::bindings::wasmesh::filter::host::TokenDecision;
+
 fn ttl_ms(ttl: Option<Duration>) -> u64 {
     ttl.map_or(0, |d| {
         u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
@@ -57,6 +59,19 @@ pub fn compare_and_swap(
 /// ```
 pub fn increment(key: &str, delta: i64, ttl: Option<Duration>) -> Result<i64, String> {
     host::state_increment(key, delta, ttl_ms(ttl))
+}
+
+/// Take one token from the token bucket at `key` (`burst` tokens, one back every
+/// `interval`), in one atomic host call. The bucket lives at `key` (its theoretical
+/// arrival time, in decimal nanoseconds of `monotonic_nanos`); a denial changes nothing.
+///
+/// ```ignore
+/// let d = wasmesh_sdk::state::take_token(&format!("rl:{ip}"), 100, Duration::from_millis(10))?;
+/// if !d.allowed { return LocalResponse::new(429).flag("RL").into(); }
+/// ```
+pub fn take_token(key: &str, burst: u64, interval: Duration) -> Result<TokenDecision, String> {
+    let interval = u64::try_from(interval.as_nanos()).unwrap_or(u64::MAX);
+    host::state_take_token(key, burst, interval)
 }
 
 /// Delete a key; `true` when it existed.

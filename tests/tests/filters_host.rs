@@ -409,9 +409,15 @@ async fn runtime_failures_are_contained_while_other_requests_succeed() {
         }));
     }
 
-    for (i, (cmd, kind)) in [("trap", "trap"), ("loop", "deadline"), ("oom", "memory")]
-        .into_iter()
-        .enumerate()
+    for (i, (cmd, kind)) in [
+        ("trap", "trap"),
+        ("loop", "deadline"),
+        ("oom", "memory"),
+        ("bad-effects", "invalid_action"),
+        ("two-actions", "invalid_action"),
+    ]
+    .into_iter()
+    .enumerate()
     {
         let id = format!("fail-{i}");
         let t0 = Instant::now();

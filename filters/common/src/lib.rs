@@ -41,12 +41,11 @@ pub trait RequestData {
     fn peer_identity(&self) -> Option<String>;
 }
 
-// The SDK's `Request` serves the WIT methods through `Deref` (`raw`), and its own methods
-// (prefetched data) directly: `wasmesh_sdk::Request::header(self, ..)` would name this
-// trait's method again.
+// Named through the type (`wasmesh_sdk::Request::header(self, ..)`): `self.header(..)`
+// would name this trait's method again.
 impl RequestData for wasmesh_sdk::Request {
     fn header(&self, name: &str) -> Option<String> {
-        std::ops::Deref::deref(self).header(name)
+        wasmesh_sdk::Request::header(self, name)
     }
     fn request_id(&self) -> String {
         self.id()
@@ -58,7 +57,7 @@ impl RequestData for wasmesh_sdk::Request {
         wasmesh_sdk::Request::path(self)
     }
     fn authority(&self) -> Option<String> {
-        std::ops::Deref::deref(self).authority()
+        wasmesh_sdk::Request::authority(self)
     }
     fn source_address(&self) -> String {
         wasmesh_sdk::Request::source_address(self)
@@ -67,7 +66,7 @@ impl RequestData for wasmesh_sdk::Request {
         self.route_name()
     }
     fn peer_identity(&self) -> Option<String> {
-        std::ops::Deref::deref(self).peer_identity()
+        wasmesh_sdk::Request::peer_identity(self)
     }
 }
 

@@ -304,13 +304,16 @@ impl RateLimit {
 
     fn take(&self, limit: &Limit, key: &str) -> Result<Decision, String> {
         match limit.kind {
-            Kind::Bucket { interval_ns } => bucket::take_token(
-                &HostStore,
-                key,
-                wasmesh_sdk::monotonic_nanos(),
-                limit.burst,
-                interval_ns,
-            ),
+            Kind::Bucket { interval_ns } => {
+                let interval = std::time::Duration::from_nanos(interval_ns);
+                let d = state::take_token(key, limit.burst, interval)?;
+                Ok(Decision {
+                    allowed: d.allowed,
+                    remaining: d.remaining,
+                    reset_ns: Some(d.reset_nanos),
+                    retry_after_ns: (!d.allowed).then_some(d.retry_after_nanos),
+                })
+            }
             Kind::Quota { window_ns } => {
                 let (k, left) = bucket::quota_key(key, wasmesh_sdk::now_unix_nanos(), window_ns);
                 bucket::take_quota(&HostStore, &k, left, limit.burst)

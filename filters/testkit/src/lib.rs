@@ -14,7 +14,8 @@
 //! Commands, from config `do` or the request header `x-testkit-do` (comma separated):
 //! `respond:STATUS`, `delay:MS`, `trap`, `loop`, `oom`, `cluster:NAME`, `incr:KEY`,
 //! `get:KEY`, `path:PATH` (replace the path sent upstream), `callout:CLUSTER:PATH`, `resp-trap` (trap in on-response-headers),
-//! `eprint:TEXT` / `print:TEXT` (write a line to WASI stderr / stdout).
+//! `eprint:TEXT` / `print:TEXT` (write a line to WASI stderr / stdout), `bad-effects` (an
+//! effects buffer out of format) and `two-actions` (two `hook.set-action` calls in one hook).
 //!
 //! Bag: each instance stamps `x-testkit-prev-NAME: PREV` with the name the previous
 //! testkit of the chain left in the request's property bag (`last-filter`).
@@ -201,6 +202,13 @@ impl Filter for Testkit {
                         .map(|b| String::from_utf8_lossy(&b).into_owned())
                         .unwrap_or_default();
                     let _ = req.set_header("x-testkit-get", &v);
+                }
+                // Malformed replies, through the raw bindings (the SDK never makes them).
+                "bad-effects" => wasmesh_sdk::bindings::wasmesh::filter::hook::add_effects(&[99]),
+                "two-actions" => {
+                    let raw = wasmesh_sdk::bindings::wasmesh::filter::hook::set_action;
+                    raw(&Action::delay_ms(1));
+                    raw(&Action::delay_ms(1));
                 }
                 "eprint" => eprintln!("testkit {}: {arg}", self.name),
                 "print" => println!("testkit {}: {arg}", self.name),

@@ -24,7 +24,6 @@ use http::header::{HeaderName, HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
 use http::{HeaderMap, StatusCode};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
-use wasmtime::component::Resource;
 
 /// Callouts (and their follow-ups) one hook may chain before it counts as a failure.
 const MAX_ROUNDS: usize = 8;
@@ -619,48 +618,36 @@ impl ChainRun {
                 body: io.body.as_deref_mut().map(std::mem::take),
                 body_replaced: false,
                 ctx: self.ctx.take(),
+                ..CallData::default()
             };
         }
         inst.store.set_epoch_deadline(v.entry.rt.deadline_ticks);
         let started = Instant::now();
-        let req = Resource::new_borrow(0);
         // A host function that panics unwinds through the guest to here: count it as a
         // trap rather than lose the worker thread.
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            let reply = match hook {
-                Hook::RequestHeaders => {
-                    inst.filter
-                        .call_on_request_headers(&mut inst.store, req, &pre)?
-                }
-                Hook::RequestBody => inst.filter.call_on_request_body(&mut inst.store, req)?,
-                Hook::ResponseHeaders => inst.filter.call_on_response_headers(
-                    &mut inst.store,
-                    req,
-                    Resource::new_borrow(0),
-                )?,
-                Hook::ResponseBody => inst.filter.call_on_response_body(
-                    &mut inst.store,
-                    req,
-                    Resource::new_borrow(0),
-                )?,
-                Hook::Done(o) => wt::Reply {
-                    action: Action::Continue,
-                    effects: inst.filter.call_on_done(&mut inst.store, req, o)?,
-                },
+            let (f, store) = (&inst.filter, &mut inst.store);
+            match hook {
+                Hook::RequestHeaders => f.call_on_request_headers(&mut *store, &pre)?,
+                Hook::RequestBody => f.call_on_request_body(&mut *store)?,
+                Hook::ResponseHeaders => f.call_on_response_headers(&mut *store)?,
+                Hook::ResponseBody => f.call_on_response_body(&mut *store)?,
+                Hook::Done(o) => f.call_on_done(&mut *store, o)?,
                 Hook::Callout(answer) => {
-                    let resp = has_resp.then(|| Resource::new_borrow(0));
                     let answer = answer.as_ref().map_err(String::as_str);
-                    inst.filter
-                        .call_on_callout_response(&mut inst.store, req, resp, answer)?
+                    f.call_on_callout_response(&mut *store, has_resp, answer)?
                 }
-            };
+            }
             // Applied while the store still holds the request's context and parts. A
-            // malformed buffer is the filter's error, not a trap: the instance stays usable.
+            // misused reply is the filter's error, not a trap: the instance stays usable.
+            let data = store.data_mut();
+            let effects = std::mem::take(&mut data.call.effects);
+            let applied = match data.call.reply_error {
+                Some(e) => Err(e.to_string()),
+                None => data.apply_effects(idx, &effects),
+            };
             wasmtime::Result::Ok(
-                inst.store
-                    .data_mut()
-                    .apply_effects(idx, &reply.effects)
-                    .map(|()| reply.action),
+                applied.map(|()| data.call.action.take().unwrap_or(Action::Continue)),
             )
         }))
         .unwrap_or_else(|_| Err(wasmtime::format_err!("host function panicked")));
@@ -751,34 +738,46 @@ impl ChainRun {
 
 fn no_prefetch() -> wt::Prefetched {
     wt::Prefetched {
-        id: None,
-        method: None,
-        path: None,
-        source_address: None,
+        text: None,
+        id_len: None,
+        method_len: None,
+        path_len: None,
+        source_address_len: None,
     }
 }
 
-/// The request data a filter asked to get with `on-request-headers` (`pass-*` flags).
+/// The request data a filter asked to get with `on-request-headers` (`pass-*` flags),
+/// back to back in one string.
 fn prefetch(
     hooks: Hooks,
     parts: &http::request::Parts,
     ctx: Option<&mut RequestCtx>,
 ) -> wt::Prefetched {
     let mut pre = no_prefetch();
+    let pass = Hooks::PASS_ID | Hooks::PASS_METHOD | Hooks::PASS_PATH | Hooks::PASS_SOURCE_ADDRESS;
+    if !hooks.intersects(pass) {
+        // Nothing asked: no string (even an empty one costs a call into the filter).
+        return pre;
+    }
+    // Room for the usual id, method, path and address: one allocation.
+    let mut text = String::with_capacity(96);
+    let mut push = |v: &str| {
+        text.push_str(v);
+        u32::try_from(v.len()).ok()
+    };
+    if let (true, Some(c)) = (hooks.contains(Hooks::PASS_ID), ctx.as_deref()) {
+        pre.id_len = push(&c.info.request_id);
+    }
     if hooks.contains(Hooks::PASS_METHOD) {
-        pre.method = Some(parts.method.as_str().to_string());
+        pre.method_len = push(parts.method.as_str());
     }
     if hooks.contains(Hooks::PASS_PATH) {
-        pre.path = Some(parts.uri.path().to_string());
+        pre.path_len = push(parts.uri.path());
     }
-    if let Some(ctx) = ctx {
-        if hooks.contains(Hooks::PASS_ID) {
-            pre.id = Some(ctx.info.request_id.to_string());
-        }
-        if hooks.contains(Hooks::PASS_SOURCE_ADDRESS) {
-            pre.source_address = Some(ctx.source_text().to_string());
-        }
+    if let (true, Some(c)) = (hooks.contains(Hooks::PASS_SOURCE_ADDRESS), ctx) {
+        pre.source_address_len = push(c.source_text());
     }
+    pre.text = Some(text);
     pre
 }
 

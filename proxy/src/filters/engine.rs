@@ -172,9 +172,9 @@ impl Runtime {
         let pre = self
             .linker
             .instantiate_pre(&component)
-            .map_err(|e| format!("does not match the wasmesh:filter@0.2.0 imports: {e:#}"))?;
+            .map_err(|e| format!("does not match the wasmesh:filter@0.3.0 imports: {e:#}"))?;
         let pre = FilterPre::new(pre)
-            .map_err(|e| format!("does not match the wasmesh:filter@0.2.0 exports: {e:#}"))?;
+            .map_err(|e| format!("does not match the wasmesh:filter@0.3.0 exports: {e:#}"))?;
         let compiled = Arc::new(Compiled {
             sha256: sha.to_string(),
             pre,

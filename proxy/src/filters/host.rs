@@ -7,8 +7,9 @@
 //! before the call and back out after it, so host functions read plain fields, without
 //! locks, tables or copies.
 
-use super::bindings::wasmesh::filter::{host, http as wit_http, types};
-use super::bindings::{RequestHandle, ResponseHandle};
+use super::bindings::wasmesh::filter::{
+    hook, host, request as wit_request, response as wit_response, types,
+};
 use super::crypto::KeyTable;
 use super::effects::{self, encode_labels, Effect, MetricOp};
 use super::metrics::{DynMetric, SeriesCache};
@@ -20,7 +21,6 @@ use http::header::{HeaderName, HeaderValue};
 use http::{HeaderMap, Method, Uri};
 use prometheus_client::metrics::MetricType;
 use std::sync::Arc;
-use wasmtime::component::Resource;
 use wasmtime::{StoreLimits, StoreLimitsBuilder};
 use wasmtime_wasi::{ResourceTable, WasiCtx, WasiCtxView, WasiView};
 
@@ -149,6 +149,12 @@ pub struct CallData {
     pub body: Option<Bytes>,
     pub body_replaced: bool,
     pub ctx: Option<Box<RequestCtx>>,
+    /// What the hook handed with `hook.set-action` (none: continue).
+    pub action: Option<types::Action>,
+    /// What the hook handed with `hook.add-effects`, applied once it returns.
+    pub effects: Vec<u8>,
+    /// The hook misused `hook` (e.g. two actions): it fails once it returns.
+    pub reply_error: Option<&'static str>,
 }
 
 /// The data of one filter instance's `Store`.
@@ -415,77 +421,65 @@ fn put(list: &mut Vec<(String, String)>, key: &str, value: &str) {
 }
 
 impl types::Host for HostState {}
-impl wit_http::Host for HostState {}
-
-impl wit_http::HostRequest for HostState {
-    fn id(&mut self, _: Resource<RequestHandle>) -> String {
+impl wit_request::Host for HostState {
+    fn id(&mut self) -> String {
         self.info()
             .map(|i| i.request_id.to_string())
             .unwrap_or_default()
     }
-    fn method(&mut self, _: Resource<RequestHandle>) -> String {
+    fn method(&mut self) -> String {
         self.request_view()
             .map(|(m, _, _)| m.as_str().to_string())
             .unwrap_or_default()
     }
-    fn scheme(&mut self, _: Resource<RequestHandle>) -> String {
+    fn scheme(&mut self) -> String {
         self.info()
             .map(|i| i.scheme.to_string())
             .unwrap_or_default()
     }
-    fn authority(&mut self, _: Resource<RequestHandle>) -> Option<String> {
+    fn authority(&mut self) -> Option<String> {
         let (_, uri, headers) = self.request_view()?;
         uri.authority()
             .map(|a| a.as_str().to_string())
             .or_else(|| first(headers, "host"))
     }
-    fn path(&mut self, _: Resource<RequestHandle>) -> String {
+    fn path(&mut self) -> String {
         self.request_view()
             .map(|(_, u, _)| u.path().to_string())
             .unwrap_or_default()
     }
-    fn query(&mut self, _: Resource<RequestHandle>) -> Option<String> {
+    fn query(&mut self) -> Option<String> {
         self.request_view()?.1.query().map(str::to_string)
     }
-    fn header(&mut self, _: Resource<RequestHandle>, name: String) -> Option<String> {
+    fn header(&mut self, name: String) -> Option<String> {
         first(self.request_view()?.2, &name)
     }
-    fn header_all(&mut self, _: Resource<RequestHandle>, name: String) -> Vec<String> {
+    fn header_all(&mut self, name: String) -> Vec<String> {
         self.request_view()
             .map(|(_, _, h)| all(h, &name))
             .unwrap_or_default()
     }
-    fn headers(&mut self, _: Resource<RequestHandle>) -> Vec<(String, String)> {
+    fn headers(&mut self) -> Vec<(String, String)> {
         self.request_view()
             .map(|(_, _, h)| list(h))
             .unwrap_or_default()
     }
-    fn set_header(
-        &mut self,
-        _: Resource<RequestHandle>,
-        name: String,
-        value: String,
-    ) -> Result<(), String> {
+    fn set_header(&mut self, name: String, value: String) -> Result<(), String> {
         let h = parse_header(&mut self.names, &name, &value)?;
         write_header(&mut self.request_mut()?.headers, h, false);
         Ok(())
     }
-    fn add_header(
-        &mut self,
-        _: Resource<RequestHandle>,
-        name: String,
-        value: String,
-    ) -> Result<(), String> {
+    fn add_header(&mut self, name: String, value: String) -> Result<(), String> {
         let h = parse_header(&mut self.names, &name, &value)?;
         write_header(&mut self.request_mut()?.headers, h, true);
         Ok(())
     }
-    fn remove_header(&mut self, _: Resource<RequestHandle>, name: String) -> Result<(), String> {
+    fn remove_header(&mut self, name: String) -> Result<(), String> {
         let n = self.names.get(name.as_bytes())?;
         self.request_mut()?.headers.remove(n);
         Ok(())
     }
-    fn set_path(&mut self, _: Resource<RequestHandle>, path: String) -> Result<(), String> {
+    fn set_path(&mut self, path: String) -> Result<(), String> {
         if !path.starts_with('/') {
             return Err("path must start with '/'".to_string());
         }
@@ -502,13 +496,13 @@ impl wit_http::HostRequest for HostState {
             Err(e) => Err(format!("invalid path {path:?}: {e}")),
         }
     }
-    fn body(&mut self, _: Resource<RequestHandle>) -> Vec<u8> {
+    fn body(&mut self) -> Vec<u8> {
         match (self.call.phase, &self.call.body) {
             (Phase::RequestBody, Some(b)) => b.to_vec(),
             _ => Vec::new(),
         }
     }
-    fn set_body(&mut self, _: Resource<RequestHandle>, body: Vec<u8>) -> Result<(), String> {
+    fn set_body(&mut self, body: Vec<u8>) -> Result<(), String> {
         if self.call.phase != Phase::RequestBody {
             return Err("the request body can only be replaced in on-request-body".to_string());
         }
@@ -516,26 +510,26 @@ impl wit_http::HostRequest for HostState {
         self.call.body_replaced = true;
         Ok(())
     }
-    fn source_address(&mut self, _: Resource<RequestHandle>) -> String {
+    fn source_address(&mut self) -> String {
         self.call
             .ctx
             .as_deref_mut()
             .map(|c| c.source_text().to_string())
             .unwrap_or_default()
     }
-    fn peer_identity(&mut self, _: Resource<RequestHandle>) -> Option<String> {
+    fn peer_identity(&mut self) -> Option<String> {
         self.info()?.peer_identity.as_deref().map(str::to_string)
     }
-    fn route_name(&mut self, _: Resource<RequestHandle>) -> String {
+    fn route_name(&mut self) -> String {
         self.info().map(|i| i.route.to_string()).unwrap_or_default()
     }
-    fn trace_id(&mut self, _: Resource<RequestHandle>) -> Option<String> {
+    fn trace_id(&mut self) -> Option<String> {
         Some(self.info()?.trace_ids?.trace_hex())
     }
-    fn span_id(&mut self, _: Resource<RequestHandle>) -> Option<String> {
+    fn span_id(&mut self) -> Option<String> {
         Some(self.info()?.trace_ids?.span_hex())
     }
-    fn set_cluster(&mut self, _: Resource<RequestHandle>, cluster: String) -> Result<(), String> {
+    fn set_cluster(&mut self, cluster: String) -> Result<(), String> {
         if !matches!(self.call.phase, Phase::RequestHeaders | Phase::RequestBody) {
             return Err("the cluster can only be chosen in request hooks".to_string());
         }
@@ -550,78 +544,64 @@ impl wit_http::HostRequest for HostState {
         }
         Ok(())
     }
-    fn get_property(&mut self, _: Resource<RequestHandle>, key: String) -> Option<String> {
+    fn get_property(&mut self, key: String) -> Option<String> {
         let ctx = self.call.ctx.as_ref()?;
         ctx.bag
             .iter()
             .find(|(k, _)| *k == key)
             .map(|(_, v)| v.clone())
     }
-    fn drop(&mut self, _: Resource<RequestHandle>) -> wasmtime::Result<()> {
-        // The host only lends borrows; nothing to free.
-        Ok(())
-    }
 }
 
-impl wit_http::HostResponse for HostState {
-    fn status(&mut self, _: Resource<ResponseHandle>) -> u16 {
+impl wit_response::Host for HostState {
+    fn status(&mut self) -> u16 {
         self.call.resp.as_ref().map_or(0, |r| r.status.as_u16())
     }
-    fn set_status(&mut self, _: Resource<ResponseHandle>, status: u16) -> Result<(), String> {
+    fn set_status(&mut self, status: u16) -> Result<(), String> {
         let s =
             http::StatusCode::from_u16(status).map_err(|_| format!("invalid status {status}"))?;
         self.response_mut()?.status = s;
         Ok(())
     }
-    fn header(&mut self, _: Resource<ResponseHandle>, name: String) -> Option<String> {
+    fn header(&mut self, name: String) -> Option<String> {
         first(&self.call.resp.as_ref()?.headers, &name)
     }
-    fn header_all(&mut self, _: Resource<ResponseHandle>, name: String) -> Vec<String> {
+    fn header_all(&mut self, name: String) -> Vec<String> {
         self.call
             .resp
             .as_ref()
             .map(|r| all(&r.headers, &name))
             .unwrap_or_default()
     }
-    fn headers(&mut self, _: Resource<ResponseHandle>) -> Vec<(String, String)> {
+    fn headers(&mut self) -> Vec<(String, String)> {
         self.call
             .resp
             .as_ref()
             .map(|r| list(&r.headers))
             .unwrap_or_default()
     }
-    fn set_header(
-        &mut self,
-        _: Resource<ResponseHandle>,
-        name: String,
-        value: String,
-    ) -> Result<(), String> {
+    fn set_header(&mut self, name: String, value: String) -> Result<(), String> {
         let h = parse_header(&mut self.names, &name, &value)?;
         write_header(&mut self.response_mut()?.headers, h, false);
         Ok(())
     }
-    fn add_header(
-        &mut self,
-        _: Resource<ResponseHandle>,
-        name: String,
-        value: String,
-    ) -> Result<(), String> {
+    fn add_header(&mut self, name: String, value: String) -> Result<(), String> {
         let h = parse_header(&mut self.names, &name, &value)?;
         write_header(&mut self.response_mut()?.headers, h, true);
         Ok(())
     }
-    fn remove_header(&mut self, _: Resource<ResponseHandle>, name: String) -> Result<(), String> {
+    fn remove_header(&mut self, name: String) -> Result<(), String> {
         let n = self.names.get(name.as_bytes())?;
         self.response_mut()?.headers.remove(n);
         Ok(())
     }
-    fn body(&mut self, _: Resource<ResponseHandle>) -> Vec<u8> {
+    fn body(&mut self) -> Vec<u8> {
         match (self.call.phase, &self.call.body) {
             (Phase::ResponseBody, Some(b)) => b.to_vec(),
             _ => Vec::new(),
         }
     }
-    fn set_body(&mut self, _: Resource<ResponseHandle>, body: Vec<u8>) -> Result<(), String> {
+    fn set_body(&mut self, body: Vec<u8>) -> Result<(), String> {
         if self.call.phase != Phase::ResponseBody {
             return Err("the response body can only be replaced in on-response-body".to_string());
         }
@@ -629,8 +609,32 @@ impl wit_http::HostResponse for HostState {
         self.call.body_replaced = true;
         Ok(())
     }
-    fn drop(&mut self, _: Resource<ResponseHandle>) -> wasmtime::Result<()> {
-        Ok(())
+}
+
+impl hook::Host for HostState {
+    fn set_action(&mut self, action: types::Action) {
+        let call = &mut self.call;
+        if matches!(call.phase, Phase::Idle | Phase::Configure | Phase::Done) {
+            call.reply_error = Some("hook.set-action is only for hooks that can act");
+        } else if call.action.is_some() {
+            call.reply_error = Some("hook.set-action called twice in one hook");
+        } else {
+            call.action = Some(action);
+        }
+    }
+    fn add_effects(&mut self, effects: Vec<u8>) {
+        let call = &mut self.call;
+        if matches!(call.phase, Phase::Idle | Phase::Configure) {
+            return;
+        }
+        // Bounded like a reply read from the instance's memory was: by that memory's cap.
+        if call.effects.len().saturating_add(effects.len()) > self.entry.rt.max_memory {
+            call.reply_error = Some("effects larger than the instance's memory cap");
+        } else if call.effects.is_empty() {
+            call.effects = effects;
+        } else {
+            call.effects.extend_from_slice(&effects);
+        }
     }
 }
 
@@ -715,6 +719,24 @@ impl host::Host for HostState {
     }
     fn state_increment(&mut self, key: String, delta: i64, ttl_millis: u64) -> Result<i64, String> {
         self.entry.state.increment(&key, delta, ttl_millis)
+    }
+    fn state_take_token(
+        &mut self,
+        key: String,
+        burst: u64,
+        interval_nanos: u64,
+    ) -> Result<host::TokenDecision, String> {
+        let now = self.monotonic_nanos();
+        let d = self
+            .entry
+            .state
+            .take_token(&key, now, burst, interval_nanos)?;
+        Ok(host::TokenDecision {
+            allowed: d.allowed,
+            remaining: d.remaining,
+            reset_nanos: d.reset_ns,
+            retry_after_nanos: d.retry_after_ns,
+        })
     }
     fn state_delete(&mut self, key: String) -> bool {
         self.entry.state.delete(&key)

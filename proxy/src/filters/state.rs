@@ -102,6 +102,61 @@ fn increment_item(
     Ok(next)
 }
 
+/// What [`SharedState::take_token`] decided (the WIT's `token-decision`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TokenDecision {
+    pub allowed: bool,
+    pub remaining: u64,
+    pub reset_ns: u64,
+    pub retry_after_ns: u64,
+}
+
+/// GCRA on a present item (live or expired) that holds a bucket's theoretical arrival
+/// time (TAT): with `T = interval_ns`, a request at `now` passes when
+/// `max(TAT, now) + T - now <= burst × T`, and then TAT becomes `max(TAT, now) + T`.
+/// A denial leaves the item as it was.
+fn take_token_item(
+    item: &mut Item,
+    instant: Instant,
+    key: &str,
+    now: u64,
+    burst: u64,
+    interval_ns: u64,
+) -> Result<TokenDecision, String> {
+    let stored = if item.live(instant) && !item.value.is_empty() {
+        let tat = std::str::from_utf8(&item.value)
+            .ok()
+            .and_then(|s| s.parse::<u64>().ok())
+            .ok_or_else(|| format!("value at {key:?} is not a token bucket"))?;
+        Some(tat)
+    } else {
+        None
+    };
+    let capacity = burst.saturating_mul(interval_ns);
+    let tat = stored.map_or(now, |t| t.max(now));
+    let new_tat = tat.saturating_add(interval_ns);
+    let ahead = new_tat - now;
+    if ahead > capacity {
+        return Ok(TokenDecision {
+            allowed: false,
+            remaining: 0,
+            reset_ns: tat - now,
+            retry_after_ns: ahead - capacity,
+        });
+    }
+    item.value.clear();
+    write_decimal(&mut item.value, i64::try_from(new_tat).unwrap_or(i64::MAX));
+    // Expiring late is harmless (a past TAT reads as a full bucket), early is not: round
+    // up, plus a millisecond.
+    item.expires = expiry(ahead.div_ceil(1_000_000) + 1);
+    Ok(TokenDecision {
+        allowed: true,
+        remaining: (capacity - ahead) / interval_ns,
+        reset_ns: ahead,
+        retry_after_ns: 0,
+    })
+}
+
 /// `n` in decimal, appended to `out` (no temporary `String`).
 fn write_decimal(out: &mut Vec<u8>, n: i64) {
     use std::io::Write;
@@ -232,6 +287,44 @@ impl SharedState {
         }
     }
 
+    /// Take a token from the bucket at `key` at time `now` (monotonic nanoseconds): see
+    /// the WIT's `state-take-token`.
+    pub fn take_token(
+        &self,
+        key: &str,
+        now: u64,
+        burst: u64,
+        interval_ns: u64,
+    ) -> Result<TokenDecision, String> {
+        check(key, None)?;
+        if burst == 0 || interval_ns == 0 {
+            return Err("burst and interval must be at least 1".to_string());
+        }
+        let instant = Instant::now();
+        if let Some(mut e) = self.map.get_mut(key) {
+            return take_token_item(&mut e, instant, key, now, burst, interval_ns);
+        }
+        self.room_for(key)?;
+        match self.map.entry(key.to_string()) {
+            Entry::Occupied(mut e) => {
+                take_token_item(e.get_mut(), instant, key, now, burst, interval_ns)
+            }
+            Entry::Vacant(e) => {
+                // A missing key is a full bucket: with `burst` >= 1 the token is there.
+                let mut item = Item {
+                    value: Vec::new(),
+                    expires: None,
+                };
+                let d = take_token_item(&mut item, instant, key, now, burst, interval_ns)?;
+                if d.allowed {
+                    e.insert(item);
+                    self.added();
+                }
+                Ok(d)
+            }
+        }
+    }
+
     pub fn delete(&self, key: &str) -> bool {
         let now = Instant::now();
         match self.map.remove(key) {
@@ -304,5 +397,72 @@ mod tests {
         assert!(s.increment("new2", 1, 0).is_err());
         assert!(s.delete("new"));
         assert_eq!(s.increment("new2", 1, 0), Ok(1));
+    }
+
+    const SEC: u64 = 1_000_000_000;
+
+    #[test]
+    fn token_bucket_burst_then_refill() {
+        let s = SharedState::default();
+        let t = SEC / 2; // 2 tokens per second
+        let now = 1_000 * SEC;
+        for i in 0..5 {
+            let d = s.take_token("k", now, 5, t).expect("take");
+            assert!(d.allowed);
+            assert_eq!(d.remaining, 4 - i);
+        }
+        let d = s.take_token("k", now, 5, t).expect("take");
+        assert!(!d.allowed);
+        assert_eq!((d.retry_after_ns, d.reset_ns), (t, 5 * t));
+        // The stored value is the theoretical arrival time in decimal (what filters that
+        // run the algorithm on `state-get` / `compare-and-swap` read and write).
+        let tat = (now + 5 * t).to_string().into_bytes();
+        assert_eq!(s.get("k"), Some(tat));
+        // Half a token later: still no; a full token later: exactly one.
+        assert!(!s.take_token("k", now + t / 2, 5, t).expect("take").allowed);
+        assert!(s.take_token("k", now + t, 5, t).expect("take").allowed);
+        assert!(!s.take_token("k", now + t, 5, t).expect("take").allowed);
+        // Long idle: full again, and not more than full.
+        let later = now + 100 * SEC;
+        let passed = (0..10)
+            .filter(|_| s.take_token("k", later, 5, t).is_ok_and(|d| d.allowed))
+            .count();
+        assert_eq!(passed, 5);
+        assert!(s.take_token("other", now, 5, t).expect("take").allowed);
+        // Steady 10/s with burst 5, one request a millisecond for 3 s: 5 + 30 pass.
+        let start = 10_000 * SEC;
+        let passed = (0..3000u64)
+            .filter(|ms| {
+                s.take_token("steady", start + ms * 1_000_000, 5, SEC / 10)
+                    .is_ok_and(|d| d.allowed)
+            })
+            .count();
+        assert!((34..=35).contains(&passed), "{passed}");
+        // Misuse is an error, not a panic.
+        assert!(s.take_token("k", now, 0, t).is_err());
+        assert!(s.take_token("k", now, 5, 0).is_err());
+        s.set("text", b"abc".to_vec(), 0).expect("set");
+        assert!(s.take_token("text", now, 5, t).is_err());
+    }
+
+    #[test]
+    fn token_bucket_exact_across_threads() {
+        // 8 threads hammer one bucket at one instant: exactly `burst` pass.
+        let s = std::sync::Arc::new(SharedState::default());
+        let now = 7 * SEC;
+        let passed: usize = std::thread::scope(|sc| {
+            let hs: Vec<_> = (0..8)
+                .map(|_| {
+                    let s = s.clone();
+                    sc.spawn(move || {
+                        (0..500)
+                            .filter(|_| s.take_token("k", now, 1234, SEC).is_ok_and(|d| d.allowed))
+                            .count()
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap_or(0)).sum()
+        });
+        assert_eq!(passed, 1234);
     }
 }
