@@ -120,9 +120,22 @@ async fn read_request(sock: &mut TcpStream, buf: &mut Vec<u8>, body: bool) -> Op
         text.push_str(&String::from_utf8_lossy(&buf[..cl]));
         buf.drain(..cl);
     } else if lower.contains("transfer-encoding: chunked") {
+        // The last chunk, then trailers (if any) up to an empty line.
         let end = loop {
-            if let Some(i) = buf.windows(5).position(|w| w == b"0\r\n\r\n") {
-                break i + 5;
+            let last = if buf.starts_with(b"0\r\n") {
+                Some(0)
+            } else {
+                buf.windows(5)
+                    .position(|w| w == b"\r\n0\r\n")
+                    .map(|i| i + 2)
+            };
+            if let Some(l) = last {
+                if buf[l + 3..].starts_with(b"\r\n") {
+                    break l + 5;
+                }
+                if let Some(i) = buf[l + 3..].windows(4).position(|w| w == b"\r\n\r\n") {
+                    break l + 3 + i + 4;
+                }
             }
             fill(sock, buf).await?;
         };
@@ -425,4 +438,53 @@ async fn idle_connections_close_when_the_upstream_closes_them_or_they_expire() {
             || async { (active().await == 0.0).then_some(()) },
         )
         .await;
+}
+
+#[tokio::test]
+async fn chunked_trailers_from_an_http1_upstream_reach_an_http2_client() {
+    let up = Scripted::start(vec![vec![
+        Step::Read,
+        Step::Write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n4\r\ndata\r\n0\r\nx-checksum: 42\r\ngrpc-status: 0\r\n\r\n"),
+    ]])
+    .await;
+    let proxy = proxy_for(&up).await;
+    let r = Req::get("/t").send_h2(proxy.listener("in")).await;
+    assert_eq!((r.status, r.text().as_str()), (200, "data"));
+    let trailers = r.trailers.expect("trailers");
+    assert_eq!(
+        trailers.get("x-checksum").map(|v| v.as_bytes()),
+        Some(&b"42"[..])
+    );
+    assert_eq!(
+        trailers.get("grpc-status").map(|v| v.as_bytes()),
+        Some(&b"0"[..])
+    );
+}
+
+#[tokio::test]
+async fn an_http2_request_with_trailers_goes_chunked_with_its_trailers() {
+    let up = Scripted::start(vec![vec![Step::Read, Step::Write(OK_HELLO)]]).await;
+    let proxy = proxy_for(&up).await;
+    let mut trailers = http::HeaderMap::new();
+    trailers.insert("x-digest", http::HeaderValue::from_static("abc"));
+    let frames: Vec<Result<http_body::Frame<bytes::Bytes>, wasmesh_e2e::client::BoxError>> = vec![
+        Ok(http_body::Frame::data(bytes::Bytes::from_static(
+            b"payload",
+        ))),
+        Ok(http_body::Frame::trailers(trailers)),
+    ];
+    let body = http_body_util::BodyExt::boxed(http_body_util::StreamBody::new(
+        futures_util::stream::iter(frames),
+    ));
+    let r = Req::post("/with-trailers")
+        .stream_body(body)
+        .send_h2(proxy.listener("in"))
+        .await;
+    assert_eq!(r.status, 200);
+    let req = up.requests().pop().expect("request");
+    assert!(req.contains("transfer-encoding: chunked\r\n"), "{req}");
+    assert!(
+        req.ends_with("\r\n\r\n7\r\npayload\r\n0\r\nx-digest: abc\r\n\r\n"),
+        "{req:?}"
+    );
 }
