@@ -154,8 +154,9 @@ pub struct Outgoing {
     whole: bool,
     /// A body failure met while encoding ahead, reported by the next `poll_send`.
     failed: Option<Error>,
-    /// Writing failed: the upstream stopped reading (it may still have answered).
-    aborted: bool,
+    /// Writing failed: the upstream stopped reading (it may still have answered). Kept
+    /// to report if no answer comes.
+    aborted: Option<Error>,
     head_request: bool,
 }
 
@@ -218,7 +219,7 @@ impl Outgoing {
             flushed: false,
             whole: false,
             failed: None,
-            aborted: false,
+            aborted: None,
             head_request: parts.method == Method::HEAD,
         };
         if !out.body_done {
@@ -239,7 +240,7 @@ impl Outgoing {
         }
         self.first_off = 0;
         self.flushed = false;
-        self.aborted = false;
+        self.aborted = None;
         Some(self)
     }
 
@@ -360,7 +361,7 @@ impl Outgoing {
     fn is_sent(&self) -> bool {
         self.body_done
             && self.flushed
-            && !self.aborted
+            && self.aborted.is_none()
             && self.first_off == self.first.len()
             && self.rest.is_empty()
     }
@@ -529,16 +530,14 @@ fn poll_head(
     out: &mut Outgoing,
     got_bytes: &mut bool,
 ) -> Poll<Result<(http::response::Parts, BodyKind, bool), Error>> {
-    let mut write_error = None;
     loop {
         // Send while there is something to send; an early answer is read all the same.
-        if !out.aborted && !out.is_sent() {
+        if out.aborted.is_none() && !out.is_sent() {
             match out.poll_send(cx, &mut conn.io) {
                 Poll::Ready(Err(e)) if e.is_request_body() => return Poll::Ready(Err(e)),
                 Poll::Ready(Err(e)) => {
                     // The upstream stopped reading; it may have answered (a 413, say).
-                    out.aborted = true;
-                    write_error = Some(e);
+                    out.aborted = Some(e);
                 }
                 _ => {}
             }
@@ -554,7 +553,7 @@ fn poll_head(
         // After a failed write the read side decides: an answer, or the close.
         match ready!(conn.poll_fill(cx, READ_SPACE)) {
             Ok(0) => {
-                return Poll::Ready(Err(if let Some(e) = write_error {
+                return Poll::Ready(Err(if let Some(e) = out.aborted.take() {
                     e
                 } else if conn.rbuf.is_empty() {
                     Error::ClosedBeforeResponse
@@ -563,7 +562,7 @@ fn poll_head(
                 }))
             }
             Ok(_) => *got_bytes = true,
-            Err(e) => return Poll::Ready(Err(write_error.unwrap_or(Error::Io(e)))),
+            Err(e) => return Poll::Ready(Err(out.aborted.take().unwrap_or(Error::Io(e)))),
         }
     }
 }
@@ -786,12 +785,12 @@ impl http_body::Body for ResponseBody {
             return Poll::Ready(None);
         };
         // The rest of the request, if the upstream answered before it was all sent.
-        if let Some(out) = this.out.as_mut().filter(|o| !o.aborted) {
+        if let Some(out) = this.out.as_mut().filter(|o| o.aborted.is_none()) {
             match out.poll_send(cx, &mut conn.io) {
                 Poll::Ready(Ok(())) => this.out = None,
                 Poll::Ready(Err(e)) if e.is_request_body() => return this.fail(e),
                 // The upstream stopped reading; its answer may still be whole.
-                Poll::Ready(Err(_)) => out.aborted = true,
+                Poll::Ready(Err(e)) => out.aborted = Some(e),
                 Poll::Pending => {}
             }
         }
