@@ -12,3 +12,11 @@ cd "$(dirname "$0")/.."
 # rebuild the proxy.
 cargo build -p wasmesh -p demo-upstream -p wasmesh-e2e --all-targets
 WASMESH_E2E_NO_BUILD=1 cargo test "$@"
+# The filters' and the SDK's own unit tests (config parsing, token buckets, patterns), run
+# natively: they are plain Rust apart from host calls, which only the proxy can answer.
+filter_pkgs=(-p wasmesh-sdk)
+for d in filters/*/; do
+  [ -f "$d/Cargo.toml" ] || continue
+  filter_pkgs+=(-p "$(sed -n 's/^name *= *"\(.*\)"/\1/p' "$d/Cargo.toml" | head -n1)")
+done
+cargo test "${filter_pkgs[@]}" "$@"
