@@ -30,6 +30,9 @@ pub enum ProxyError {
     DownstreamBody(&'static str),
     #[error("proxy is draining")]
     Draining,
+    /// The request body stalled longer than the listener's `stream_idle_timeout`.
+    #[error("stream idle timeout")]
+    StreamIdleTimeout,
 }
 
 impl ProxyError {
@@ -48,6 +51,27 @@ impl ProxyError {
             ProxyError::ResponseBodyTooLarge => (StatusCode::BAD_GATEWAY, "UPE"),
             ProxyError::DownstreamBody(_) => (StatusCode::BAD_REQUEST, "DPE"),
             ProxyError::Draining => (StatusCode::SERVICE_UNAVAILABLE, "DR"),
+            // Envoy answers a stream idle timeout before the response with 408.
+            ProxyError::StreamIdleTimeout => (StatusCode::REQUEST_TIMEOUT, "SI"),
         }
     }
+
+    /// What a failed read of the client's request body means: a stall past the stream
+    /// idle timeout, or anything else the client did wrong (bad chunking, gone).
+    pub fn from_request_body(e: &(dyn std::error::Error + 'static)) -> Self {
+        let mut cur = Some(e);
+        while let Some(err) = cur {
+            if err.is::<StreamIdle>() {
+                return ProxyError::StreamIdleTimeout;
+            }
+            cur = err.source();
+        }
+        ProxyError::DownstreamBody("request body read failed")
+    }
 }
+
+/// A body (the client's request body, or the upstream's response body) waited longer
+/// than the stream idle timeout for its next frame.
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("no body data for longer than the stream idle timeout")]
+pub struct StreamIdle;

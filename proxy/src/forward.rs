@@ -294,7 +294,7 @@ fn classify(e: PoolError) -> Attempt {
         }
         PoolError::H1(e) => {
             if e.is_request_body() {
-                return Attempt::Fatal(ProxyError::DownstreamBody("request body read failed"));
+                return Attempt::Fatal(ProxyError::from_request_body(&e));
             }
             tracing::debug!(error = %e, "upstream request failed");
             Attempt::Failed(AttemptFailure::Reset, ProxyError::UpstreamReset)
@@ -303,7 +303,7 @@ fn classify(e: PoolError) -> Attempt {
             if request_body_failed(&e) {
                 // The client's body broke (bad chunked encoding, client gone): not the
                 // upstream's fault, and nothing to retry.
-                return Attempt::Fatal(ProxyError::DownstreamBody("request body read failed"));
+                return Attempt::Fatal(ProxyError::from_request_body(&e));
             }
             tracing::debug!(error = %e, source = ?std::error::Error::source(&e), "upstream request failed");
             if refused_stream(&e) {
@@ -371,8 +371,7 @@ impl ReqBody {
         let mut len = 0usize;
         let mut trailers = None;
         while let Some(frame) = body.frame().await {
-            let frame =
-                frame.map_err(|_| ProxyError::DownstreamBody("request body read failed"))?;
+            let frame = frame.map_err(|e| ProxyError::from_request_body(&*e))?;
             match frame.into_data() {
                 Ok(data) => {
                     len += data.len();

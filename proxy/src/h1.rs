@@ -22,7 +22,7 @@
 //! the rest of the request is dropped and so is the connection.
 
 use crate::cluster::{Body, BoxError, UpstreamConn};
-use crate::text::{chunk_size, parse_decimal, trim_ows};
+use crate::text::{chunk_size, has_token, last_token_is, parse_decimal, trim_ows};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode, Version};
 use http_body::{Body as _, Frame, SizeHint};
@@ -64,7 +64,7 @@ pub enum Error {
     Invalid(&'static str),
     /// The body being sent (the downstream's) failed or did not match its length.
     #[error("request body failed: {0}")]
-    RequestBody(BoxError),
+    RequestBody(#[source] BoxError),
 }
 
 impl Error {
@@ -163,9 +163,10 @@ pub struct Outgoing {
 impl Outgoing {
     /// Encode the head (and, when it is already at hand, a small body behind it).
     pub fn new(parts: &http::request::Parts, body: Body) -> Self {
+        let declared = content_length(&parts.headers);
         let framing = if body.is_end_stream() {
             ReqFraming::None
-        } else if let Some(n) = content_length(&parts.headers) {
+        } else if let Some(n) = declared {
             ReqFraming::Length(n)
         } else if let Some(n) = body.size_hint().exact() {
             ReqFraming::Length(n)
@@ -185,12 +186,15 @@ impl Outgoing {
                 .as_bytes(),
         );
         b.put_slice(b" HTTP/1.1\r\n");
-        let has_length = parts.headers.contains_key(header::CONTENT_LENGTH);
+        // A Content-Length that states the body's length goes as it is; one that does not
+        // (absent, or unusable after a filter set it) is replaced by ours.
+        let own_length = matches!(framing, ReqFraming::Length(n) if declared != Some(n));
         for (name, value) in &parts.headers {
             // Framing is this client's to decide (hop-by-hop headers are gone already,
             // but a filter may have set one).
             if name == header::TRANSFER_ENCODING
-                || (name == header::CONTENT_LENGTH && framing == ReqFraming::Chunked)
+                || (name == header::CONTENT_LENGTH
+                    && (framing == ReqFraming::Chunked || own_length))
             {
                 continue;
             }
@@ -200,7 +204,7 @@ impl Outgoing {
             b.put_slice(b"\r\n");
         }
         match framing {
-            ReqFraming::Length(n) if !has_length => {
+            ReqFraming::Length(n) if own_length => {
                 b.put_slice(b"content-length: ");
                 b.put_slice(n.to_string().as_bytes());
                 b.put_slice(b"\r\n");
@@ -695,17 +699,6 @@ fn parse_head(
     }
 }
 
-fn has_token(v: &[u8], token: &[u8]) -> bool {
-    v.split(|&c| c == b',')
-        .any(|t| trim_ows(t).eq_ignore_ascii_case(token))
-}
-
-fn last_token_is(v: &[u8], token: &[u8]) -> bool {
-    v.rsplit(|&c| c == b',')
-        .next()
-        .is_some_and(|t| trim_ows(t).eq_ignore_ascii_case(token))
-}
-
 /// Where a connection goes when its exchange ends cleanly.
 pub struct Home {
     pub pools: std::sync::Arc<crate::pool::ClusterPools>,
@@ -1159,6 +1152,16 @@ mod tests {
             crate::proxy::full("abc"),
         );
         assert_eq!(wire, "PUT /p?q=1 HTTP/1.1\r\ncontent-length: 3\r\n\r\nabc");
+        // A Content-Length that says nothing usable is replaced by the body's own length.
+        let (wire, _) = encode(
+            "PUT",
+            &[("content-length", "three"), ("x-a", "1")],
+            crate::proxy::full("abc"),
+        );
+        assert_eq!(
+            wire,
+            "PUT /p?q=1 HTTP/1.1\r\nx-a: 1\r\ncontent-length: 3\r\n\r\nabc"
+        );
         // Unknown length: chunked, the last chunk included once the body ends.
         let frames: Vec<Result<Frame<Bytes>, BoxError>> = vec![
             Ok(Frame::data(Bytes::from_static(b"ab"))),

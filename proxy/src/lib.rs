@@ -25,6 +25,7 @@ pub mod forward;
 pub mod framing;
 pub mod h1;
 pub mod health;
+pub mod idle;
 pub mod lb;
 pub mod listener;
 pub mod memory;

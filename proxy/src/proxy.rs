@@ -7,8 +7,9 @@ use crate::cluster::{Body, BoxError, Cluster, Endpoint, PickContext};
 use crate::config::Direction;
 use crate::error::ProxyError;
 use crate::filters::{ChainRun, LocalResponse, Outcome, RequestInfo, Verdict};
+use crate::idle::{IdleBody, IdleTimer};
 use crate::routing::{normalize_path, RequestView, Route, RouteAction};
-use crate::server::{ListenerRuntime, Shared};
+use crate::server::{ListenerConfig, ListenerRuntime, Shared};
 use crate::telemetry::access_log::{now_rfc3339, Entry, LocalResponseLog};
 use crate::telemetry::metrics::RequestLabels;
 use crate::telemetry::otel::{RequestTrace, ServerEnd, TraceIds};
@@ -149,14 +150,17 @@ pub async fn handle(
         trace,
         trace_ids,
     };
-    let body: Body = CountingBody::new(
+    // One consistent view of the listener's config for the whole request, even across a reload.
+    let lc = listener.current.load_full();
+    let stream_idle = lc.spec.limits.stream_idle_timeout;
+    let mut body = CountingBody::new(
         body.map_err(|e| Box::new(e) as BoxError).boxed_unsync(),
         bytes_in,
         None,
-    )
-    .boxed_unsync();
-    let req = Request::from_parts(parts, body);
-    let (resp, chain) = match serve(&shared, &listener, &conn, req, &mut x).await {
+    );
+    body.idle = IdleTimer::new(stream_idle);
+    let req = Request::from_parts(parts, body.boxed_unsync());
+    let (resp, chain) = match serve(&shared, &lc, &conn, req, &mut x).await {
         Ok((resp, chain)) => (resp, chain),
         Err((e, chain)) => (local_error(e, &mut x), chain),
     };
@@ -167,14 +171,12 @@ pub async fn handle(
 /// hooks still run.
 async fn serve(
     shared: &Arc<Shared>,
-    listener: &Arc<ListenerRuntime>,
+    lc: &ListenerConfig,
     conn: &ConnInfo,
     req: Request<Body>,
     x: &mut Exchange,
 ) -> Result<(Response<Body>, Option<ChainRun>), (ProxyError, Option<ChainRun>)> {
     let (mut parts, body) = req.into_parts();
-    // One consistent view of the listener's config for the whole request, even across a reload.
-    let lc = listener.current.load_full();
 
     // 1. Reject what must never reach an upstream (request smuggling, bad paths).
     if conn.framing.next_request_conflicts() {
@@ -379,7 +381,9 @@ async fn serve(
     let (mut rparts, rbody) = resp.into_parts();
     strip_hop_by_hop(&mut rparts.headers, false);
     route.response_headers.apply(&mut rparts.headers);
-    let mut rbody: Body = rbody.boxed_unsync();
+    // The upstream's body, under the stream idle timeout from here on (the route's
+    // `timeout` ended at its headers).
+    let mut rbody: Body = IdleBody::new(rbody, lc.spec.limits.stream_idle_timeout).boxed_unsync();
     if let Some(run) = chain.as_mut() {
         match run.response_headers(&mut rparts).await {
             Verdict::Continue => {}
@@ -391,6 +395,10 @@ async fn serve(
                 Ok(b) => b,
                 Err(ProxyError::RequestBodyTooLarge) => {
                     return Err((ProxyError::ResponseBodyTooLarge, chain))
+                }
+                // Nothing has gone to the client yet: 408, as Envoy answers.
+                Err(ProxyError::StreamIdleTimeout) => {
+                    return Err((ProxyError::StreamIdleTimeout, chain))
                 }
                 Err(_) => return Err((ProxyError::UpstreamReset, chain)),
             };
@@ -453,7 +461,17 @@ impl Done {
             BodyEnd::Complete => {}
             // The upstream broke off mid-response: the client sees a reset stream/closed connection.
             BodyEnd::Error => self.x.flags.push("UR".into()),
+            BodyEnd::IdleTimeout => self.x.flags.push("SI".into()),
             BodyEnd::Abandoned => self.x.flags.push("DC".into()),
+        }
+        if self.x.flags.iter().any(|f| f == "SI") {
+            self.shared
+                .metrics
+                .downstream_rq_idle_timeout
+                .get_or_create(&crate::telemetry::metrics::ListenerLabel {
+                    listener: self.listener.name.clone(),
+                })
+                .inc();
         }
         let duration = self.x.start.elapsed();
         let mut flags: Vec<String> = std::mem::take(&mut self.x.flags);
@@ -593,7 +611,10 @@ fn local_error(e: ProxyError, x: &mut Exchange) -> Response<Body> {
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
-    if matches!(e, ProxyError::BadRequest(_) | ProxyError::DownstreamBody(_)) {
+    if matches!(
+        e,
+        ProxyError::BadRequest(_) | ProxyError::DownstreamBody(_) | ProxyError::StreamIdleTimeout
+    ) {
         // The connection's framing may be unreliable after a bad request.
         resp.headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
@@ -627,10 +648,7 @@ fn check_framing(h: &HeaderMap) -> Result<(), ProxyError> {
             let v = v
                 .to_str()
                 .map_err(|_| ProxyError::BadRequest("bad Transfer-Encoding"))?;
-            if !v
-                .split(',')
-                .all(|t| t.trim().eq_ignore_ascii_case("chunked"))
-            {
+            if !crate::text::list_items(v.as_bytes()).all(|t| t.eq_ignore_ascii_case(b"chunked")) {
                 return Err(ProxyError::BadRequest("unsupported Transfer-Encoding"));
             }
         }
@@ -753,11 +771,7 @@ fn is_upgrade(h: &HeaderMap) -> bool {
     h.contains_key(header::UPGRADE)
         && h.get_all(header::CONNECTION)
             .iter()
-            .filter_map(|v| v.to_str().ok())
-            .any(|v| {
-                v.split(',')
-                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
-            })
+            .any(|v| crate::text::has_token(v.as_bytes(), b"upgrade"))
 }
 
 /// Remove hop-by-hop headers (RFC 9110 §7.6.1), including those named in `Connection`.
@@ -929,7 +943,7 @@ async fn buffer_body(body: Body, limit: usize) -> Result<Bytes, ProxyError> {
             {
                 Err(ProxyError::RequestBodyTooLarge)
             } else {
-                Err(ProxyError::DownstreamBody("request body read failed"))
+                Err(ProxyError::from_request_body(&*e))
             }
         }
     }
@@ -950,6 +964,8 @@ pub fn empty() -> Body {
 enum BodyEnd {
     Complete,
     Error,
+    /// The upstream's body stalled past the stream idle timeout.
+    IdleTimeout,
     Abandoned,
 }
 
@@ -962,6 +978,10 @@ pin_project_lite::pin_project! {
         count: Arc<AtomicU64>,
         done: Option<Done>,
         errored: bool,
+        idle_timed_out: bool,
+        // The client's request body's stream idle timeout (the response's is on the
+        // upstream body, see `serve`).
+        idle: IdleTimer,
     }
     impl PinnedDrop for CountingBody {
         fn drop(this: Pin<&mut Self>) {
@@ -969,7 +989,9 @@ pin_project_lite::pin_project! {
             if let Some(done) = this.done.take() {
                 // hyper stops polling a body of known length after its last byte, so "at
                 // its end" counts as complete even if `None` was never seen.
-                let end = if *this.errored {
+                let end = if *this.idle_timed_out {
+                    BodyEnd::IdleTimeout
+                } else if *this.errored {
                     BodyEnd::Error
                 } else if this.inner.is_end_stream() {
                     BodyEnd::Complete
@@ -989,6 +1011,8 @@ impl CountingBody {
             count,
             done,
             errored: false,
+            idle_timed_out: false,
+            idle: IdleTimer::default(),
         };
         // An empty body is never polled to its end: complete right away.
         if b.inner.is_end_stream() {
@@ -1009,14 +1033,17 @@ impl http_body::Body for CountingBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.project();
-        let r = this.inner.poll_frame(cx);
+        let r = this.idle.poll_frame(this.inner, cx);
         match &r {
             Poll::Ready(Some(Ok(f))) => {
                 if let Some(d) = f.data_ref() {
                     this.count.fetch_add(d.len() as u64, Ordering::Relaxed);
                 }
             }
-            Poll::Ready(Some(Err(_))) => *this.errored = true,
+            Poll::Ready(Some(Err(e))) => {
+                *this.errored = true;
+                *this.idle_timed_out = e.is::<crate::error::StreamIdle>();
+            }
             Poll::Ready(None) => {
                 if let Some(done) = this.done.take() {
                     done.complete(this.count.load(Ordering::Relaxed), BodyEnd::Complete);

@@ -29,6 +29,24 @@ pub fn trim_ows(v: &[u8]) -> &[u8] {
     }
 }
 
+/// The items of a comma-separated header value (RFC 9110 §5.6.1), without their optional
+/// whitespace. Empty items are kept (as empty slices); no token matches them.
+pub fn list_items(v: &[u8]) -> impl DoubleEndedIterator<Item = &[u8]> {
+    v.split(|&c| c == b',').map(trim_ows)
+}
+
+/// Whether the list `v` holds `token`, compared case-insensitively.
+pub fn has_token(v: &[u8], token: &[u8]) -> bool {
+    list_items(v).any(|t| t.eq_ignore_ascii_case(token))
+}
+
+/// Whether the last item of the list `v` is `token` (e.g. `chunked` in Transfer-Encoding).
+pub fn last_token_is(v: &[u8], token: &[u8]) -> bool {
+    list_items(v)
+        .next_back()
+        .is_some_and(|t| t.eq_ignore_ascii_case(token))
+}
+
 /// A decimal number of 1 to 19 digits and nothing else (a Content-Length).
 pub fn parse_decimal(v: &[u8]) -> Option<u64> {
     if v.is_empty() || v.len() > 19 {
@@ -58,6 +76,17 @@ pub fn chunk_size(line: &[u8]) -> Option<u64> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn list_tokens() {
+        assert!(super::has_token(b"keep-alive, Upgrade", b"upgrade"));
+        assert!(super::has_token(b"\tupgrade\t", b"upgrade"));
+        assert!(!super::has_token(b"upgrades, keep-alive", b"upgrade"));
+        assert!(!super::has_token(b"", b"upgrade"));
+        assert!(super::last_token_is(b"gzip, chunked", b"chunked"));
+        assert!(!super::last_token_is(b"chunked, gzip", b"chunked"));
+        assert!(!super::last_token_is(b"chunked,", b"chunked"));
+    }
+
     #[test]
     fn as_display_writes_them() {
         for v in [0u16, 7, 10, 200, 404, 503, 9999, 10000, 65535] {

@@ -488,3 +488,75 @@ async fn an_http2_request_with_trailers_goes_chunked_with_its_trailers() {
         "{req:?}"
     );
 }
+
+#[tokio::test]
+async fn bodies_that_stall_past_the_stream_idle_timeout_are_cut_and_flagged() {
+    // A head and the start of a body, then nothing, on a connection that stays open.
+    let stall = vec![
+        Step::Read,
+        Step::Write(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nstart"),
+    ];
+    let up = Scripted::start(vec![
+        stall.clone(),
+        stall,
+        // The upload below: its head arrives, its body never does.
+        vec![Step::ReadHead],
+        vec![Step::Read, Step::Write(OK_HELLO)],
+    ])
+    .await;
+    // The route's timeout is off: only the stream idle timeout ends these requests.
+    let proxy = Proxy::start(json!({
+        "listeners": [{"name": "in", "address": "127.0.0.1:0",
+            "limits": {"stream_idle_timeout": "300ms"},
+            "routes": [{"match": {"prefix": "/"}, "cluster": "up", "timeout": "0s"}]}],
+        "clusters": [cluster("up", up.addr)],
+    }))
+    .await;
+
+    // HTTP/1.1: what came is passed on, then the body breaks off (the connection closes).
+    let r = Req::get("/h1")
+        .header("x-request-id", "idle-h1")
+        .send(proxy.listener("in"))
+        .await;
+    assert_eq!((r.status, r.text().as_str()), (200, "start"));
+    assert!(r.body_error.is_some(), "the body must not end cleanly");
+    let log = proxy.log_for_request_id("idle-h1").await;
+    assert_eq!(log["response_flags"], "SI", "{log}");
+
+    // HTTP/2: the stream is reset; the connection goes on serving.
+    let mut c = Conn::h2(proxy.listener("in")).await;
+    let r = c
+        .send(Req::get("/h2").header("x-request-id", "idle-h2"))
+        .await;
+    assert_eq!((r.status, r.text().as_str()), (200, "start"));
+    assert!(r.body_error.is_some(), "the stream must be reset");
+    let log = proxy.log_for_request_id("idle-h2").await;
+    assert_eq!(log["response_flags"], "SI", "{log}");
+
+    // A client whose upload stalls: 408 before any response, and the connection closes
+    // (its framing is unfinished).
+    let mut raw = wasmesh_e2e::raw::RawConn::connect(proxy.listener("in")).await;
+    raw.write(b"POST /upload HTTP/1.1\r\nhost: in\r\nx-request-id: idle-upload\r\ncontent-length: 10\r\n\r\nabc")
+        .await;
+    let reply = raw.read_until_close(Duration::from_secs(15)).await;
+    assert_eq!(reply.status(), Some(408), "{}", reply.text());
+    assert!(
+        reply.text().ends_with("stream idle timeout\n"),
+        "{}",
+        reply.text()
+    );
+    let log = proxy.log_for_request_id("idle-upload").await;
+    assert_eq!(log["response_flags"], "SI", "{log}");
+
+    let r = c.send(Req::get("/after")).await;
+    assert_eq!((r.status, r.text().as_str()), (200, "hello"));
+    assert_eq!(
+        proxy
+            .metric(
+                "wasmesh_downstream_rq_idle_timeout_total",
+                &[("listener", "in")]
+            )
+            .await,
+        3.0
+    );
+}

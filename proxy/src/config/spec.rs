@@ -326,6 +326,11 @@ pub struct ListenerLimits {
     /// A downstream connection with no request for this long is closed.
     #[serde(default = "default_idle_timeout", with = "humantime_serde")]
     pub idle_timeout: Duration,
+    /// A request or response body that waits this long for its next bytes fails (Envoy's
+    /// `stream_idle_timeout`): 408 `SI` before the response starts, a reset stream after.
+    /// `0s` disables it.
+    #[serde(default = "default_stream_idle_timeout", with = "humantime_serde")]
+    pub stream_idle_timeout: Duration,
     /// HTTP/2 concurrent streams per connection.
     #[serde(default = "default_h2_streams")]
     pub http2_max_concurrent_streams: u32,
@@ -342,6 +347,7 @@ impl Default for ListenerLimits {
             max_headers_count: default_max_headers_count(),
             request_headers_timeout: default_header_timeout(),
             idle_timeout: default_idle_timeout(),
+            stream_idle_timeout: default_stream_idle_timeout(),
             http2_max_concurrent_streams: default_h2_streams(),
             max_body_buffer_bytes: default_body_buffer(),
         }
@@ -361,6 +367,10 @@ fn default_header_timeout() -> Duration {
     Duration::from_secs(10)
 }
 fn default_idle_timeout() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_stream_idle_timeout() -> Duration {
+    // Envoy's default.
     Duration::from_secs(300)
 }
 fn default_h2_streams() -> u32 {

@@ -268,23 +268,12 @@ impl SharedState {
     pub fn increment(&self, key: &str, delta: i64, ttl_ms: u64) -> Result<i64, String> {
         check(key, None)?;
         let now = Instant::now();
-        if let Some(mut e) = self.map.get_mut(key) {
-            return increment_item(&mut e, now, key, delta, ttl_ms);
-        }
-        self.room_for(key)?;
-        match self.map.entry(key.to_string()) {
-            Entry::Occupied(mut e) => increment_item(e.get_mut(), now, key, delta, ttl_ms),
-            Entry::Vacant(e) => {
-                let mut value = Vec::new();
-                write_decimal(&mut value, delta);
-                e.insert(Item {
-                    value,
-                    expires: expiry(ttl_ms),
-                });
-                self.added();
-                Ok(delta)
+        self.upsert(key, |item, fresh| {
+            if fresh {
+                item.expires = expiry(ttl_ms);
             }
-        }
+            increment_item(item, now, key, delta, ttl_ms).map(|v| (v, true))
+        })
     }
 
     /// Take a token from the bucket at `key` at time `now` (monotonic nanoseconds): see
@@ -301,26 +290,39 @@ impl SharedState {
             return Err("burst and interval must be at least 1".to_string());
         }
         let instant = Instant::now();
+        // A missing key is a full bucket: with `burst` >= 1 the token is there. A denial
+        // stores nothing.
+        self.upsert(key, |item, _fresh| {
+            take_token_item(item, instant, key, now, burst, interval_ns).map(|d| (d, d.allowed))
+        })
+    }
+
+    /// Update the item at `key` with `f`, atomically (under the key's shard lock). A
+    /// missing key is handed to `f` as a new empty item without expiry (`fresh`), and
+    /// stored only if `f` answers `true` with its result. The common case, a key that is
+    /// there, is one lookup that allocates nothing.
+    fn upsert<T>(
+        &self,
+        key: &str,
+        f: impl FnOnce(&mut Item, bool) -> Result<(T, bool), String>,
+    ) -> Result<T, String> {
         if let Some(mut e) = self.map.get_mut(key) {
-            return take_token_item(&mut e, instant, key, now, burst, interval_ns);
+            return f(&mut e, false).map(|(t, _)| t);
         }
         self.room_for(key)?;
         match self.map.entry(key.to_string()) {
-            Entry::Occupied(mut e) => {
-                take_token_item(e.get_mut(), instant, key, now, burst, interval_ns)
-            }
+            Entry::Occupied(mut e) => f(e.get_mut(), false).map(|(t, _)| t),
             Entry::Vacant(e) => {
-                // A missing key is a full bucket: with `burst` >= 1 the token is there.
                 let mut item = Item {
                     value: Vec::new(),
                     expires: None,
                 };
-                let d = take_token_item(&mut item, instant, key, now, burst, interval_ns)?;
-                if d.allowed {
+                let (t, store) = f(&mut item, true)?;
+                if store {
                     e.insert(item);
                     self.added();
                 }
-                Ok(d)
+                Ok(t)
             }
         }
     }

@@ -107,6 +107,7 @@ pub struct Metrics {
     pub downstream_cx_active: Family<ListenerLabel, Gauge>,
     pub downstream_cx_total: Family<ListenerLabel, Counter>,
     pub downstream_rq_rejected: Family<ReasonLabel, Counter>,
+    pub downstream_rq_idle_timeout: Family<ListenerLabel, Counter>,
     pub upstream_cx_active: Family<ClusterLabel, Gauge>,
     pub upstream_cx_total: Family<ClusterLabel, Counter>,
     pub upstream_cx_connect_fail: Family<ClusterLabel, Counter>,
@@ -183,6 +184,7 @@ impl Metrics {
             response_bytes,
             downstream_cx_active: Family::default(),
             downstream_cx_total: Family::default(),
+            downstream_rq_idle_timeout: Family::default(),
             downstream_rq_rejected: Family::default(),
             upstream_cx_active: Family::default(),
             upstream_cx_total: Family::default(),
@@ -236,6 +238,11 @@ impl Metrics {
                 "downstream_rq_rejected",
                 "Requests refused before routing, by reason",
                 m.downstream_rq_rejected.clone(),
+            );
+            reg.register(
+                "downstream_rq_idle_timeout",
+                "Requests ended by the stream idle timeout (flag SI)",
+                m.downstream_rq_idle_timeout.clone(),
             );
             reg.register(
                 "upstream_cx_active",

@@ -1112,6 +1112,7 @@ fn error_type(e: &ProxyError) -> &'static str {
         ProxyError::UpstreamTimeout => "timeout",
         ProxyError::NoHealthyUpstream => "no_healthy_upstream",
         ProxyError::DownstreamBody(_) => "downstream_body",
+        ProxyError::StreamIdleTimeout => "stream_idle_timeout",
         _ => "_OTHER",
     }
 }
