@@ -13,7 +13,9 @@
 //! filters add. Chains: `passthrough` (one filter that does nothing: the host's floor per
 //! filter), each of `headers`, `ratelimit` and `authz` alone, and `filter3` (headers →
 //! ratelimit → authz, configured as `bench/templates/wasmesh-filter3.json`).
-//! `WASMESH_BENCH_CHAIN=filter3` runs one chain only. For instruction counts, run the
+//! `WASMESH_BENCH_CHAIN=filter3` runs one chain only. `WASMESH_BENCH_EVICT_KB=2048` writes
+//! 2 MiB between requests, so the filters start each request with cold caches, as in a
+//! proxy (see BENCHMARKS.md: the same instructions take about 2.5 times as long there). For instruction counts, run the
 //! binary under `valgrind --tool=callgrind` with a small count
 //! (`WASMESH_BENCH_NO_BUILD=1 valgrind --tool=callgrind target/release/deps/chain-HASH 2000`).
 
@@ -177,10 +179,20 @@ fn thread_cpu() -> Duration {
     )
 }
 
-/// Run `n` requests; (wall, CPU) per request.
-async fn measure(chain: Option<&Chain>, n: u64) -> (Duration, Duration) {
+/// Run `n` requests; (wall, CPU) per request. With `evict` non-empty, every request is
+/// preceded by a write to each cache line of `evict`, as the rest of a proxy's work (the
+/// kernel's network stack, HTTP parsing) would push the filters' code and data out of the
+/// caches between requests; the loop without filters does the same, so the difference is
+/// what the filters cost when they start cold.
+async fn measure(chain: Option<&Chain>, n: u64, evict: &mut [u8]) -> (Duration, Duration) {
     let (t0, c0) = (Instant::now(), thread_cpu());
     for i in 0..n {
+        for line in evict.chunks_mut(64) {
+            if let Some(b) = line.first_mut() {
+                *b = b.wrapping_add(1);
+            }
+        }
+        std::hint::black_box(&mut *evict);
         one(chain, i).await;
     }
     let per = |d: Duration| d / u32::try_from(n.max(1)).unwrap_or(u32::MAX);
@@ -246,14 +258,25 @@ fn main() {
             .collect();
         // Warm up: instances created, caches filled, CPU clocks up.
         let warm = (n / 10).clamp(1, 20_000);
-        measure(None, warm).await;
+        // `WASMESH_BENCH_EVICT_KB=N`: write N KiB between requests (see `measure`).
+        let evict_kb: usize = std::env::var("WASMESH_BENCH_EVICT_KB")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let mut evict = vec![0u8; evict_kb * 1024];
+        measure(None, warm, &mut evict).await;
         for (_, c) in &chains {
-            measure(Some(c), warm).await;
+            measure(Some(c), warm, &mut evict).await;
         }
-        let (base_wall, base_cpu) = measure(None, n).await;
-        println!("{n} requests per chain; per request, minus the loop without filters:");
+        let (base_wall, base_cpu) = measure(None, n, &mut evict).await;
+        let cold = if evict_kb > 0 {
+            format!(", {evict_kb} KiB written between requests")
+        } else {
+            String::new()
+        };
+        println!("{n} requests per chain{cold}; per request, minus the loop without filters:");
         for (name, c) in &chains {
-            let (wall, cpu) = measure(Some(c), n).await;
+            let (wall, cpu) = measure(Some(c), n, &mut evict).await;
             println!(
                 "{name:12} wall {:>8.3} µs   cpu {:>8.3} µs",
                 wall.saturating_sub(base_wall).as_secs_f64() * 1e6,

@@ -163,15 +163,16 @@ pub struct Outgoing {
 impl Outgoing {
     /// Encode the head (and, when it is already at hand, a small body behind it).
     pub fn new(parts: &http::request::Parts, body: Body) -> Self {
-        let declared = content_length(&parts.headers);
-        let framing = if body.is_end_stream() {
-            ReqFraming::None
-        } else if let Some(n) = declared {
-            ReqFraming::Length(n)
-        } else if let Some(n) = body.size_hint().exact() {
-            ReqFraming::Length(n)
+        // Without a body (most requests) the headers are not searched for a length.
+        let (framing, declared) = if body.is_end_stream() {
+            (ReqFraming::None, None)
         } else {
-            ReqFraming::Chunked
+            let declared = content_length(&parts.headers);
+            let framing = match (declared, body.size_hint().exact()) {
+                (Some(n), _) | (None, Some(n)) => ReqFraming::Length(n),
+                (None, None) => ReqFraming::Chunked,
+            };
+            (framing, declared)
         };
         let mut b = BytesMut::with_capacity(head_size(parts));
         b.put_slice(parts.method.as_str().as_bytes());
