@@ -6,6 +6,9 @@
 //! bounded by the connection's idle timeout), and a body that is always ready, such as a
 //! small response that came with its head, never arms it. The timer is allocated on the
 //! first wait, so requests that never wait pay nothing.
+//!
+//! Upgraded connections (WebSocket) have no bodies: [`tunnel`] ends them when no byte has
+//! moved either way for the timeout.
 
 use crate::cluster::BoxError;
 use crate::error::StreamIdle;
@@ -131,6 +134,92 @@ where
     #[inline]
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+/// Copy both ways between the two sides of an upgraded connection (WebSocket) until
+/// either closes, or until no byte has moved either way for `idle` (zero: no limit), as
+/// Envoy's stream idle timeout ends idle upgraded streams. Dropping the two sides, which
+/// the caller does next, closes both connections.
+pub(crate) async fn tunnel<A, B>(a: A, b: B, idle: Duration)
+where
+    A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let last = std::rc::Rc::new(std::cell::Cell::new(Instant::now()));
+    let mut a = Tracked {
+        inner: a,
+        last: last.clone(),
+    };
+    let mut b = Tracked {
+        inner: b,
+        last: last.clone(),
+    };
+    let copy = tokio::io::copy_bidirectional(&mut a, &mut b);
+    if idle.is_zero() {
+        let _ = copy.await;
+        return;
+    }
+    let mut copy = std::pin::pin!(copy);
+    loop {
+        let idle_at = last.get() + idle;
+        tokio::select! {
+            _ = copy.as_mut() => return,
+            () = tokio::time::sleep_until(idle_at) => {
+                if last.get() + idle <= Instant::now() {
+                    tracing::debug!(?idle, "upgraded connection idle: closed");
+                    return;
+                }
+            }
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// An I/O object that notes when it last moved a byte.
+    struct Tracked<T> {
+        #[pin]
+        inner: T,
+        last: std::rc::Rc<std::cell::Cell<Instant>>,
+    }
+}
+
+impl<T: tokio::io::AsyncRead> tokio::io::AsyncRead for Tracked<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.project();
+        let before = buf.filled().len();
+        let r = this.inner.poll_read(cx, buf);
+        if buf.filled().len() > before {
+            this.last.set(Instant::now());
+        }
+        r
+    }
+}
+
+impl<T: tokio::io::AsyncWrite> tokio::io::AsyncWrite for Tracked<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.project();
+        let r = this.inner.poll_write(cx, buf);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            this.last.set(Instant::now());
+        }
+        r
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.project().inner.poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.project().inner.poll_shutdown(cx)
     }
 }
 

@@ -364,11 +364,12 @@ async fn serve(
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         if let Some(down) = downstream_upgrade {
             let up = hyper::upgrade::on(&mut resp);
+            let idle = lc.spec.limits.stream_idle_timeout;
             tokio::task::spawn_local(async move {
                 if let (Ok(down), Ok(up)) = (down.await, up.await) {
-                    let mut down = hyper_util::rt::TokioIo::new(down);
-                    let mut up = hyper_util::rt::TokioIo::new(up);
-                    let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+                    let down = hyper_util::rt::TokioIo::new(down);
+                    let up = hyper_util::rt::TokioIo::new(up);
+                    crate::idle::tunnel(down, up, idle).await;
                 }
             });
         }

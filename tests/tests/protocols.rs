@@ -194,6 +194,47 @@ async fn websocket_upgrade_round_trip() {
 }
 
 #[tokio::test]
+async fn an_idle_websocket_is_closed_after_the_stream_idle_timeout() {
+    let up = Upstream::start().await;
+    up.set_default(Behavior::WebSocketEcho);
+    let proxy = Proxy::start(json!({
+        "listeners": [{"name": "in", "address": "127.0.0.1:0",
+            "limits": {"stream_idle_timeout": "1s"}, "routes": [{"cluster": "ws"}]}],
+        "clusters": [cluster("ws", up.addr())],
+    }))
+    .await;
+    let addr = proxy.listener("in");
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let (mut ws, _) = tokio_tungstenite::client_async(format!("ws://{addr}/chat"), tcp)
+        .await
+        .expect("websocket handshake through the proxy");
+    // Messages a tenth of the timeout apart, for longer than the timeout: a tunnel that
+    // moves bytes stays open.
+    let start = std::time::Instant::now();
+    for i in 0..15 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        ws.send(Message::text(format!("tick {i}")))
+            .await
+            .expect("send");
+        let got = tokio::time::timeout(Duration::from_secs(5), ws.next())
+            .await
+            .expect("echo in time")
+            .expect("a message")
+            .expect("the tunnel is still open");
+        assert_eq!(got, Message::text(format!("tick {i}")));
+    }
+    assert!(start.elapsed() > Duration::from_secs(1));
+    // Then silence: the proxy closes both sides.
+    let end = tokio::time::timeout(Duration::from_secs(15), ws.next())
+        .await
+        .expect("the proxy closes an idle tunnel");
+    assert!(
+        matches!(end, None | Some(Err(_))),
+        "the connection must end, not carry a message: {end:?}"
+    );
+}
+
+#[tokio::test]
 async fn grpc_style_trailers_pass_both_ways() {
     let up = Upstream::start().await;
     up.set_default(Behavior::GrpcEcho);
