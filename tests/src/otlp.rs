@@ -311,3 +311,255 @@ impl Drop for BlackHole {
         self.task.abort();
     }
 }
+
+/// A private PKI for a TLS collector: a CA, a certificate for `127.0.0.1` (and
+/// `localhost`), and a client certificate, all made with rcgen in a temporary directory.
+pub struct CollectorPki {
+    pub ca: std::path::PathBuf,
+    pub server: crate::mtls::CertFiles,
+    pub client: crate::mtls::CertFiles,
+}
+
+impl CollectorPki {
+    pub fn new(tag: &str) -> CollectorPki {
+        let dir = crate::proxy::temp_dir(tag);
+        let ca_key = rcgen::KeyPair::generate().expect("CA key");
+        let mut ca_params = rcgen::CertificateParams::default();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "collector test CA");
+        let ca_cert = ca_params.self_signed(&ca_key).expect("CA cert");
+        let ca = dir.join("ca.pem");
+        std::fs::write(&ca, ca_cert.pem()).expect("write CA");
+        let issuer = rcgen::Issuer::from_ca_cert_pem(&ca_cert.pem(), ca_key).expect("issuer");
+        let issue = |name: &str, sans: Vec<rcgen::SanType>, usage| {
+            let key = rcgen::KeyPair::generate().expect("key");
+            let mut params = rcgen::CertificateParams::default();
+            params.subject_alt_names = sans;
+            params.extended_key_usages = vec![usage];
+            let cert = params.signed_by(&key, &issuer).expect("sign");
+            let files = crate::mtls::CertFiles {
+                cert: dir.join(format!("{name}.pem")),
+                key: dir.join(format!("{name}.key")),
+            };
+            std::fs::write(&files.cert, cert.pem()).expect("write cert");
+            std::fs::write(&files.key, key.serialize_pem()).expect("write key");
+            files
+        };
+        let server = issue(
+            "collector",
+            vec![
+                rcgen::SanType::IpAddress(std::net::IpAddr::from([127, 0, 0, 1])),
+                rcgen::SanType::DnsName("localhost".try_into().expect("dns")),
+            ],
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+        );
+        let client = issue(
+            "exporter",
+            vec![rcgen::SanType::DnsName(
+                "exporter.local".try_into().expect("dns"),
+            )],
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+        );
+        CollectorPki { ca, server, client }
+    }
+
+    /// The collector's TLS config; `client_auth`: require a client certificate from the CA.
+    fn server_config(&self, client_auth: bool, alpn: &[u8]) -> Arc<rustls::ServerConfig> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&self.server.cert)
+            .expect("server cert")
+            .collect::<Result<_, _>>()
+            .expect("server cert");
+        let key = PrivateKeyDer::from_pem_file(&self.server.key).expect("server key");
+        let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .expect("versions");
+        let builder = if client_auth {
+            let mut roots = rustls::RootCertStore::empty();
+            for ca in CertificateDer::pem_file_iter(&self.ca).expect("ca") {
+                roots.add(ca.expect("ca")).expect("add ca");
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            )
+            .build()
+            .expect("client verifier");
+            builder.with_client_cert_verifier(verifier)
+        } else {
+            builder.with_no_client_auth()
+        };
+        let mut config = builder.with_single_cert(chain, key).expect("server config");
+        config.alpn_protocols = vec![alpn.to_vec()];
+        Arc::new(config)
+    }
+}
+
+/// A TLS connection accepted by a test collector.
+struct TlsConn(tokio_rustls::server::TlsStream<tokio::net::TcpStream>);
+
+impl tonic::transport::server::Connected for TlsConn {
+    type ConnectInfo = ();
+    fn connect_info(&self) -> Self::ConnectInfo {}
+}
+
+impl tokio::io::AsyncRead for TlsConn {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for TlsConn {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+}
+
+/// Accept TLS connections on `listener` into a channel, counting handshakes that
+/// completed and those whose client presented a certificate.
+fn accept_tls(
+    listener: tokio::net::TcpListener,
+    config: Arc<rustls::ServerConfig>,
+    handshakes: Arc<Mutex<(usize, usize)>>,
+) -> (
+    tokio::sync::mpsc::Receiver<TlsConn>,
+    tokio::task::JoinHandle<()>,
+) {
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    let task = tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (acceptor, tx, handshakes) = (acceptor.clone(), tx.clone(), handshakes.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                if let Ok(mut h) = handshakes.lock() {
+                    h.0 += 1;
+                    if tls.get_ref().1.peer_certificates().is_some() {
+                        h.1 += 1;
+                    }
+                }
+                let _ = tx.send(TlsConn(tls)).await;
+            });
+        }
+    });
+    (rx, task)
+}
+
+/// A collector behind TLS (see [`OtlpReceiver::grpc_tls`]).
+pub struct TlsReceiver {
+    pub receiver: OtlpReceiver,
+    handshakes: Arc<Mutex<(usize, usize)>>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl TlsReceiver {
+    /// `https://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("https://{}", self.receiver.addr)
+    }
+
+    /// TLS handshakes completed, and how many of them with a client certificate.
+    pub fn handshakes(&self) -> (usize, usize) {
+        self.handshakes.lock().map(|h| *h).unwrap_or_default()
+    }
+}
+
+impl Drop for TlsReceiver {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
+}
+
+impl OtlpReceiver {
+    /// OTLP/gRPC over TLS with the PKI's collector certificate (ALPN `h2`);
+    /// `client_auth`: the exporter must present a certificate from the PKI's CA.
+    pub async fn grpc_tls(pki: &CollectorPki, client_auth: bool) -> TlsReceiver {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the OTLP gRPC TLS receiver");
+        let addr = listener.local_addr().expect("local addr");
+        let store = Arc::new(Store::default());
+        let handshakes = Arc::new(Mutex::new((0, 0)));
+        let (rx, accept) = accept_tls(
+            listener,
+            pki.server_config(client_auth, b"h2"),
+            handshakes.clone(),
+        );
+        let incoming = futures_util::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|c| (Ok::<_, std::io::Error>(c), rx))
+        });
+        let svc = TraceServiceServer::new(Grpc(store.clone()));
+        let task = tokio::spawn(async move {
+            let _ = tonic::transport::Server::builder()
+                .add_service(svc)
+                .serve_with_incoming(incoming)
+                .await;
+        });
+        TlsReceiver {
+            receiver: OtlpReceiver { addr, store, task },
+            handshakes,
+            accept,
+        }
+    }
+
+    /// OTLP/HTTP over TLS (ALPN `http/1.1`), as [`OtlpReceiver::grpc_tls`].
+    pub async fn http_tls(pki: &CollectorPki, client_auth: bool) -> TlsReceiver {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the OTLP HTTP TLS receiver");
+        let addr = listener.local_addr().expect("local addr");
+        let store = Arc::new(Store::default());
+        let handshakes = Arc::new(Mutex::new((0, 0)));
+        let (mut rx, accept) = accept_tls(
+            listener,
+            pki.server_config(client_auth, b"http/1.1"),
+            handshakes.clone(),
+        );
+        let s = store.clone();
+        let task = tokio::spawn(async move {
+            while let Some(conn) = rx.recv().await {
+                let s = s.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req| {
+                        let s = s.clone();
+                        async move { Ok::<_, std::convert::Infallible>(http_export(&s, req).await) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(conn.0), svc)
+                        .await;
+                });
+            }
+        });
+        TlsReceiver {
+            receiver: OtlpReceiver { addr, store, task },
+            handshakes,
+            accept,
+        }
+    }
+}

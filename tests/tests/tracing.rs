@@ -7,7 +7,7 @@ use serde_json::{json, Value};
 use std::time::{Duration, Instant};
 use wasmesh_e2e::client::Req;
 use wasmesh_e2e::otlp::{
-    BlackHole, OtlpReceiver, ReceivedSpan, KIND_CLIENT, KIND_INTERNAL, KIND_SERVER,
+    BlackHole, CollectorPki, OtlpReceiver, ReceivedSpan, KIND_CLIENT, KIND_INTERNAL, KIND_SERVER,
 };
 use wasmesh_e2e::upstream::refused_addr;
 use wasmesh_e2e::{cluster, wasm_filters, Behavior, Proxy, Upstream};
@@ -554,4 +554,118 @@ async fn bad_tracing_settings_fail_the_start() {
     ] {
         assert!(stderr.contains(want), "missing {want:?} in {stderr}");
     }
+}
+
+/// An `https://` collector: gRPC trusting the collector's CA from the manifest, and
+/// OTLP/HTTP with a client certificate from the standard variables (a collector that
+/// requires mTLS). A collector the proxy does not trust gets nothing, and requests are
+/// unaffected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_collectors_get_spans_over_tls() {
+    let pki = CollectorPki::new("collector-pki");
+    let app = Upstream::start().await;
+    let listeners =
+        json!([{"name": "in", "address": "127.0.0.1:0", "routes": [{"cluster": "app"}]}]);
+
+    // gRPC: the CA from the manifest; this collector asks for no client certificate.
+    let grpc = OtlpReceiver::grpc_tls(&pki, false).await;
+    let proxy = Proxy::start(json!({
+        "node": {"workload": "tls-grpc"},
+        "tracing": tracing(&grpc.url(), "grpc", json!({"tls": {"ca_file": pki.ca}})),
+        "listeners": listeners,
+        "clusters": [cluster("app", app.addr())],
+    }))
+    .await;
+    let r = Req::get("/over-tls").send(proxy.listener("in")).await;
+    assert_eq!(r.status, 200);
+    let spans = grpc
+        .receiver
+        .wait_for(WAIT, "spans over gRPC with TLS", |s| {
+            count(s, "tls-grpc", KIND_SERVER) == 1 && count(s, "tls-grpc", KIND_CLIENT) == 1
+        })
+        .await;
+    assert_eq!(
+        find(&spans, "tls-grpc", KIND_SERVER).attr("url.path"),
+        Some("/over-tls")
+    );
+    assert_eq!(
+        grpc.handshakes(),
+        (1, 0),
+        "one TLS connection, no client certificate"
+    );
+
+    // OTLP/HTTP to a collector that requires a client certificate: everything from the
+    // OTEL_* variables.
+    let http = OtlpReceiver::http_tls(&pki, true).await;
+    let (ca, cert, key) = (
+        pki.ca.display().to_string(),
+        pki.client.cert.display().to_string(),
+        pki.client.key.display().to_string(),
+    );
+    let proxy = Proxy::start_with(
+        json!({
+            "node": {"workload": "tls-http"},
+            "listeners": listeners,
+            "clusters": [cluster("app", app.addr())],
+        }),
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", http.url().as_str()),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
+            ("OTEL_EXPORTER_OTLP_CERTIFICATE", ca.as_str()),
+            ("OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE", cert.as_str()),
+            ("OTEL_EXPORTER_OTLP_CLIENT_KEY", key.as_str()),
+        ],
+    )
+    .await;
+    let r = Req::get("/mtls").send(proxy.listener("in")).await;
+    assert_eq!(r.status, 200);
+    http.receiver
+        .wait_for(WAIT, "spans over OTLP/HTTP with mTLS", |s| {
+            count(s, "tls-http", KIND_SERVER) == 1 && count(s, "tls-http", KIND_CLIENT) == 1
+        })
+        .await;
+    let (done, with_cert) = http.handshakes();
+    assert!(
+        done >= 1 && with_cert == done,
+        "the exporter presented its certificate"
+    );
+
+    // A collector whose certificate another CA signed: no handshake completes, every span
+    // is dropped and counted, and requests go on as usual.
+    let other = CollectorPki::new("other-pki");
+    let untrusted = OtlpReceiver::grpc_tls(&pki, false).await;
+    let proxy = Proxy::start(json!({
+        "tracing": tracing(&untrusted.url(), "grpc", json!({
+            "export_timeout": "500ms", "tls": {"ca_file": other.ca}})),
+        "listeners": listeners,
+        "clusters": [cluster("app", app.addr())],
+    }))
+    .await;
+    requests_unaffected(&proxy, 5).await;
+    proxy
+        .wait_for(WAIT, "10 dropped spans", || async {
+            let d = proxy
+                .metric("wasmesh_tracing_spans_dropped_total", &[])
+                .await;
+            (d == 10.0).then_some(())
+        })
+        .await;
+    assert_eq!(untrusted.handshakes().0, 0);
+    assert!(untrusted.receiver.spans().is_empty());
+}
+
+/// TLS files that cannot be used fail the start, naming the field and the file.
+#[tokio::test]
+async fn unusable_collector_tls_files_fail_the_start() {
+    let (status, stderr) = Proxy::start_failure(json!({
+        "tracing": {"endpoint": "https://127.0.0.1:4317",
+                    "tls": {"ca_file": "/nonexistent/ca.pem", "cert_file": "client.pem"}},
+        "listeners": [{"name": "in", "address": "127.0.0.1:0", "routes": [{"direct_response": {"status": 200}}]}],
+    }))
+    .await;
+    assert!(!status.success());
+    assert!(
+        stderr.contains("tracing.tls.ca_file: cannot read /nonexistent/ca.pem"),
+        "{stderr}"
+    );
 }

@@ -65,9 +65,12 @@ pub fn load(file: &Path) -> Result<Manifest, ConfigErrors> {
             message: format!("cannot read the manifest: {e}"),
         }])
     })?;
-    let manifest = parse(file, &text).map_err(|e| ConfigErrors(vec![e]))?;
+    let mut manifest = parse(file, &text).map_err(|e| ConfigErrors(vec![e]))?;
     let errors = validate(file, &manifest);
     if errors.is_empty() {
+        if let Some(tls) = manifest.tracing.as_mut().and_then(|t| t.tls.as_mut()) {
+            tls.resolve_paths(file.parent());
+        }
         Ok(manifest)
     } else {
         Err(ConfigErrors(errors))
@@ -708,6 +711,16 @@ fn check_tracing(c: &mut Checker<'_>, t: &TracingSpec) {
     }
     if t.export_timeout.is_zero() {
         c.err("tracing.export_timeout", "must be more than 0s");
+    }
+    if let Some(tls) = &t.tls {
+        // Load the files as the exporter will, so a start or `wasmesh check` names a
+        // missing or unusable one up front.
+        let mut tls = tls.clone();
+        tls.resolve_paths(c.file.parent());
+        let settings = crate::telemetry::collector_tls::CollectorTls::from_spec(&tls);
+        if let Err(e) = crate::telemetry::collector_tls::check_files(&settings) {
+            c.err(format!("tracing.tls.{}", e.field), e.message);
+        }
     }
 }
 

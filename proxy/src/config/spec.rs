@@ -1140,6 +1140,47 @@ pub struct TracingSpec {
     /// An export that takes longer is abandoned (its spans counted as dropped).
     #[serde(default = "default_export_timeout", with = "humantime_serde")]
     pub export_timeout: Duration,
+    /// TLS to an `https://` collector. Default: the system's trusted CAs, no client
+    /// certificate.
+    #[serde(default)]
+    pub tls: Option<CollectorTlsSpec>,
+}
+
+/// TLS to the collector (`tracing.tls`). Relative paths are relative to the manifest's
+/// directory. The standard `OTEL_EXPORTER_OTLP_CERTIFICATE`,
+/// `OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE` and `OTEL_EXPORTER_OTLP_CLIENT_KEY` override them.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CollectorTlsSpec {
+    /// PEM file of the CA certificates to trust instead of the system's.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// PEM certificate chain to present when the collector asks for a client certificate;
+    /// with `key_file`.
+    #[serde(default)]
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key of `cert_file`.
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+    /// The name the collector's certificate must carry (and the SNI sent), when it is not
+    /// the endpoint's host.
+    #[serde(default)]
+    pub server_name: Option<String>,
+}
+
+impl CollectorTlsSpec {
+    /// Make relative paths relative to `base` (the manifest's directory).
+    pub fn resolve_paths(&mut self, base: Option<&std::path::Path>) {
+        let Some(base) = base else { return };
+        for p in [&mut self.ca_file, &mut self.cert_file, &mut self.key_file]
+            .into_iter()
+            .flatten()
+        {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+    }
 }
 
 impl Default for TracingSpec {
@@ -1155,6 +1196,7 @@ impl Default for TracingSpec {
             batch_size: default_trace_batch(),
             batch_delay: default_trace_delay(),
             export_timeout: default_export_timeout(),
+            tls: None,
         }
     }
 }

@@ -71,6 +71,8 @@ pub struct Settings {
     pub batch_size: usize,
     pub batch_delay: Duration,
     pub export_timeout: Duration,
+    /// Used for `https://` endpoints.
+    pub tls: super::collector_tls::CollectorTls,
 }
 
 /// Check an endpoint as the manifest gives it: an `http://` or `https://` URL with a host.
@@ -190,14 +192,60 @@ impl Settings {
             resource = resource.with_service_name(name);
         }
 
+        // TLS files: the per-signal variable, then the generic one, then the manifest.
+        let mut tls = spec
+            .tls
+            .as_ref()
+            .map(super::collector_tls::CollectorTls::from_spec)
+            .unwrap_or_default();
+        let file_var = |signal: &str, generic: &str| {
+            var(signal)
+                .or_else(|| var(generic))
+                .map(std::path::PathBuf::from)
+        };
+        if let Some(f) = file_var(
+            "OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE",
+            "OTEL_EXPORTER_OTLP_CERTIFICATE",
+        ) {
+            tls.ca_file = Some(f);
+        }
+        if let Some(f) = file_var(
+            "OTEL_EXPORTER_OTLP_TRACES_CLIENT_CERTIFICATE",
+            "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE",
+        ) {
+            tls.cert_file = Some(f);
+        }
+        if let Some(f) = file_var(
+            "OTEL_EXPORTER_OTLP_TRACES_CLIENT_KEY",
+            "OTEL_EXPORTER_OTLP_CLIENT_KEY",
+        ) {
+            tls.key_file = Some(f);
+        }
+
+        // Headers: the manifest's, then the generic variable's, then the per-signal one's;
+        // a later value for a name replaces an earlier one.
+        let mut headers: Vec<(String, String)> = spec
+            .headers
+            .iter()
+            .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
+            .collect();
+        for name in [
+            "OTEL_EXPORTER_OTLP_HEADERS",
+            "OTEL_EXPORTER_OTLP_TRACES_HEADERS",
+        ] {
+            if let Some(v) = var(name) {
+                for (k, v) in parse_headers(name, &v)? {
+                    headers.retain(|(have, _)| *have != k);
+                    headers.push((k, v));
+                }
+            }
+        }
+
         Ok(Some(Settings {
+            tls,
             endpoint,
             protocol,
-            headers: spec
-                .headers
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
+            headers,
             resource: resource.build(),
             sampler,
             max_queue_size: spec.max_queue_size,
@@ -238,6 +286,27 @@ fn sampler_from_env(name: &str, arg: Option<String>) -> Result<Sampler, TracingE
         }
     };
     Ok(Sampler { parent_based, root })
+}
+
+/// `OTEL_EXPORTER_OTLP_HEADERS` (and the per-signal variable): `key1=value1,key2=value2`
+/// with percent-encoded values. Names and values must make valid HTTP headers.
+fn parse_headers(var: &'static str, s: &str) -> Result<Vec<(String, String)>, TracingError> {
+    let mut out = Vec::new();
+    for item in s.split(',').filter(|i| !i.trim().is_empty()) {
+        let problem = |p: String| TracingError::Env { var, problem: p };
+        let (k, v) = item
+            .split_once('=')
+            .ok_or_else(|| problem(format!("`{}` is not `name=value`", item.trim())))?;
+        let (k, v) = (k.trim().to_ascii_lowercase(), percent_decode(v.trim()));
+        if HeaderName::from_bytes(k.as_bytes()).is_err() {
+            return Err(problem(format!("`{k}` is not a header name")));
+        }
+        if HeaderValue::from_str(&v).is_err() {
+            return Err(problem(format!("the value of `{k}` is not a header value")));
+        }
+        out.push((k, v));
+    }
+    Ok(out)
 }
 
 /// `key1=value1,key2=value2` with percent-encoded values (W3C Baggage octets).
@@ -599,18 +668,22 @@ impl Tracing {
                 };
                 rt.block_on(async move {
                     let s = exporter_settings;
-                    let transport =
-                        match Transport::new(s.protocol, &s.endpoint, &s.headers, s.export_timeout)
-                        {
-                            Ok(t) => {
-                                let _ = ready_tx.send(Ok(()));
-                                t
-                            }
-                            Err(e) => {
-                                let _ = ready_tx.send(Err(e));
-                                return;
-                            }
-                        };
+                    let transport = match Transport::new(
+                        s.protocol,
+                        &s.endpoint,
+                        &s.headers,
+                        s.export_timeout,
+                        &s.tls,
+                    ) {
+                        Ok(t) => {
+                            let _ = ready_tx.send(Ok(()));
+                            t
+                        }
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e));
+                            return;
+                        }
+                    };
                     let encoder = Encoder::new(&s.resource);
                     export_loop(&exporter_core, transport, encoder, stop_rx, &s, &m).await;
                 });
@@ -1283,6 +1356,54 @@ mod tests {
         assert!(resolve(Some(&spec), &[("OTEL_SDK_DISABLED", "true")])
             .expect("ok")
             .is_none());
+    }
+
+    #[test]
+    fn header_and_tls_variables() {
+        let mut spec = TracingSpec::default();
+        spec.headers.insert("X-Api-Key".into(), "manifest".into());
+        spec.headers.insert("x-team".into(), "shop".into());
+        spec.tls = Some(crate::config::CollectorTlsSpec {
+            ca_file: Some("/etc/manifest-ca.pem".into()),
+            server_name: Some("collector.internal".into()),
+            ..Default::default()
+        });
+        let s = resolve(
+            Some(&spec),
+            &[
+                ("OTEL_EXPORTER_OTLP_HEADERS", "x-api-key=env,x-tenant=a%20b"),
+                ("OTEL_EXPORTER_OTLP_TRACES_HEADERS", "x-tenant=traces"),
+                ("OTEL_EXPORTER_OTLP_CERTIFICATE", "/etc/env-ca.pem"),
+                ("OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE", "/etc/client.pem"),
+                ("OTEL_EXPORTER_OTLP_TRACES_CLIENT_KEY", "/etc/client.key"),
+            ],
+        )
+        .expect("ok")
+        .expect("on");
+        let mut headers = s.headers.clone();
+        headers.sort();
+        assert_eq!(
+            headers,
+            vec![
+                ("x-api-key".to_string(), "env".to_string()),
+                ("x-team".to_string(), "shop".to_string()),
+                ("x-tenant".to_string(), "traces".to_string()),
+            ]
+        );
+        assert_eq!(s.tls.ca_file, Some("/etc/env-ca.pem".into()));
+        assert_eq!(s.tls.cert_file, Some("/etc/client.pem".into()));
+        assert_eq!(s.tls.key_file, Some("/etc/client.key".into()));
+        assert_eq!(s.tls.server_name.as_deref(), Some("collector.internal"));
+        let e = resolve(
+            Some(&spec),
+            &[("OTEL_EXPORTER_OTLP_HEADERS", "no-equals-sign")],
+        )
+        .expect_err("malformed");
+        assert!(
+            e.to_string().starts_with("OTEL_EXPORTER_OTLP_HEADERS"),
+            "{e}"
+        );
+        assert!(resolve(Some(&spec), &[("OTEL_EXPORTER_OTLP_HEADERS", "bad name=1")]).is_err());
     }
 
     #[test]

@@ -787,6 +787,10 @@ type HttpClient = hyper_util::client::legacy::Client<
     hyper_util::client::legacy::connect::HttpConnector,
     http_body_util::Full<Bytes>,
 >;
+type HttpsClient = hyper_util::client::legacy::Client<
+    super::collector_tls::Connector,
+    http_body_util::Full<Bytes>,
+>;
 
 /// Where export requests go.
 pub(crate) enum Transport {
@@ -796,6 +800,11 @@ pub(crate) enum Transport {
     },
     Http {
         client: Box<HttpClient>,
+        uri: http::Uri,
+        headers: HeaderMap,
+    },
+    Https {
+        client: Box<HttpsClient>,
         uri: http::Uri,
         headers: HeaderMap,
     },
@@ -837,40 +846,44 @@ impl Transport {
         endpoint: &str,
         headers: &[(String, String)],
         timeout: Duration,
+        tls: &super::collector_tls::CollectorTls,
     ) -> Result<Self, String> {
+        use super::collector_tls::Connector;
         match protocol {
             crate::config::OtlpProtocol::Grpc => {
                 let ep = tonic::transport::Endpoint::from_shared(endpoint.to_string())
-                    .map_err(|e| format!("invalid endpoint '{endpoint}': {e}"))?;
-                if ep.uri().scheme() == Some(&http::uri::Scheme::HTTPS) {
-                    // No TLS client is built in for the exporter (as with the SDK's
-                    // exporter without a TLS feature): say so at start, not per export.
-                    return Err(format!(
-                        "endpoint '{endpoint}' uses HTTPS, which the OTLP/gRPC exporter does not support"
-                    ));
-                }
+                    .map_err(|e| format!("invalid endpoint '{endpoint}': {e}"))?
+                    .timeout(timeout);
+                let channel = if ep.uri().scheme() == Some(&http::uri::Scheme::HTTPS) {
+                    // gRPC over TLS negotiates HTTP/2 with ALPN `h2`.
+                    let connector =
+                        Connector::new(tls, b"h2", timeout).map_err(|e| e.to_string())?;
+                    ep.connect_with_connector_lazy(connector)
+                } else {
+                    ep.connect_lazy()
+                };
                 Ok(Transport::Grpc {
-                    client: tonic::client::Grpc::new(ep.timeout(timeout).connect_lazy()),
+                    client: tonic::client::Grpc::new(channel),
                     metadata: tonic::metadata::MetadataMap::from_headers(header_map(headers)),
                 })
             }
             crate::config::OtlpProtocol::HttpProtobuf => {
                 let uri = http::Uri::try_from(endpoint)
                     .map_err(|e| format!("invalid endpoint '{endpoint}': {e}"))?;
-                if uri.scheme() == Some(&http::uri::Scheme::HTTPS) {
-                    // The same as for gRPC: at start, not as spans dropped per export.
-                    return Err(format!(
-                        "endpoint '{endpoint}' uses HTTPS, which the OTLP/HTTP exporter does not support"
-                    ));
-                }
-                let client = Box::new(
-                    hyper_util::client::legacy::Client::builder(
-                        hyper_util::rt::TokioExecutor::new(),
-                    )
-                    .build_http(),
+                let builder = hyper_util::client::legacy::Client::builder(
+                    hyper_util::rt::TokioExecutor::new(),
                 );
+                if uri.scheme() == Some(&http::uri::Scheme::HTTPS) {
+                    let connector =
+                        Connector::new(tls, b"http/1.1", timeout).map_err(|e| e.to_string())?;
+                    return Ok(Transport::Https {
+                        client: Box::new(builder.build(connector)),
+                        uri,
+                        headers: header_map(headers),
+                    });
+                }
                 Ok(Transport::Http {
-                    client,
+                    client: Box::new(builder.build_http()),
                     uri,
                     headers: header_map(headers),
                 })
@@ -898,24 +911,40 @@ impl Transport {
                 client,
                 uri,
                 headers,
-            } => {
-                let mut req = http::Request::post(uri.clone())
-                    .header(http::header::CONTENT_TYPE, "application/x-protobuf")
-                    .body(http_body_util::Full::new(body))?;
-                for (k, v) in headers.iter() {
-                    req.headers_mut().insert(k.clone(), v.clone());
-                }
-                let resp = client.request(req).await?;
-                let status = resp.status();
-                // Read the reply to the end so the connection can carry the next export.
-                let _ = http_body_util::BodyExt::collect(resp.into_body()).await;
-                if status.is_success() {
-                    Ok(())
-                } else {
-                    Err(ExportError::Status(status))
-                }
-            }
+            } => post(client, uri, headers, body).await,
+            Transport::Https {
+                client,
+                uri,
+                headers,
+            } => post(client, uri, headers, body).await,
         }
+    }
+}
+
+/// One OTLP/HTTP export.
+async fn post<C>(
+    client: &hyper_util::client::legacy::Client<C, http_body_util::Full<Bytes>>,
+    uri: &http::Uri,
+    headers: &HeaderMap,
+    body: Bytes,
+) -> Result<(), ExportError>
+where
+    C: hyper_util::client::legacy::connect::Connect + Clone + Send + Sync + 'static,
+{
+    let mut req = http::Request::post(uri.clone())
+        .header(http::header::CONTENT_TYPE, "application/x-protobuf")
+        .body(http_body_util::Full::new(body))?;
+    for (k, v) in headers.iter() {
+        req.headers_mut().insert(k.clone(), v.clone());
+    }
+    let resp = client.request(req).await?;
+    let status = resp.status();
+    // Read the reply to the end so the connection can carry the next export.
+    let _ = http_body_util::BodyExt::collect(resp.into_body()).await;
+    if status.is_success() {
+        Ok(())
+    } else {
+        Err(ExportError::Status(status))
     }
 }
 
@@ -1228,7 +1257,11 @@ mod tests {
     /// tracing starts (the proxy does not start), for both protocols, rather than every
     /// export failing later.
     #[test]
-    fn https_collectors_are_refused_at_start() {
+    fn https_collectors_with_unusable_tls_files_are_refused_at_start() {
+        let tls = crate::telemetry::collector_tls::CollectorTls {
+            ca_file: Some(std::path::PathBuf::from("/nonexistent/collector-ca.pem")),
+            ..Default::default()
+        };
         for protocol in [
             crate::config::OtlpProtocol::Grpc,
             crate::config::OtlpProtocol::HttpProtobuf,
@@ -1238,10 +1271,14 @@ mod tests {
                 "https://collector:4318",
                 &[],
                 Duration::from_secs(1),
+                &tls,
             )
             .err()
             .unwrap_or_default();
-            assert!(e.contains("uses HTTPS"), "{protocol:?}: {e}");
+            assert!(
+                e.contains("tracing.tls.ca_file") && e.contains("/nonexistent/collector-ca.pem"),
+                "{protocol:?}: {e}"
+            );
         }
     }
 }

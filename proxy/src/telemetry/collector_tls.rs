@@ -1,0 +1,347 @@
+//! TLS to the OTLP collector, for `https://` endpoints: whom to trust (a CA file from the
+//! manifest or `OTEL_EXPORTER_OTLP_CERTIFICATE`, else the system's trusted CAs), a client
+//! certificate for collectors that ask for one, and one connector that both tonic
+//! (OTLP/gRPC) and hyper's client (OTLP/HTTP) dial with.
+
+use crate::config::CollectorTlsSpec;
+use hyper_util::client::legacy::connect::{Connected, Connection};
+use hyper_util::rt::TokioIo;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::{ClientConfig, RootCertStore};
+use std::future::Future;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::net::TcpStream;
+
+/// The effective collector TLS settings (the manifest's, under the `OTEL_*` variables).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct CollectorTls {
+    pub ca_file: Option<PathBuf>,
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    pub server_name: Option<String>,
+}
+
+impl CollectorTls {
+    pub fn from_spec(spec: &CollectorTlsSpec) -> Self {
+        Self {
+            ca_file: spec.ca_file.clone(),
+            cert_file: spec.cert_file.clone(),
+            key_file: spec.key_file.clone(),
+            server_name: spec.server_name.clone(),
+        }
+    }
+}
+
+/// What is wrong with the collector TLS settings: the field (as in `tracing.tls.FIELD`) and
+/// the problem, naming the file.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("tracing.tls.{field}: {message}")]
+pub struct TlsSettingsError {
+    pub field: &'static str,
+    pub message: String,
+}
+
+fn bad(field: &'static str, message: impl Into<String>) -> TlsSettingsError {
+    TlsSettingsError {
+        field,
+        message: message.into(),
+    }
+}
+
+fn read_certs(
+    field: &'static str,
+    file: &Path,
+) -> Result<Vec<CertificateDer<'static>>, TlsSettingsError> {
+    let pem = std::fs::read(file)
+        .map_err(|e| bad(field, format!("cannot read {}: {e}", file.display())))?;
+    let certs = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| bad(field, format!("{}: {e}", file.display())))?;
+    if certs.is_empty() {
+        return Err(bad(
+            field,
+            format!("{}: no PEM certificate in the file", file.display()),
+        ));
+    }
+    Ok(certs)
+}
+
+/// Trusted roots: the CA file's certificates, or the system's.
+fn roots(tls: &CollectorTls) -> Result<RootCertStore, TlsSettingsError> {
+    let mut roots = RootCertStore::empty();
+    match &tls.ca_file {
+        Some(file) => {
+            for ca in read_certs("ca_file", file)? {
+                roots
+                    .add(ca)
+                    .map_err(|e| bad("ca_file", format!("{}: {e}", file.display())))?;
+            }
+        }
+        None => {
+            // Certificates the system store holds but webpki cannot use are skipped.
+            let found = rustls_native_certs::load_native_certs();
+            let (added, _) = roots.add_parsable_certificates(found.certs);
+            if added == 0 {
+                return Err(bad(
+                    "ca_file",
+                    "no trusted CA certificates found on this system: give one \
+                     (or OTEL_EXPORTER_OTLP_CERTIFICATE)",
+                ));
+            }
+        }
+    }
+    Ok(roots)
+}
+
+/// The client certificate chain and key, when both are given.
+#[allow(clippy::type_complexity)]
+fn client_cert(
+    tls: &CollectorTls,
+) -> Result<Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>, TlsSettingsError> {
+    match (&tls.cert_file, &tls.key_file) {
+        (None, None) => Ok(None),
+        (Some(_), None) => Err(bad("key_file", "cert_file needs its key_file")),
+        (None, Some(_)) => Err(bad("cert_file", "key_file needs its cert_file")),
+        (Some(cert), Some(key)) => {
+            let chain = read_certs("cert_file", cert)?;
+            let pem = std::fs::read(key)
+                .map_err(|e| bad("key_file", format!("cannot read {}: {e}", key.display())))?;
+            let key_der = PrivateKeyDer::from_pem_slice(&pem)
+                .map_err(|e| bad("key_file", format!("{}: {e}", key.display())))?;
+            let signing = crate::tls::provider()
+                .key_provider
+                .load_private_key(key_der.clone_key())
+                .map_err(|e| bad("key_file", format!("{}: {e}", key.display())))?;
+            match rustls::sign::CertifiedKey::new(chain.clone(), signing).keys_match() {
+                // Key types whose public key rustls cannot derive: the handshake judges.
+                Ok(())
+                | Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::Unknown)) => {}
+                Err(_) => {
+                    return Err(bad(
+                        "key_file",
+                        format!("{} is not the key of {}", key.display(), cert.display()),
+                    ))
+                }
+            }
+            Ok(Some((chain, key_der)))
+        }
+    }
+}
+
+fn server_name(tls: &CollectorTls) -> Result<Option<ServerName<'static>>, TlsSettingsError> {
+    tls.server_name
+        .as_deref()
+        .map(|n| {
+            ServerName::try_from(n.to_string())
+                .map_err(|e| bad("server_name", format!("`{n}`: {e}")))
+        })
+        .transpose()
+}
+
+/// Check the files the settings name (not the system's store): for `wasmesh check` and
+/// the manifest's validation.
+pub fn check_files(tls: &CollectorTls) -> Result<(), TlsSettingsError> {
+    if let Some(file) = &tls.ca_file {
+        read_certs("ca_file", file)?;
+    }
+    client_cert(tls)?;
+    server_name(tls)?;
+    Ok(())
+}
+
+/// The rustls client configuration for the collector, offering `alpn` (`h2` for gRPC,
+/// `http/1.1` for OTLP/HTTP).
+pub fn client_config(
+    tls: &CollectorTls,
+    alpn: &[u8],
+) -> Result<Arc<ClientConfig>, TlsSettingsError> {
+    let builder = ClientConfig::builder_with_provider(crate::tls::provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| bad("ca_file", e.to_string()))?
+        .with_root_certificates(roots(tls)?);
+    let mut config = match client_cert(tls)? {
+        Some((chain, key)) => builder
+            .with_client_auth_cert(chain, key)
+            .map_err(|e| bad("key_file", e.to_string()))?,
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![alpn.to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// Dials the collector: TCP, then TLS, within `timeout`.
+#[derive(Clone)]
+pub struct Connector {
+    config: Arc<ClientConfig>,
+    server_name: Option<ServerName<'static>>,
+    timeout: Duration,
+}
+
+impl Connector {
+    pub fn new(
+        tls: &CollectorTls,
+        alpn: &[u8],
+        timeout: Duration,
+    ) -> Result<Self, TlsSettingsError> {
+        Ok(Self {
+            config: client_config(tls, alpn)?,
+            server_name: server_name(tls)?,
+            timeout,
+        })
+    }
+}
+
+impl tower_service::Service<http::Uri> for Connector {
+    type Response = TlsIo;
+    type Error = io::Error;
+    type Future = Pin<Box<dyn Future<Output = io::Result<TlsIo>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: http::Uri) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move {
+            let invalid = |m: String| io::Error::new(io::ErrorKind::InvalidInput, m);
+            let host = uri
+                .host()
+                .ok_or_else(|| invalid(format!("`{uri}` has no host")))?
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_string();
+            let port = uri.port_u16().unwrap_or(443);
+            let name = match this.server_name {
+                Some(n) => n,
+                None => ServerName::try_from(host.clone())
+                    .map_err(|e| invalid(format!("`{host}`: {e}")))?,
+            };
+            let connect = async {
+                let tcp = TcpStream::connect((host.as_str(), port)).await?;
+                let _ = tcp.set_nodelay(true);
+                tokio_rustls::TlsConnector::from(this.config)
+                    .connect(name, tcp)
+                    .await
+            };
+            let tls = tokio::time::timeout(this.timeout, connect)
+                .await
+                .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "TLS connect timed out"))??;
+            Ok(TlsIo(TokioIo::new(tls)))
+        })
+    }
+}
+
+/// A TLS connection to the collector, as hyper's I/O.
+pub struct TlsIo(TokioIo<tokio_rustls::client::TlsStream<TcpStream>>);
+
+impl Connection for TlsIo {
+    fn connected(&self) -> Connected {
+        Connected::new()
+    }
+}
+
+impl hyper::rt::Read for TlsIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl hyper::rt::Write for TlsIo {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.0.is_write_vectored()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp(name: &str, text: &str) -> PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("wasmesh-collector-tls-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&dir);
+        let p = dir.join(name);
+        std::fs::write(&p, text).expect("write");
+        p
+    }
+
+    #[test]
+    fn files_are_checked_and_named() {
+        let missing = CollectorTls {
+            ca_file: Some(PathBuf::from("/nonexistent/ca.pem")),
+            ..Default::default()
+        };
+        let e = check_files(&missing).expect_err("missing file");
+        assert_eq!(e.field, "ca_file");
+        assert!(e.message.contains("/nonexistent/ca.pem"), "{e}");
+
+        let empty = CollectorTls {
+            ca_file: Some(temp("empty.pem", "no certificates here\n")),
+            ..Default::default()
+        };
+        let e = check_files(&empty).expect_err("no certificate");
+        assert!(e.message.contains("no PEM certificate"), "{e}");
+
+        let half = CollectorTls {
+            cert_file: Some(PathBuf::from("client.pem")),
+            ..Default::default()
+        };
+        assert_eq!(check_files(&half).expect_err("half").field, "key_file");
+
+        let ca =
+            rcgen::generate_simple_self_signed(vec!["collector.local".to_string()]).expect("cert");
+        let ok = CollectorTls {
+            ca_file: Some(temp("ca.pem", &ca.cert.pem())),
+            cert_file: Some(temp("client.pem", &ca.cert.pem())),
+            key_file: Some(temp("client.key", &ca.signing_key.serialize_pem())),
+            server_name: Some("collector.local".to_string()),
+        };
+        check_files(&ok).expect("usable files");
+        let config = client_config(&ok, b"h2").expect("config");
+        assert_eq!(config.alpn_protocols, vec![b"h2".to_vec()]);
+
+        let wrong_key = rcgen::KeyPair::generate().expect("key");
+        let mismatch = CollectorTls {
+            key_file: Some(temp("other.key", &wrong_key.serialize_pem())),
+            ..ok
+        };
+        assert_eq!(
+            check_files(&mismatch).expect_err("mismatch").field,
+            "key_file"
+        );
+    }
+}
