@@ -13,7 +13,7 @@
 use super::bindings::wasmesh::filter::types::{self as wt, Action};
 use super::bindings::Hooks;
 use super::coalesce;
-use super::host::{CallData, Phase, RequestCtx, RequestSnapshot};
+use super::host::{Phase, RequestCtx, RequestSnapshot};
 use super::instance::{self, CallFailure};
 use super::slot::{Candidate, EntryShared, FilterSlot, FilterVersion};
 use super::{LocalResponse, Outcome, RequestInfo, Verdict};
@@ -582,8 +582,10 @@ impl ChainRun {
         let Some(entry) = self.entries.get_mut(idx) else {
             return Err(CallFailure::new("invalid_action", "no such filter"));
         };
-        let v = entry.version.clone();
-        let mut inst = instance::checkout(&v)?;
+        // Borrowed, not cloned: a clone is an atomic write to a line shared by every
+        // request using this version.
+        let v = &entry.version;
+        let mut inst = instance::checkout(v)?;
         match entry.generation {
             Some(g) if g != inst.generation => {
                 instance::checkin(&v, inst);
@@ -604,22 +606,22 @@ impl ChainRun {
             _ => no_prefetch(),
         };
         {
+            // Only what this hook sees goes in, field by field: the rest of `call` is at
+            // rest from the last call (see below), and rewriting the whole struct (about
+            // 500 bytes, in cache lines that are cold by the next request) costs more than
+            // the call's own bookkeeping.
             let call = &mut inst.store.data_mut().call;
-            *call = CallData {
-                phase,
-                req: io
-                    .req
-                    .as_deref_mut()
-                    .map(|p| std::mem::replace(p, empty_request_parts())),
-                resp: io
-                    .resp
-                    .as_deref_mut()
-                    .map(|p| std::mem::replace(p, empty_response_parts())),
-                body: io.body.as_deref_mut().map(std::mem::take),
-                body_replaced: false,
-                ctx: self.ctx.take(),
-                ..CallData::default()
-            };
+            call.phase = phase;
+            call.req = io
+                .req
+                .as_deref_mut()
+                .map(|p| std::mem::replace(p, empty_request_parts()));
+            call.resp = io
+                .resp
+                .as_deref_mut()
+                .map(|p| std::mem::replace(p, empty_response_parts()));
+            call.body = io.body.as_deref_mut().map(std::mem::take);
+            call.ctx = self.ctx.take();
         }
         inst.store.set_epoch_deadline(v.entry.rt.deadline_ticks);
         let started = Instant::now();
@@ -654,19 +656,25 @@ impl ChainRun {
         inst.store.data().end_call();
         v.metrics.invocations.inc();
         v.metrics.duration.observe(started.elapsed().as_secs_f64());
-        // Move everything back, whether the call worked or not.
-        let call = std::mem::take(&mut inst.store.data_mut().call);
-        if let (Some(dst), Some(src)) = (io.req.as_deref_mut(), call.req) {
+        // Move everything back, whether the call worked or not, and leave `call` at rest:
+        // nothing in it, phase idle (host calls outside a hook are refused by phase).
+        let call = &mut inst.store.data_mut().call;
+        call.phase = Phase::Idle;
+        if let (Some(dst), Some(src)) = (io.req.as_deref_mut(), call.req.take()) {
             *dst = src;
         }
-        if let (Some(dst), Some(src)) = (io.resp.as_deref_mut(), call.resp) {
+        if let (Some(dst), Some(src)) = (io.resp.as_deref_mut(), call.resp.take()) {
             *dst = src;
         }
-        if let (Some(dst), Some(src)) = (io.body.as_deref_mut(), call.body) {
+        if let (Some(dst), Some(src)) = (io.body.as_deref_mut(), call.body.take()) {
             *dst = src;
         }
-        io.body_replaced |= call.body_replaced;
-        self.ctx = call.ctx;
+        io.body_replaced |= std::mem::take(&mut call.body_replaced);
+        self.ctx = call.ctx.take();
+        // Set by a hook that failed before they were read.
+        call.action = None;
+        call.effects.clear();
+        call.reply_error = None;
         match result {
             Ok(Ok(action)) => {
                 instance::checkin(&v, inst);
