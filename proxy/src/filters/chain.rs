@@ -588,7 +588,7 @@ impl ChainRun {
         let mut inst = instance::checkout(v)?;
         match entry.generation {
             Some(g) if g != inst.generation => {
-                instance::checkin(&v, inst);
+                instance::checkin(v, inst);
                 return Err(CallFailure::new(
                     "state_lost",
                     "the filter instance holding this request's state was restarted",
@@ -677,11 +677,11 @@ impl ChainRun {
         call.reply_error = None;
         match result {
             Ok(Ok(action)) => {
-                instance::checkin(&v, inst);
+                instance::checkin(v, inst);
                 Ok(action)
             }
             Ok(Err(e)) => {
-                instance::checkin(&v, inst);
+                instance::checkin(v, inst);
                 Err(CallFailure::new("invalid_action", e))
             }
             // The instance is dropped here: after a trap it cannot be entered again.
