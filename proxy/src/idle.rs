@@ -146,15 +146,10 @@ where
     A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    let last = std::rc::Rc::new(std::cell::Cell::new(Instant::now()));
-    let mut a = Tracked {
-        inner: a,
-        last: last.clone(),
-    };
-    let mut b = Tracked {
-        inner: b,
-        last: last.clone(),
-    };
+    use crate::listener::{Activity, IdleIo};
+    let activity = std::sync::Arc::new(Activity::new());
+    let mut a = IdleIo::new(a, activity.clone());
+    let mut b = IdleIo::new(b, activity.clone());
     let copy = tokio::io::copy_bidirectional(&mut a, &mut b);
     if idle.is_zero() {
         let _ = copy.await;
@@ -162,64 +157,16 @@ where
     }
     let mut copy = std::pin::pin!(copy);
     loop {
-        let idle_at = last.get() + idle;
+        let idle_at = activity.last() + idle;
         tokio::select! {
             _ = copy.as_mut() => return,
             () = tokio::time::sleep_until(idle_at) => {
-                if last.get() + idle <= Instant::now() {
+                if activity.last() + idle <= Instant::now() {
                     tracing::debug!(?idle, "upgraded connection idle: closed");
                     return;
                 }
             }
         }
-    }
-}
-
-pin_project_lite::pin_project! {
-    /// An I/O object that notes when it last moved a byte.
-    struct Tracked<T> {
-        #[pin]
-        inner: T,
-        last: std::rc::Rc<std::cell::Cell<Instant>>,
-    }
-}
-
-impl<T: tokio::io::AsyncRead> tokio::io::AsyncRead for Tracked<T> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let this = self.project();
-        let before = buf.filled().len();
-        let r = this.inner.poll_read(cx, buf);
-        if buf.filled().len() > before {
-            this.last.set(Instant::now());
-        }
-        r
-    }
-}
-
-impl<T: tokio::io::AsyncWrite> tokio::io::AsyncWrite for Tracked<T> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        let this = self.project();
-        let r = this.inner.poll_write(cx, buf);
-        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            this.last.set(Instant::now());
-        }
-        r
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        self.project().inner.poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        self.project().inner.poll_shutdown(cx)
     }
 }
 

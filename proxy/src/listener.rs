@@ -248,7 +248,8 @@ async fn serve_http(
 }
 
 /// A downstream connection after the listener's TLS (if any) has been dealt with.
-pub type Downstream = crate::cluster::MaybeTls<IdleIo, tokio_rustls::server::TlsStream<IdleIo>>;
+pub type Downstream =
+    crate::cluster::MaybeTls<IdleIo<TcpStream>, tokio_rustls::server::TlsStream<IdleIo<TcpStream>>>;
 
 /// Terminate the listener's TLS on a new connection: mesh mTLS (`tls`: told apart from
 /// plaintext by the first byte, a TLS record starts with 0x16 and no HTTP method does;
@@ -560,15 +561,22 @@ async fn splice(
 }
 
 pin_project_lite::pin_project! {
-    /// A socket that records when it last moved a byte (idle timeouts).
-    pub struct IdleIo {
+    /// A socket (or a tunnel's side, see `crate::idle::tunnel`) that records when it last
+    /// moved a byte (idle timeouts).
+    pub struct IdleIo<T> {
         #[pin]
-        inner: TcpStream,
+        inner: T,
         activity: Arc<Activity>,
     }
 }
 
-impl AsyncRead for IdleIo {
+impl<T> IdleIo<T> {
+    pub(crate) fn new(inner: T, activity: Arc<Activity>) -> Self {
+        Self { inner, activity }
+    }
+}
+
+impl<T: AsyncRead> AsyncRead for IdleIo<T> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -584,7 +592,7 @@ impl AsyncRead for IdleIo {
     }
 }
 
-impl AsyncWrite for IdleIo {
+impl<T: AsyncWrite> AsyncWrite for IdleIo<T> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -634,7 +642,7 @@ fn epoch() -> Instant {
 }
 
 impl Activity {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         let a = Activity(AtomicU64::new(0));
         a.touch();
         a
@@ -643,7 +651,7 @@ impl Activity {
         self.0
             .store(epoch().elapsed().as_millis() as u64, Ordering::Relaxed);
     }
-    fn last(&self) -> Instant {
+    pub(crate) fn last(&self) -> Instant {
         epoch() + Duration::from_millis(self.0.load(Ordering::Relaxed))
     }
 }

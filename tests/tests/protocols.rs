@@ -153,6 +153,29 @@ async fn keep_alive_reuses_connections_on_both_sides() {
     );
 }
 
+type Ws = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
+
+/// A WebSocket through the proxy at `addr` (the handshake must get 101).
+async fn ws_connect(addr: std::net::SocketAddr) -> Ws {
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let (ws, resp) = tokio_tungstenite::client_async(format!("ws://{addr}/chat"), tcp)
+        .await
+        .expect("websocket handshake through the proxy");
+    assert_eq!(resp.status(), 101);
+    ws
+}
+
+/// Send `text` and expect it back from the echo upstream.
+async fn echo(ws: &mut Ws, text: &str) {
+    ws.send(Message::text(text)).await.expect("send");
+    let got = tokio::time::timeout(Duration::from_secs(5), ws.next())
+        .await
+        .expect("echo in time")
+        .expect("a message")
+        .expect("the tunnel is open");
+    assert_eq!(got, Message::text(text));
+}
+
 #[tokio::test]
 async fn websocket_upgrade_round_trip() {
     let up = Upstream::start().await;
@@ -162,22 +185,9 @@ async fn websocket_upgrade_round_trip() {
         "clusters": [cluster("ws", up.addr())],
     }))
     .await;
-    let addr = proxy.listener("in");
-    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    let (mut ws, resp) = tokio_tungstenite::client_async(format!("ws://{addr}/chat"), tcp)
-        .await
-        .expect("websocket handshake through the proxy");
-    assert_eq!(resp.status(), 101);
+    let mut ws = ws_connect(proxy.listener("in")).await;
     for i in 0..3 {
-        ws.send(Message::text(format!("hello {i}")))
-            .await
-            .expect("send");
-        let got = tokio::time::timeout(Duration::from_secs(5), ws.next())
-            .await
-            .expect("echo in time")
-            .expect("a message")
-            .expect("no error");
-        assert_eq!(got, Message::text(format!("hello {i}")));
+        echo(&mut ws, &format!("hello {i}")).await;
     }
     let big = vec![7u8; 200_000];
     ws.send(Message::binary(big.clone())).await.expect("send");
@@ -203,25 +213,13 @@ async fn an_idle_websocket_is_closed_after_the_stream_idle_timeout() {
         "clusters": [cluster("ws", up.addr())],
     }))
     .await;
-    let addr = proxy.listener("in");
-    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    let (mut ws, _) = tokio_tungstenite::client_async(format!("ws://{addr}/chat"), tcp)
-        .await
-        .expect("websocket handshake through the proxy");
+    let mut ws = ws_connect(proxy.listener("in")).await;
     // Messages a tenth of the timeout apart, for longer than the timeout: a tunnel that
     // moves bytes stays open.
     let start = std::time::Instant::now();
     for i in 0..15 {
         tokio::time::sleep(Duration::from_millis(100)).await;
-        ws.send(Message::text(format!("tick {i}")))
-            .await
-            .expect("send");
-        let got = tokio::time::timeout(Duration::from_secs(5), ws.next())
-            .await
-            .expect("echo in time")
-            .expect("a message")
-            .expect("the tunnel is still open");
-        assert_eq!(got, Message::text(format!("tick {i}")));
+        echo(&mut ws, &format!("tick {i}")).await;
     }
     assert!(start.elapsed() > Duration::from_secs(1));
     // Then silence: the proxy closes both sides.
