@@ -669,3 +669,45 @@ async fn unusable_collector_tls_files_fail_the_start() {
         "{stderr}"
     );
 }
+
+/// A rotated CA file is picked up without a restart: exports fail against a collector the
+/// old file does not trust, then reach it once the file names the collector's CA.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotated_collector_tls_files_are_picked_up() {
+    let pki = CollectorPki::new("rotate-collector");
+    let other = CollectorPki::new("rotate-other");
+    let rx = OtlpReceiver::grpc_tls(&pki, false).await;
+    let app = Upstream::start().await;
+    let dir = wasmesh_e2e::proxy::temp_dir("rotate-ca");
+    let ca = dir.join("ca.pem");
+    std::fs::copy(&other.ca, &ca).expect("the wrong CA first");
+    let proxy = Proxy::start(json!({
+        "node": {"workload": "rotated"},
+        "tracing": tracing(&rx.url(), "grpc", json!({
+            "export_timeout": "500ms", "tls": {"ca_file": ca}})),
+        "listeners": [{"name": "in", "address": "127.0.0.1:0", "routes": [{"cluster": "app"}]}],
+        "clusters": [cluster("app", app.addr())],
+    }))
+    .await;
+    requests_unaffected(&proxy, 1).await;
+    proxy
+        .wait_for(WAIT, "the first spans dropped", || async {
+            let d = proxy
+                .metric("wasmesh_tracing_spans_dropped_total", &[])
+                .await;
+            (d >= 2.0).then_some(())
+        })
+        .await;
+    assert!(rx.receiver.spans().is_empty());
+
+    // Rotate: the collector's CA replaces the file, as a secret mount swaps it.
+    let text = std::fs::read_to_string(&pki.ca).expect("CA");
+    wasmesh_e2e::proxy::write_atomically(&ca, &text);
+    // Requests keep coming (a batch is what makes the exporter look at the files).
+    proxy
+        .wait_for(WAIT, "spans over the rotated trust", || async {
+            requests_unaffected(&proxy, 1).await;
+            (count(&rx.receiver.spans(), "rotated", KIND_SERVER) > 0).then_some(())
+        })
+        .await;
+}

@@ -175,6 +175,76 @@ pub fn client_config(
     Ok(Arc::new(config))
 }
 
+/// The TLS files as last seen (modification time and size of each), so the exporter can
+/// rebuild its connector when they are rotated (cert-manager, SPIRE and Kubernetes
+/// secret mounts all replace the files in place), without a restart.
+pub struct FilesWatch {
+    files: Vec<PathBuf>,
+    /// What the connector in use was built from.
+    current: Vec<Option<(std::time::SystemTime, u64)>>,
+    /// A change that could not be used (logged once, retried at the next change).
+    failed: Option<Vec<Option<(std::time::SystemTime, u64)>>>,
+    next_look: std::time::Instant,
+}
+
+impl FilesWatch {
+    /// Files looked at no more often than this.
+    const EVERY: Duration = Duration::from_secs(1);
+
+    pub fn new(tls: &CollectorTls) -> Self {
+        let files: Vec<PathBuf> = [&tls.ca_file, &tls.cert_file, &tls.key_file]
+            .into_iter()
+            .flatten()
+            .cloned()
+            .collect();
+        let current = Self::stamp(&files);
+        Self {
+            files,
+            current,
+            failed: None,
+            next_look: std::time::Instant::now() + Self::EVERY,
+        }
+    }
+
+    fn stamp(files: &[PathBuf]) -> Vec<Option<(std::time::SystemTime, u64)>> {
+        files
+            .iter()
+            .map(|f| {
+                let m = std::fs::metadata(f).ok()?;
+                Some((m.modified().ok()?, m.len()))
+            })
+            .collect()
+    }
+
+    /// At most once a second: `Some(stamp)` when the files changed since the connector in
+    /// use was built (and not to a state that already failed). Pass it to
+    /// [`FilesWatch::applied`] or [`FilesWatch::rejected`].
+    pub fn poll(&mut self) -> Option<Vec<Option<(std::time::SystemTime, u64)>>> {
+        if self.files.is_empty() {
+            return None;
+        }
+        let now = std::time::Instant::now();
+        if now < self.next_look {
+            return None;
+        }
+        self.next_look = now + Self::EVERY;
+        let stamp = Self::stamp(&self.files);
+        (stamp != self.current && self.failed.as_ref() != Some(&stamp)).then_some(stamp)
+    }
+
+    /// The files of `stamp` now serve.
+    pub fn applied(&mut self, stamp: Vec<Option<(std::time::SystemTime, u64)>>) {
+        self.current = stamp;
+        self.failed = None;
+    }
+
+    /// The files of `stamp` could not be used (e.g. a certificate written before its key):
+    /// keep the old connector until they change again.
+    pub fn rejected(&mut self, stamp: Vec<Option<(std::time::SystemTime, u64)>>) {
+        self.failed = Some(stamp);
+    }
+}
+
 /// Dials the collector: TCP, then TLS, within `timeout`.
 #[derive(Clone)]
 pub struct Connector {
@@ -297,6 +367,35 @@ mod tests {
         let p = dir.join(name);
         std::fs::write(&p, text).expect("write");
         p
+    }
+
+    #[test]
+    fn rotations_are_seen_once_and_a_rejected_state_is_not_retried() {
+        let ca = temp("watch-ca.pem", "one");
+        let tls = CollectorTls {
+            ca_file: Some(ca.clone()),
+            ..Default::default()
+        };
+        let mut w = FilesWatch::new(&tls);
+        let look = |w: &mut FilesWatch| {
+            w.next_look = std::time::Instant::now();
+            w.poll()
+        };
+        assert!(look(&mut w).is_none(), "nothing changed");
+        std::fs::write(&ca, "two, longer").expect("write");
+        let stamp = look(&mut w).expect("a change");
+        w.rejected(stamp);
+        assert!(
+            look(&mut w).is_none(),
+            "the same unusable files are not tried again"
+        );
+        std::fs::write(&ca, "three, longer still").expect("write");
+        let stamp = look(&mut w).expect("another change");
+        w.applied(stamp);
+        assert!(look(&mut w).is_none(), "applied");
+        // Not more often than once a second.
+        std::fs::write(&ca, "four").expect("write");
+        assert!(w.poll().is_none());
     }
 
     #[test]

@@ -820,6 +820,11 @@ async fn export_loop(
     let q = &core.queue;
     let mut stopping = false;
     let mut spare = Vec::new();
+    let mut tls_files = super::collector_tls::FilesWatch::new(&s.tls);
+    let https = s
+        .endpoint
+        .get(..8)
+        .is_some_and(|p| p.eq_ignore_ascii_case("https://"));
     loop {
         // A partial batch waits up to `batch_delay` for company; a full one goes now.
         if !stopping && q.spans() < q.batch_size {
@@ -844,6 +849,26 @@ async fn export_loop(
         core.pool.put(&mut records);
         spare = records;
         let body = encoder.finish();
+        // Rotated TLS files: connect with the new ones from the next export on.
+        if let Some(stamp) = tls_files.poll().filter(|_| https) {
+            match Transport::new(
+                s.protocol,
+                &s.endpoint,
+                &s.headers,
+                s.export_timeout,
+                &s.tls,
+            ) {
+                Ok(t) => {
+                    transport = t;
+                    tls_files.applied(stamp);
+                    tracing::info!(endpoint = %s.endpoint, "collector TLS files changed: reconnecting with them");
+                }
+                Err(e) => {
+                    tls_files.rejected(stamp);
+                    tracing::warn!(endpoint = %s.endpoint, error = %e, "collector TLS files changed but cannot be used: keeping the previous ones");
+                }
+            }
+        }
         match tokio::time::timeout(s.export_timeout, transport.send(body)).await {
             Ok(Ok(())) => {
                 metrics.tracing_spans_exported.inc_by(n as u64);
