@@ -668,13 +668,7 @@ impl Tracing {
                 };
                 rt.block_on(async move {
                     let s = exporter_settings;
-                    let transport = match Transport::new(
-                        s.protocol,
-                        &s.endpoint,
-                        &s.headers,
-                        s.export_timeout,
-                        &s.tls,
-                    ) {
+                    let transport = match connect(&s) {
                         Ok(t) => {
                             let _ = ready_tx.send(Ok(()));
                             t
@@ -809,6 +803,17 @@ impl Tracing {
 }
 
 /// Export batches until told to stop, then export what is left.
+/// The exporter's connection to the collector, as the settings say.
+fn connect(s: &Settings) -> Result<Transport, String> {
+    Transport::new(
+        s.protocol,
+        &s.endpoint,
+        &s.headers,
+        s.export_timeout,
+        &s.tls,
+    )
+}
+
 async fn export_loop(
     core: &Core,
     mut transport: Transport,
@@ -851,13 +856,7 @@ async fn export_loop(
         let body = encoder.finish();
         // Rotated TLS files: connect with the new ones from the next export on.
         if let Some(stamp) = tls_files.poll().filter(|_| https) {
-            match Transport::new(
-                s.protocol,
-                &s.endpoint,
-                &s.headers,
-                s.export_timeout,
-                &s.tls,
-            ) {
+            match connect(s) {
                 Ok(t) => {
                     transport = t;
                     tls_files.applied(stamp);
