@@ -802,7 +802,6 @@ impl Tracing {
     }
 }
 
-/// Export batches until told to stop, then export what is left.
 /// The exporter's connection to the collector, as the settings say.
 fn connect(s: &Settings) -> Result<Transport, String> {
     Transport::new(
@@ -814,6 +813,7 @@ fn connect(s: &Settings) -> Result<Transport, String> {
     )
 }
 
+/// Export batches until told to stop, then export what is left.
 async fn export_loop(
     core: &Core,
     mut transport: Transport,
