@@ -21,8 +21,7 @@ use std::time::Duration;
 use tokio::time::{Instant, Sleep};
 
 /// The idle clock of one body.
-#[derive(Default)]
-pub(crate) struct IdleTimer {
+struct IdleTimer {
     /// `None`: no timeout.
     timeout: Option<Duration>,
     sleep: Option<Pin<Box<Sleep>>>,
@@ -32,7 +31,7 @@ pub(crate) struct IdleTimer {
 
 impl IdleTimer {
     /// `timeout` zero disables it.
-    pub(crate) fn new(timeout: Duration) -> Self {
+    fn new(timeout: Duration) -> Self {
         Self {
             timeout: (!timeout.is_zero()).then_some(timeout),
             sleep: None,
@@ -42,12 +41,12 @@ impl IdleTimer {
 
     /// The body made progress (a frame, its end, an error): the next wait starts afresh.
     #[inline]
-    pub(crate) fn progress(&mut self) {
+    fn progress(&mut self) {
         self.armed = false;
     }
 
     /// The body's source is waiting: whether it has now waited too long.
-    pub(crate) fn poll_expired(&mut self, cx: &mut Context<'_>) -> bool {
+    fn poll_expired(&mut self, cx: &mut Context<'_>) -> bool {
         let Some(timeout) = self.timeout else {
             return false;
         };
@@ -66,7 +65,7 @@ impl IdleTimer {
 
     /// Poll `inner` under the idle clock.
     #[inline]
-    pub(crate) fn poll_frame<B>(
+    fn poll_frame<B>(
         &mut self,
         inner: Pin<&mut B>,
         cx: &mut Context<'_>,

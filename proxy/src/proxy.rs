@@ -7,7 +7,7 @@ use crate::cluster::{Body, BoxError, Cluster, Endpoint, PickContext};
 use crate::config::Direction;
 use crate::error::ProxyError;
 use crate::filters::{ChainRun, LocalResponse, Outcome, RequestInfo, Verdict};
-use crate::idle::{IdleBody, IdleTimer};
+use crate::idle::IdleBody;
 use crate::routing::{normalize_path, RequestView, Route, RouteAction};
 use crate::server::{ListenerConfig, ListenerRuntime, Shared};
 use crate::telemetry::access_log::{now_rfc3339, Entry, LocalResponseLog};
@@ -152,13 +152,12 @@ pub async fn handle(
     };
     // One consistent view of the listener's config for the whole request, even across a reload.
     let lc = listener.current.load_full();
-    let stream_idle = lc.spec.limits.stream_idle_timeout;
-    let mut body = CountingBody::new(
-        body.map_err(|e| Box::new(e) as BoxError).boxed_unsync(),
-        bytes_in,
-        None,
+    // The client's body under the stream idle timeout (the upstream's gets its own in `serve`).
+    let body = IdleBody::new(
+        body.map_err(|e| Box::new(e) as BoxError),
+        lc.spec.limits.stream_idle_timeout,
     );
-    body.idle = IdleTimer::new(stream_idle);
+    let body = CountingBody::new(body.boxed_unsync(), bytes_in, None);
     let req = Request::from_parts(parts, body.boxed_unsync());
     let (resp, chain) = match serve(&shared, &lc, &conn, req, &mut x).await {
         Ok((resp, chain)) => (resp, chain),
@@ -979,10 +978,8 @@ pin_project_lite::pin_project! {
         count: Arc<AtomicU64>,
         done: Option<Done>,
         errored: bool,
+        // The body below failed with `StreamIdle` (see `crate::idle`).
         idle_timed_out: bool,
-        // The client's request body's stream idle timeout (the response's is on the
-        // upstream body, see `serve`).
-        idle: IdleTimer,
     }
     impl PinnedDrop for CountingBody {
         fn drop(this: Pin<&mut Self>) {
@@ -1013,7 +1010,6 @@ impl CountingBody {
             done,
             errored: false,
             idle_timed_out: false,
-            idle: IdleTimer::default(),
         };
         // An empty body is never polled to its end: complete right away.
         if b.inner.is_end_stream() {
@@ -1034,7 +1030,7 @@ impl http_body::Body for CountingBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.project();
-        let r = this.idle.poll_frame(this.inner, cx);
+        let r = this.inner.poll_frame(cx);
         match &r {
             Poll::Ready(Some(Ok(f))) => {
                 if let Some(d) = f.data_ref() {
