@@ -719,7 +719,7 @@ enum BodyKind {
 
 /// Where a chunked body's reading stands.
 #[derive(Clone, Copy, Debug, PartialEq)]
-enum Chunk {
+pub(crate) enum Chunk {
     /// Before a chunk-size line.
     Size,
     /// Inside a chunk: this many data bytes left.
@@ -874,7 +874,7 @@ fn read_frame(
 }
 
 /// One step of chunked decoding over what is buffered.
-enum Step {
+pub(crate) enum Step {
     /// A frame to hand on, and the state after it.
     Frame(Chunk, Frame<Bytes>),
     /// Progress without a frame (a size line or a data CRLF consumed).
@@ -885,7 +885,7 @@ enum Step {
     More,
 }
 
-fn decode_chunk(buf: &mut BytesMut, state: Chunk) -> Result<Step, Error> {
+pub(crate) fn decode_chunk(buf: &mut BytesMut, state: Chunk) -> Result<Step, Error> {
     match state {
         Chunk::Size => {
             let Some(eol) = memchr::memchr(b'\n', buf) else {

@@ -8,13 +8,12 @@
 
 use crate::cluster::Cluster;
 use crate::config::{ListenerLimits, ListenerProtocol};
-use crate::framing::ScanIo;
+use crate::h1_server::{self, Served};
 use crate::proxy::{self, ConnInfo};
 use crate::server::{ListenerRuntime, Shared};
 use crate::telemetry::metrics::{ListenerLabel, ReasonLabel};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::{pin, Pin};
@@ -173,17 +172,9 @@ async fn spawn_conns(
     while tasks.join_next().await.is_some() {}
 }
 
-fn http_builder(limits: &ListenerLimits) -> auto::Builder<LocalExec> {
-    let mut b = auto::Builder::new(LocalExec);
-    b.http1()
-        .keep_alive(true)
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.request_headers_timeout)
-        // hyper answers 431 when the head outgrows its buffer or the header count.
-        .max_buf_size((limits.max_request_headers_kb * 1024).max(8192))
-        .max_headers(limits.max_headers_count);
-    b.http2()
-        .timer(TokioTimer::new())
+fn http2_builder(limits: &ListenerLimits) -> hyper::server::conn::http2::Builder<LocalExec> {
+    let mut b = hyper::server::conn::http2::Builder::new(LocalExec);
+    b.timer(TokioTimer::new())
         .max_concurrent_streams(limits.http2_max_concurrent_streams)
         .max_header_list_size((limits.max_request_headers_kb * 1024) as u32)
         // Rapid reset (CVE-2023-44487): bound streams reset before we even saw them, and
@@ -210,21 +201,11 @@ async fn serve_http(
     let activity = Arc::new(Activity::new());
     let mut conn_info = ConnInfo::new(peer, local);
     if lc.tls.is_none() && lc.public_tls.is_none() {
-        let io = IdleIo {
+        let io = Downstream::Plain(IdleIo {
             inner: stream,
             activity: activity.clone(),
-        };
-        let io = ScanIo::new(io, conn_info.framing.clone());
-        return serve_http_conn(
-            shared,
-            listener,
-            lc,
-            TokioIo::new(io),
-            conn_info,
-            activity,
-            shutdown,
-        )
-        .await;
+        });
+        return serve_http_conn(shared, listener, lc, io, conn_info, activity, shutdown).await;
     }
     let Some((io, identity)) = terminate(&shared, &listener, &lc, stream, &activity).await else {
         return;
@@ -234,17 +215,7 @@ async fn serve_http(
     if matches!(io, Downstream::Tls(_)) {
         conn_info.local_identity = lc.tls.as_ref().map(|t| t.identity());
     }
-    let io = ScanIo::new(io, conn_info.framing.clone());
-    serve_http_conn(
-        shared,
-        listener,
-        lc,
-        TokioIo::new(io),
-        conn_info,
-        activity,
-        shutdown,
-    )
-    .await
+    serve_http_conn(shared, listener, lc, io, conn_info, activity, shutdown).await
 }
 
 /// A downstream connection after the listener's TLS (if any) has been dealt with.
@@ -324,8 +295,56 @@ async fn terminate(
 }
 
 /// Serve HTTP/1.1 and HTTP/2 on an accepted (and, for TLS listeners, decrypted) connection
-/// until it ends, goes idle or the worker drains.
-async fn serve_http_conn<I>(
+/// until it ends, goes idle or the worker drains. HTTP/1.1 is served by
+/// `crate::h1_server`; a connection that opens with the HTTP/2 preface (h2c prior
+/// knowledge, or h2 negotiated by ALPN) goes on to hyper's HTTP/2 server.
+async fn serve_http_conn(
+    shared: Arc<Shared>,
+    listener: Arc<ListenerRuntime>,
+    lc: Arc<crate::server::ListenerConfig>,
+    io: Downstream,
+    conn_info: ConnInfo,
+    activity: Arc<Activity>,
+    shutdown: watch::Receiver<bool>,
+) {
+    let limits = &lc.spec.limits;
+    let settings = h1_server::Settings {
+        max_head: (limits.max_request_headers_kb * 1024).max(8192),
+        max_headers: limits.max_headers_count,
+        header_timeout: limits.request_headers_timeout,
+        idle_timeout: limits.idle_timeout,
+        stream_idle_timeout: limits.stream_idle_timeout,
+    };
+    let on_reject = |r: h1_server::Rejection| {
+        shared
+            .metrics
+            .downstream_rq_rejected
+            .get_or_create(&ReasonLabel {
+                listener: listener.name.clone(),
+                reason: r.reason(),
+            })
+            .inc();
+    };
+    let svc = |req| proxy::handle(shared.clone(), listener.clone(), conn_info.clone(), req);
+    match h1_server::serve(io, &settings, shutdown.clone(), on_reject, svc).await {
+        Served::Closed => {}
+        Served::Http2(io) => {
+            serve_h2(
+                shared.clone(),
+                listener.clone(),
+                lc.clone(),
+                TokioIo::new(io),
+                conn_info,
+                activity,
+                shutdown,
+            )
+            .await
+        }
+    }
+}
+
+/// Serve an HTTP/2 connection until it ends, goes idle or the worker drains.
+async fn serve_h2<I>(
     shared: Arc<Shared>,
     listener: Arc<ListenerRuntime>,
     lc: Arc<crate::server::ListenerConfig>,
@@ -341,15 +360,16 @@ async fn serve_http_conn<I>(
     let svc_shared = shared.clone();
     let svc_listener = listener.clone();
     let svc = service_fn(move |req| {
-        proxy::handle(
+        let fut = proxy::handle(
             svc_shared.clone(),
             svc_listener.clone(),
             conn_info.clone(),
             req,
-        )
+        );
+        async move { Ok::<_, std::convert::Infallible>(fut.await) }
     });
-    let builder = http_builder(&lc.spec.limits);
-    let mut conn = pin!(builder.serve_connection_with_upgrades(io, svc));
+    let builder = http2_builder(&lc.spec.limits);
+    let mut conn = pin!(builder.serve_connection(io, svc));
     let mut draining = false;
     loop {
         let idle_at = activity.last() + idle_timeout;
@@ -357,7 +377,7 @@ async fn serve_http_conn<I>(
             r = conn.as_mut() => {
                 if let Err(e) = r {
                     tracing::debug!(listener = %listener.name, %peer, error = %e, "downstream connection ended with an error");
-                    if let Some(reason) = classify_conn_error(&*e) {
+                    if let Some(reason) = classify_conn_error(&e) {
                         shared.metrics.downstream_rq_rejected
                             .get_or_create(&ReasonLabel { listener: listener.name.clone(), reason })
                             .inc();
@@ -379,10 +399,7 @@ async fn serve_http_conn<I>(
     }
 }
 
-fn classify_conn_error(
-    e: &(dyn std::error::Error + Send + Sync + 'static),
-) -> Option<&'static str> {
-    let h = e.downcast_ref::<hyper::Error>()?;
+fn classify_conn_error(h: &hyper::Error) -> Option<&'static str> {
     if h.is_parse_too_large() {
         Some("headers_too_large")
     } else if h.is_parse() {

@@ -18,7 +18,6 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri, Version};
 use http_body::{Body as _, Frame, SizeHint};
 use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -38,8 +37,6 @@ pub struct ConnInfo {
     /// The peer's IP as a header value, rendered once per connection: every request on
     /// it appends this hop to `x-forwarded-for`.
     pub peer_ip: HeaderValue,
-    /// What the connection's [`crate::framing::ScanIo`] saw of each request's framing.
-    pub framing: Arc<crate::framing::FramingWatch>,
 }
 
 impl ConnInfo {
@@ -53,7 +50,6 @@ impl ConnInfo {
             peer_identity: None,
             local_identity: None,
             peer_ip,
-            framing: Arc::default(),
         }
     }
 }
@@ -108,13 +104,18 @@ fn protocol_name(v: Version) -> &'static str {
     }
 }
 
-/// Serve one request. Never fails: every error becomes a response.
-pub async fn handle(
+/// Serve one request (its body: `crate::h1_server::RequestBody` over HTTP/1.1, hyper's
+/// `Incoming` over HTTP/2). Never fails: every error becomes a response.
+pub async fn handle<B>(
     shared: Arc<Shared>,
     listener: Arc<ListenerRuntime>,
     conn: ConnInfo,
-    req: Request<Incoming>,
-) -> Result<Response<Body>, std::convert::Infallible> {
+    req: Request<B>,
+) -> Response<Body>
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
     let (parts, body) = req.into_parts();
     let bytes_in = Arc::new(AtomicU64::new(0));
     let authority = request_authority(&parts).unwrap_or_default();
@@ -153,17 +154,14 @@ pub async fn handle(
     // One consistent view of the listener's config for the whole request, even across a reload.
     let lc = listener.current.load_full();
     // The client's body under the stream idle timeout (the upstream's gets its own in `serve`).
-    let body = IdleBody::new(
-        body.map_err(|e| Box::new(e) as BoxError),
-        lc.spec.limits.stream_idle_timeout,
-    );
+    let body = IdleBody::new(body.map_err(Into::into), lc.spec.limits.stream_idle_timeout);
     let body = CountingBody::new(body.boxed_unsync(), bytes_in, None);
     let req = Request::from_parts(parts, body.boxed_unsync());
     let (resp, chain) = match serve(&shared, &lc, &conn, req, &mut x).await {
         Ok((resp, chain)) => (resp, chain),
         Err((e, chain)) => (local_error(e, &mut x), chain),
     };
-    Ok(finish(shared, listener, x, resp, chain))
+    finish(shared, listener, x, resp, chain)
 }
 
 /// The request path proper. On error, the chain (if started) is handed back so its done
@@ -177,15 +175,9 @@ async fn serve(
 ) -> Result<(Response<Body>, Option<ChainRun>), (ProxyError, Option<ChainRun>)> {
     let (mut parts, body) = req.into_parts();
 
-    // 1. Reject what must never reach an upstream (request smuggling, bad paths).
-    if conn.framing.next_request_conflicts() {
-        // hyper has already dropped the Content-Length (see `framing`); it closes the
-        // connection after this answer.
-        return Err((
-            ProxyError::BadRequest("both Content-Length and Transfer-Encoding"),
-            None,
-        ));
-    }
+    // 1. Reject what must never reach an upstream (request smuggling, bad paths). Over
+    // HTTP/1.1 the server has not read a body of such a request and closes the
+    // connection after the answer.
     check_framing(&parts.headers).map_err(|e| (e, None))?;
     check_host(&parts).map_err(|e| (e, None))?;
     if parts.headers.len() > lc.spec.limits.max_headers_count {
@@ -344,13 +336,13 @@ async fn serve(
     x.endpoint = Some(endpoint.clone());
 
     // 5. The upstream request.
-    let upgrade = is_upgrade(&parts.headers);
-    let downstream_upgrade = if upgrade {
-        // The client's connection must be taken over once the upstream agrees (101).
-        Some(hyper::upgrade::on(Request::from_parts(parts.clone(), ())))
-    } else {
-        None
-    };
+    // The client's connection is taken over once the upstream agrees (101); only an
+    // HTTP/1.1 connection can be (`h1_server` marks the requests).
+    let upgrade = is_upgrade(&parts.headers)
+        && parts
+            .extensions
+            .get::<crate::h1_server::CanUpgrade>()
+            .is_some();
     prepare_upstream_request(&mut parts, route, &cluster, &endpoint, conn, x, upgrade);
     let resp =
         crate::forward::forward(route, &cluster, endpoint, pick, parts, body, upgrade, x).await;
@@ -361,19 +353,13 @@ async fn serve(
 
     // 6. Upgrades (WebSocket): splice the two connections once both sides have switched.
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-        if let Some(down) = downstream_upgrade {
-            let up = hyper::upgrade::on(&mut resp);
-            let idle = lc.spec.limits.stream_idle_timeout;
-            tokio::task::spawn_local(async move {
-                if let (Ok(down), Ok(up)) = (down.await, up.await) {
-                    let down = hyper_util::rt::TokioIo::new(down);
-                    let up = hyper_util::rt::TokioIo::new(up);
-                    crate::idle::tunnel(down, up, idle).await;
-                }
-            });
-        }
+        let up = upgrade.then(|| hyper::upgrade::on(&mut resp));
         let (mut rp, _) = resp.into_parts();
         rp.headers.remove(header::TRANSFER_ENCODING);
+        if let Some(up) = up {
+            // The server splices the two once the 101 is written.
+            rp.extensions.insert(crate::h1_server::UpgradeTo(up));
+        }
         return Ok((Response::from_parts(rp, empty()), chain));
     }
 
