@@ -389,7 +389,7 @@ async fn serve_h2<I>(
                 draining = true;
                 conn.as_mut().graceful_shutdown();
             }
-            _ = tokio::time::sleep_until(idle_at), if !draining => {
+            _ = tokio::time::sleep_until(idle_at), if !draining && !idle_timeout.is_zero() => {
                 if activity.last() + idle_timeout <= Instant::now() {
                     draining = true;
                     conn.as_mut().graceful_shutdown();
