@@ -1244,9 +1244,9 @@ mod tests {
               HEAD /three HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
         )
         .await
-        .unwrap();
+        .expect("write");
         let out = read_all(&mut c).await;
-        assert!(!task.await.unwrap());
+        assert!(!task.await.expect("server task"));
         let replies: Vec<&str> = out.split("HTTP/1.1 ").filter(|r| !r.is_empty()).collect();
         assert_eq!(replies.len(), 3, "{out}");
         assert!(replies[0].starts_with("200 OK\r\n"), "{out}");
@@ -1266,13 +1266,13 @@ mod tests {
             b"PUT /up HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n",
         )
         .await
-        .unwrap();
+        .expect("write");
         let mut buf = [0u8; 25];
-        c.read_exact(&mut buf).await.unwrap();
+        c.read_exact(&mut buf).await.expect("read");
         assert_eq!(&buf, b"HTTP/1.1 100 Continue\r\n\r\n");
-        c.write_all(b"ok").await.unwrap();
+        c.write_all(b"ok").await.expect("write");
         let mut buf = vec![0u8; 4096];
-        let n = c.read(&mut buf).await.unwrap();
+        let n = c.read(&mut buf).await.expect("read");
         assert!(String::from_utf8_lossy(&buf[..n]).ends_with("PUT /up ok"));
     }
 
@@ -1281,7 +1281,7 @@ mod tests {
         let (mut c, _task) = echo_server(settings());
         c.write_all(b"GET / HTTP/1.1\r\nx: a\r\n b\r\n\r\n")
             .await
-            .unwrap();
+            .expect("write");
         let out = read_all(&mut c).await;
         assert!(out.starts_with("HTTP/1.1 400 Bad Request\r\n"), "{out}");
         assert!(out.contains("connection: close"), "{out}");
@@ -1290,7 +1290,7 @@ mod tests {
         let big = "a".repeat(10_000);
         c.write_all(format!("GET / HTTP/1.1\r\nx: {big}\r\n\r\n").as_bytes())
             .await
-            .unwrap();
+            .expect("write");
         let out = read_all(&mut c).await;
         assert!(
             out.starts_with("HTTP/1.1 431 Request Header Fields Too Large\r\n"),
@@ -1301,8 +1301,8 @@ mod tests {
     #[tokio::test]
     async fn an_http2_preface_is_handed_back() {
         let (mut c, task) = echo_server(settings());
-        c.write_all(H2_PREFACE).await.unwrap();
-        assert!(task.await.unwrap(), "served as HTTP/2");
+        c.write_all(H2_PREFACE).await.expect("write");
+        assert!(task.await.expect("server task"), "served as HTTP/2");
     }
 
     #[tokio::test]
@@ -1313,14 +1313,14 @@ mod tests {
             let frames = std::sync::Mutex::new(Some(frames));
             let task = tokio::spawn(async move {
                 serve(server, &settings(), rx, |_| {}, |_req| {
-                    let frames = frames.lock().unwrap().take().unwrap_or_default();
+                    let frames = frames.lock().expect("frames").take().unwrap_or_default();
                     async move {
                         Response::new(StreamBody::new(futures_util::stream::iter(frames)))
                     }
                 })
                 .await;
             });
-            client.write_all(wire).await.unwrap();
+            client.write_all(wire).await.expect("write");
             let out = read_all(&mut client).await;
             task.await.expect("the server task");
             out
