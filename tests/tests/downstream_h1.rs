@@ -62,8 +62,8 @@ async fn pipelined_requests_are_answered_in_order() {
     assert_eq!(r.statuses(), vec![200, 200, 200], "{}", r.text());
     let text = r.text();
     let (one, two) = (
-        text.find("\r\n\r\none").unwrap(),
-        text.find("\r\n\r\ntwo").unwrap(),
+        text.find("\r\n\r\none").expect("first body"),
+        text.find("\r\n\r\ntwo").expect("second body"),
     );
     assert!(one < two, "{text}");
     let paths: Vec<String> = up.requests().iter().map(|q| q.path.clone()).collect();
