@@ -630,7 +630,7 @@ fn parse_head(
         // Room to spare: once hyper has written this response downstream, it keeps the
         // map for the next request on that connection, and the headers this proxy adds to
         // a request (x-request-id, x-forwarded-*, traceparent) then fit without a rehash.
-        let mut map = HeaderMap::with_capacity(n + SPARE_HEADERS);
+        let mut map = crate::header_pool::take(n + SPARE_HEADERS);
         let mut te_chunked = None;
         let mut lengths: Option<Result<u64, ()>> = None;
         let mut close = version == Version::HTTP_10;

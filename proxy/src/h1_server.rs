@@ -41,7 +41,7 @@ use crate::cluster::BoxError;
 use crate::h1::{decode_chunk, Chunk, Step};
 use crate::text::{has_token, last_token_is, list_items, parse_decimal, trim_ows};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
 use std::future::{poll_fn, Future};
@@ -375,7 +375,7 @@ fn parse_head(
         Version::HTTP_10
     };
 
-    let mut headers = HeaderMap::with_capacity(slots.len() + SPARE_HEADERS);
+    let mut headers = crate::header_pool::take(slots.len() + SPARE_HEADERS);
     let mut content_length: Option<u64> = None;
     let mut lengths_disagree = false;
     let mut chunked = false;
@@ -592,6 +592,8 @@ where
             rbody.size_hint().exact(),
         );
         let keep = out.keep_alive;
+        // Written out: the map serves a later message.
+        crate::header_pool::give(std::mem::take(&mut rparts.headers));
         if upgrade_to.is_some() {
             out.framing = Framing::None;
         }
@@ -1103,6 +1105,7 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Prefixed<I> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::HeaderMap;
     use http_body_util::{BodyExt, Full, StreamBody};
     use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 

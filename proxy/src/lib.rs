@@ -24,6 +24,7 @@ pub mod filters;
 pub mod forward;
 pub mod h1;
 pub mod h1_server;
+pub mod header_pool;
 pub mod health;
 pub mod idle;
 pub mod lb;

@@ -244,7 +244,8 @@ impl ClusterPools {
                 | Method::DELETE
         );
         let mut out = h1::Outgoing::new(&parts, body);
-        drop(parts);
+        // The head is encoded: its header map serves a later message.
+        crate::header_pool::give(parts.headers);
         let mut conn = match self.idle_h1(addr) {
             Some(c) => c,
             None => h1::Conn::new(self.open(addr).await?),

@@ -154,9 +154,14 @@ where
     // One consistent view of the listener's config for the whole request, even across a reload.
     let lc = listener.current.load_full();
     // The client's body under the stream idle timeout (the upstream's gets its own in `serve`).
-    let body = IdleBody::new(body.map_err(Into::into), lc.spec.limits.stream_idle_timeout);
-    let body = CountingBody::new(body.boxed_unsync(), bytes_in, None);
-    let req = Request::from_parts(parts, body.boxed_unsync());
+    // A request without a body (most) needs neither: an empty body costs no allocation.
+    let body = if body.is_end_stream() {
+        empty()
+    } else {
+        let body = IdleBody::new(body.map_err(Into::into), lc.spec.limits.stream_idle_timeout);
+        CountingBody::new(body.boxed_unsync(), bytes_in, None).boxed_unsync()
+    };
+    let req = Request::from_parts(parts, body);
     let (resp, chain) = match serve(&shared, &lc, &conn, req, &mut x).await {
         Ok((resp, chain)) => (resp, chain),
         Err((e, chain)) => (local_error(e, &mut x), chain),
