@@ -53,6 +53,9 @@ BUILD=${BUILD:-1}
 KEEP_TMP=${KEEP_TMP:-0}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 RELEASE=$CARGO_TARGET_DIR/release
+# wasmesh is measured as it is deployed: the `production` profile (fat LTO, see Cargo.toml).
+PROXY_PROFILE=${PROXY_PROFILE:-production}
+WASMESH_BIN=$CARGO_TARGET_DIR/$PROXY_PROFILE/wasmesh
 
 log() { printf '[bench] %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -128,7 +131,7 @@ fi
 if [[ $BUILD == 1 ]]; then
     cd "$ROOT"
     if uses_kind wasmesh; then
-        log "cargo build --release -p wasmesh -p demo-upstream"
+        log "cargo build --profile $PROXY_PROFILE -p wasmesh; cargo build --release -p demo-upstream"
         if [[ " ${NAMES[*]} " == *" wasmesh-filter"* ]]; then
             log "scripts/build-filters.sh (filter scenarios)"
             "$ROOT/scripts/build-filters.sh" >&2 || die "scripts/build-filters.sh failed"
@@ -137,11 +140,11 @@ if [[ $BUILD == 1 ]]; then
             log "cargo build --release -p wasmesh-e2e --bin otlp-sink"
             cargo build --release -p wasmesh-e2e --bin otlp-sink >&2 || die "cannot build otlp-sink"
         fi
-        if ! cargo build --release -p wasmesh -p demo-upstream >&2; then
+        cargo build --release -p demo-upstream >&2 || die "cannot build demo-upstream"
+        if ! cargo build --profile "$PROXY_PROFILE" -p wasmesh >&2; then
             for n in "${NAMES[@]}"; do
-                if [[ ${KIND[$n]} == wasmesh ]]; then skip "$n" "cargo build --release -p wasmesh failed"; fi
+                if [[ ${KIND[$n]} == wasmesh ]]; then skip "$n" "cargo build --profile $PROXY_PROFILE -p wasmesh failed"; fi
             done
-            cargo build --release -p demo-upstream >&2
         fi
     else
         log "cargo build --release -p demo-upstream"
@@ -149,9 +152,9 @@ if [[ $BUILD == 1 ]]; then
     fi
 fi
 [[ -x $RELEASE/demo-upstream ]] || die "$RELEASE/demo-upstream not found (BUILD=0?)"
-if uses_kind wasmesh && [[ ! -x $RELEASE/wasmesh ]]; then
+if uses_kind wasmesh && [[ ! -x $WASMESH_BIN ]]; then
     for n in "${NAMES[@]}"; do
-        if [[ ${KIND[$n]} == wasmesh && -z ${SKIPPED[$n]:-} ]]; then skip "$n" "$RELEASE/wasmesh not found"; fi
+        if [[ ${KIND[$n]} == wasmesh && -z ${SKIPPED[$n]:-} ]]; then skip "$n" "$WASMESH_BIN not found"; fi
     done
 fi
 
@@ -252,7 +255,7 @@ start_wasmesh() {
     ADMIN_PORT=${ports[1]}
     ADMIN[$n]=$ADMIN_PORT
     render "${TEMPLATE[$n]}" "$cfg" "$n"
-    "${ON_PROXY_CPU[@]}" "$RELEASE/wasmesh" run "$cfg" >"$TMP/$n.log" 2>&1 &
+    "${ON_PROXY_CPU[@]}" "$WASMESH_BIN" run "$cfg" >"$TMP/$n.log" 2>&1 &
     PID[$n]=$!
     STARTED+=("${PID[$n]}")
     python3 "$LIB" wait-http "http://127.0.0.1:$ADMIN_PORT/ready" 60 200 "${PID[$n]}" || return 1

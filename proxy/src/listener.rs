@@ -198,7 +198,8 @@ async fn serve_http(
     let local = stream.local_addr().unwrap_or(peer);
     let _ = stream.set_nodelay(true);
     let lc = listener.current.load_full();
-    let activity = Arc::new(Activity::new());
+    // Recorded only once the connection turns out to be HTTP/2 (see `serve_http_conn`).
+    let activity = Arc::new(Activity::paused());
     let mut conn_info = ConnInfo::new(peer, local);
     if lc.tls.is_none() && lc.public_tls.is_none() {
         let io = Downstream::Plain(IdleIo {
@@ -329,6 +330,8 @@ async fn serve_http_conn(
     match h1_server::serve(io, &settings, shutdown.clone(), on_reject, svc).await {
         Served::Closed => {}
         Served::Http2(io) => {
+            // HTTP/2's idle timeout follows the bytes moving.
+            activity.resume();
             serve_h2(
                 shared.clone(),
                 listener.clone(),
@@ -650,8 +653,10 @@ impl<T: AsyncWrite> AsyncWrite for IdleIo<T> {
 }
 
 /// When a connection last moved a byte, as milliseconds since the process started
-/// (an atomic, because hyper needs connection I/O to be `Send`).
-pub struct Activity(AtomicU64);
+/// (an atomic, because hyper needs connection I/O to be `Send`). A paused one records
+/// nothing: HTTP/1.1 connections keep their own idle timer, and reading the clock on
+/// every read and write cost a few hundred instructions per request.
+pub struct Activity(AtomicU64, std::sync::atomic::AtomicBool);
 
 fn epoch() -> Instant {
     static START: OnceLock<Instant> = OnceLock::new();
@@ -660,11 +665,23 @@ fn epoch() -> Instant {
 
 impl Activity {
     pub(crate) fn new() -> Self {
-        let a = Activity(AtomicU64::new(0));
-        a.touch();
+        let a = Activity::paused();
+        a.resume();
         a
     }
+    /// An activity that records nothing until [`Activity::resume`].
+    pub(crate) fn paused() -> Self {
+        Activity(AtomicU64::new(0), std::sync::atomic::AtomicBool::new(true))
+    }
+    /// Start recording, from now.
+    pub(crate) fn resume(&self) {
+        self.1.store(false, Ordering::Relaxed);
+        self.touch();
+    }
     fn touch(&self) {
+        if self.1.load(Ordering::Relaxed) {
+            return;
+        }
         self.0
             .store(epoch().elapsed().as_millis() as u64, Ordering::Relaxed);
     }
