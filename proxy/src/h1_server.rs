@@ -293,7 +293,15 @@ impl<I> Drop for RequestBody<I> {
         if let Some(read) = self.read.take() {
             let mut side = lock(&read);
             if side.body == BodyState::Reading {
-                side.body = BodyState::Broken;
+                side.body = match self.kind {
+                    // Left unread (the proxy answered without it), but already here: skip
+                    // it, and the connection can serve the next request.
+                    BodyKind::Length(left) if left <= side.buf.len() as u64 => {
+                        side.buf.advance(left as usize);
+                        BodyState::Done
+                    }
+                    _ => BodyState::Broken,
+                };
             }
         }
     }
@@ -1260,6 +1268,37 @@ mod tests {
         assert!(!replies[2].contains("content-length"), "{out}");
         assert!(replies[2].contains("connection: close\r\n"), "{out}");
         assert!(replies[2].ends_with("\r\n\r\n"), "{out}");
+    }
+
+    #[tokio::test]
+    async fn an_unread_body_that_arrived_whole_keeps_the_connection() {
+        let (mut client, server) = tokio::io::duplex(1 << 20);
+        let (_tx, rx) = watch::channel(false);
+        tokio::spawn(async move {
+            serve(
+                server,
+                &settings(),
+                rx,
+                |_| {},
+                |req: Request<RequestBody<DuplexStream>>| {
+                    // Answered without reading the body.
+                    let path = req.uri().path().to_string();
+                    async move { Response::new(Full::new(Bytes::from(path))) }
+                },
+            )
+            .await;
+        });
+        client
+            .write_all(
+                b"POST /a HTTP/1.1\r\nContent-Length: 5\r\n\r\nhelloGET /b HTTP/1.1\r\nConnection: close\r\n\r\n",
+            )
+            .await
+            .expect("write");
+        let out = read_all(&mut client).await;
+        assert!(
+            out.contains("\r\n\r\n/a") && out.ends_with("\r\n\r\n/b"),
+            "{out}"
+        );
     }
 
     #[tokio::test]
