@@ -706,9 +706,10 @@ pub struct Home {
     pub addr: std::net::SocketAddr,
 }
 
-/// How the response body is delimited, and where its reading stands.
+/// How a message body is delimited, and where its reading stands (a response's here; a
+/// request's in `crate::h1_server`, which never reads to the close).
 #[derive(Clone, Copy, Debug, PartialEq)]
-enum BodyKind {
+pub(crate) enum BodyKind {
     /// This many bytes left.
     Length(u64),
     Chunked(Chunk),
@@ -815,10 +816,26 @@ impl http_body::Body for ResponseBody {
     }
 }
 
+/// A connection's read buffer and the means to refill it: what a body is read from.
+pub(crate) trait BodySource {
+    fn buf(&mut self) -> &mut BytesMut;
+    /// Read more into the buffer; `Ok(0)` at the connection's end.
+    fn poll_fill(&mut self, cx: &mut Context<'_>, space: usize) -> Poll<io::Result<usize>>;
+}
+
+impl BodySource for Conn {
+    fn buf(&mut self) -> &mut BytesMut {
+        &mut self.rbuf
+    }
+    fn poll_fill(&mut self, cx: &mut Context<'_>, space: usize) -> Poll<io::Result<usize>> {
+        Conn::poll_fill(self, cx, space)
+    }
+}
+
 /// The next frame of the body from `conn`; `Ok(None)` at its end (then `kind` is `Done`).
-fn read_frame(
+pub(crate) fn read_frame(
     cx: &mut Context<'_>,
-    conn: &mut Conn,
+    conn: &mut impl BodySource,
     kind: &mut BodyKind,
 ) -> Poll<Result<Option<Frame<Bytes>>, Error>> {
     loop {
@@ -828,22 +845,22 @@ fn read_frame(
                 return Poll::Ready(Ok(None));
             }
             BodyKind::Length(left) => {
-                if conn.rbuf.is_empty() {
+                if conn.buf().is_empty() {
                     true
                 } else {
-                    let n = (conn.rbuf.len() as u64).min(left) as usize;
+                    let n = (conn.buf().len() as u64).min(left) as usize;
                     *kind = BodyKind::Length(left - n as u64);
-                    return Poll::Ready(Ok(Some(Frame::data(conn.rbuf.split_to(n).freeze()))));
+                    return Poll::Ready(Ok(Some(Frame::data(conn.buf().split_to(n).freeze()))));
                 }
             }
             BodyKind::UntilClose => {
-                if conn.rbuf.is_empty() {
+                if conn.buf().is_empty() {
                     true
                 } else {
-                    return Poll::Ready(Ok(Some(Frame::data(conn.rbuf.split().freeze()))));
+                    return Poll::Ready(Ok(Some(Frame::data(conn.buf().split().freeze()))));
                 }
             }
-            BodyKind::Chunked(state) => match decode_chunk(&mut conn.rbuf, state)? {
+            BodyKind::Chunked(state) => match decode_chunk(conn.buf(), state)? {
                 Step::Frame(next, frame) => {
                     *kind = BodyKind::Chunked(next);
                     return Poll::Ready(Ok(Some(frame)));

@@ -38,7 +38,7 @@
 //! upstream accepts with 101 turns the connection into a tunnel ([`UpgradeTo`]).
 
 use crate::cluster::BoxError;
-use crate::h1::{decode_chunk, Chunk, Step};
+use crate::h1::{read_frame, BodyKind, Chunk};
 use crate::text::{has_token, last_token_is, list_items, parse_decimal, trim_ows};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::header::{self, HeaderName, HeaderValue};
@@ -59,8 +59,6 @@ use tokio::time::Instant;
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// Free space kept in the read buffer before each read of a head.
 const READ_SPACE: usize = 4 * 1024;
-/// Reads grow to this much free space once a body is streaming.
-const READ_SPACE_BODY: usize = 32 * 1024;
 /// Header slots parsed on the stack; a larger `max_headers` uses the heap.
 const STACK_HEADERS: usize = 128;
 /// Extra room in a request's header map for what the proxy adds (request id,
@@ -71,8 +69,6 @@ const SPARE_HEADERS: usize = 8;
 const COALESCE: usize = 8 * 1024;
 /// Response bytes queued before the body is polled again (backpressure).
 const HIGH_WATER: usize = 64 * 1024;
-/// The longest chunk-size line and trailer section accepted in a request body.
-const MAX_TRAILERS: usize = 64 * 1024;
 
 /// What a connection is served with.
 #[derive(Clone, Debug)]
@@ -167,13 +163,6 @@ pub struct RequestBody<I> {
     kind: BodyKind,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq)]
-enum BodyKind {
-    Length(u64),
-    Chunked(Chunk),
-    Done,
-}
-
 /// Why a request body failed.
 #[derive(Debug, thiserror::Error)]
 pub enum BodyError {
@@ -203,6 +192,15 @@ impl<I: AsyncRead> RequestBody<I> {
     }
 }
 
+impl<I: AsyncRead> crate::h1::BodySource for ReadSide<I> {
+    fn buf(&mut self) -> &mut BytesMut {
+        &mut self.buf
+    }
+    fn poll_fill(&mut self, cx: &mut Context<'_>, space: usize) -> Poll<io::Result<usize>> {
+        ReadSide::poll_fill(self, cx, space)
+    }
+}
+
 impl<I: AsyncRead> Body for RequestBody<I> {
     type Data = Bytes;
     type Error = BodyError;
@@ -215,50 +213,7 @@ impl<I: AsyncRead> Body for RequestBody<I> {
         let Some(read) = this.read.clone() else {
             return Poll::Ready(None);
         };
-        let mut side = lock(&read);
-        let result = loop {
-            let need_more = match this.kind {
-                BodyKind::Done | BodyKind::Length(0) => break Ok(None),
-                BodyKind::Length(left) => {
-                    if side.buf.is_empty() {
-                        true
-                    } else {
-                        let n = (side.buf.len() as u64).min(left) as usize;
-                        this.kind = BodyKind::Length(left - n as u64);
-                        break Ok(Some(Frame::data(side.buf.split_to(n).freeze())));
-                    }
-                }
-                BodyKind::Chunked(state) => match decode_chunk(&mut side.buf, state) {
-                    Err(crate::h1::Error::Invalid(what)) => break Err(BodyError::Invalid(what)),
-                    Err(_) => break Err(BodyError::Invalid("malformed chunk")),
-                    Ok(Step::Frame(next, frame)) => {
-                        this.kind = BodyKind::Chunked(next);
-                        break Ok(Some(frame));
-                    }
-                    Ok(Step::Next(next)) => {
-                        this.kind = BodyKind::Chunked(next);
-                        false
-                    }
-                    Ok(Step::End(trailers)) => {
-                        this.kind = BodyKind::Done;
-                        break Ok(trailers.map(Frame::trailers));
-                    }
-                    Ok(Step::More) if side.buf.len() > MAX_TRAILERS => {
-                        break Err(BodyError::Invalid("chunk line or trailers too long"))
-                    }
-                    Ok(Step::More) => true,
-                },
-            };
-            if need_more {
-                match side.poll_fill(cx, READ_SPACE_BODY) {
-                    Poll::Pending => return Poll::Pending,
-                    Poll::Ready(Ok(0)) => break Err(BodyError::Closed),
-                    Poll::Ready(Ok(_)) => {}
-                    Poll::Ready(Err(e)) => break Err(BodyError::Io(e)),
-                }
-            }
-        };
-        drop(side);
+        let result = ready!(read_frame(cx, &mut *lock(&read), &mut this.kind));
         match result {
             Ok(frame) => {
                 // Whatever was the last frame, the body is complete once nothing is left:
@@ -270,7 +225,12 @@ impl<I: AsyncRead> Body for RequestBody<I> {
             }
             Err(e) => {
                 this.end(BodyState::Broken);
-                Poll::Ready(Some(Err(e)))
+                Poll::Ready(Some(Err(match e {
+                    crate::h1::Error::Invalid(what) => BodyError::Invalid(what),
+                    crate::h1::Error::ClosedMidBody => BodyError::Closed,
+                    crate::h1::Error::Io(e) => BodyError::Io(e),
+                    _ => BodyError::Invalid("malformed body"),
+                })))
             }
         }
     }
@@ -283,7 +243,7 @@ impl<I: AsyncRead> Body for RequestBody<I> {
         match self.kind {
             BodyKind::Length(n) => SizeHint::with_exact(n),
             BodyKind::Done => SizeHint::with_exact(0),
-            BodyKind::Chunked(_) => SizeHint::default(),
+            BodyKind::Chunked(_) | BodyKind::UntilClose => SizeHint::default(),
         }
     }
 }
