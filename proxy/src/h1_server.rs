@@ -67,6 +67,8 @@ const SPARE_HEADERS: usize = 8;
 /// Body frames up to this size are copied behind the head (one write for a small
 /// response); larger ones are written from their own buffer.
 const COALESCE: usize = 8 * 1024;
+/// The most of an unread request body read and dropped to keep the connection.
+const DISCARD_MAX: usize = 64 * 1024;
 /// Response bytes queued before the body is polled again (backpressure).
 const HIGH_WATER: usize = 64 * 1024;
 
@@ -130,13 +132,16 @@ struct ReadSide<I> {
     body: BodyState,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 enum BodyState {
     /// No body outstanding (none, or read to its end).
     Done,
     /// The current request's body is still being read.
     Reading,
-    /// The body failed or was dropped before its end: the connection's framing is lost.
+    /// The body was dropped unread (the proxy answered without it); this much of it is
+    /// still to come. Discarded after the response if it is small, as nginx does.
+    Unread(BodyKind),
+    /// The body failed: the connection's framing is lost.
     Broken,
 }
 
@@ -260,7 +265,7 @@ impl<I> Drop for RequestBody<I> {
                         side.buf.advance(left as usize);
                         BodyState::Done
                     }
-                    _ => BodyState::Broken,
+                    kind => BodyState::Unread(kind),
                 };
             }
         }
@@ -574,7 +579,15 @@ where
             tunnel(read, w, up, settings.stream_idle_timeout).await;
             return Served::Closed;
         }
-        if switching || !keep || lock(&read).body != BodyState::Done {
+        let body_state = lock(&read).body;
+        let reusable = match body_state {
+            BodyState::Done => true,
+            BodyState::Unread(kind) if keep && !switching => {
+                discard(&read, kind, settings.header_timeout).await
+            }
+            _ => false,
+        };
+        if switching || !keep || !reusable {
             let _ = poll_fn(|cx| Pin::new(&mut w).poll_shutdown(cx)).await;
             return Served::Closed;
         }
@@ -584,6 +597,34 @@ where
         }
         timer.as_mut().reset(deadline(settings.idle_timeout));
     }
+}
+
+/// Read and drop the rest of a request body the proxy answered without, so that the
+/// connection can serve the next request: at most [`DISCARD_MAX`] bytes, within
+/// `timeout`. `false`: the body is larger, slower or broken, and the connection closes.
+async fn discard<I: AsyncRead>(read: &Shared<I>, mut kind: BodyKind, timeout: Duration) -> bool {
+    let mut left = DISCARD_MAX;
+    let drain = poll_fn(|cx| loop {
+        let mut side = lock(read);
+        match ready!(read_frame(cx, &mut *side, &mut kind)) {
+            Ok(None) => return Poll::Ready(true),
+            Ok(Some(frame)) => {
+                let n = frame.data_ref().map_or(0, Bytes::len);
+                if n > left {
+                    return Poll::Ready(false);
+                }
+                left -= n;
+            }
+            Err(_) => return Poll::Ready(false),
+        }
+    });
+    let done = matches!(tokio::time::timeout(timeout, drain).await, Ok(true));
+    lock(read).body = if done {
+        BodyState::Done
+    } else {
+        BodyState::Broken
+    };
+    done
 }
 
 /// When a timeout that starts now ends; zero means none (a year away).
@@ -1259,6 +1300,49 @@ mod tests {
             out.contains("\r\n\r\n/a") && out.ends_with("\r\n\r\n/b"),
             "{out}"
         );
+    }
+
+    #[tokio::test]
+    async fn an_unread_body_arriving_later_is_discarded_up_to_a_limit() {
+        let (mut client, server) = tokio::io::duplex(1 << 20);
+        let (_tx, rx) = watch::channel(false);
+        let task = tokio::spawn(async move {
+            serve(
+                server,
+                &settings(),
+                rx,
+                |_| {},
+                |req: Request<RequestBody<DuplexStream>>| {
+                    let path = req.uri().path().to_string();
+                    async move { Response::new(Full::new(Bytes::from(path))) }
+                },
+            )
+            .await;
+        });
+        // The answer comes before the body: the body follows, and the next request.
+        client
+            .write_all(b"POST /a HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n")
+            .await
+            .expect("write");
+        let mut buf = vec![0u8; 4096];
+        let n = client.read(&mut buf).await.expect("read");
+        assert!(String::from_utf8_lossy(&buf[..n]).ends_with("\r\n\r\n/a"));
+        client
+            .write_all(b"5\r\nhello\r\n0\r\n\r\nGET /b HTTP/1.1\r\n\r\n")
+            .await
+            .expect("write");
+        let n = client.read(&mut buf).await.expect("read");
+        assert!(String::from_utf8_lossy(&buf[..n]).ends_with("\r\n\r\n/b"));
+
+        // Past the limit: the connection closes instead.
+        let big = format!("POST /c HTTP/1.1\r\nContent-Length: {}\r\n\r\n", 1 << 20);
+        client.write_all(big.as_bytes()).await.expect("write");
+        let n = client.read(&mut buf).await.expect("read");
+        assert!(String::from_utf8_lossy(&buf[..n]).ends_with("\r\n\r\n/c"));
+        let _ = client.write_all(&vec![b'x'; 128 * 1024]).await;
+        let out = read_all(&mut client).await;
+        assert_eq!(out, "", "closed without another answer");
+        task.await.expect("server task");
     }
 
     #[tokio::test]

@@ -767,6 +767,7 @@ fn is_upgrade(h: &HeaderMap) -> bool {
 
 /// Remove hop-by-hop headers (RFC 9110 §7.6.1), including those named in `Connection`.
 /// `keep_upgrade` leaves `Connection: upgrade` and `Upgrade` for a protocol switch.
+/// `Trailer` stays: it is end-to-end (it announces the trailer fields, which pass).
 fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
     // Most messages carry none of these: one pass over the names (cheap comparisons of
     // standard headers) saves a dozen hashed removals per message.
@@ -775,7 +776,6 @@ fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
             || n == header::TE
             || n == header::TRANSFER_ENCODING
             || n == header::UPGRADE
-            || n == header::TRAILER
             || n == header::PROXY_AUTHENTICATE
             || n == header::PROXY_AUTHORIZATION
             || n == KEEP_ALIVE
@@ -802,7 +802,6 @@ fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
     h.remove(&KEEP_ALIVE);
     h.remove(&PROXY_CONNECTION);
     h.remove(header::TRANSFER_ENCODING);
-    h.remove(header::TRAILER);
     h.remove(header::PROXY_AUTHENTICATE);
     h.remove(header::PROXY_AUTHORIZATION);
     // `TE: trailers` is the one TE value that must pass (gRPC needs it).

@@ -1,4 +1,5 @@
-//! The proxy's own HTTP/1.1 server, on the wire: `Expect: 100-continue`, pipelining, and
+//! The proxy's own HTTP/1.1 server, on the wire: `Expect: 100-continue`, pipelining, an
+//! unread request body dropped to keep the connection, and
 //! how a response of unknown length is framed for HTTP/1.1 and HTTP/1.0 clients.
 
 use serde_json::json;
@@ -95,4 +96,31 @@ async fn unknown_lengths_are_chunked_for_http11_and_closed_for_http10() {
     assert!(!text.contains("transfer-encoding"), "{text}");
     assert!(text.contains("connection: close\r\n"), "{text}");
     assert!(text.ends_with("\r\n\r\nhi"), "{text}");
+}
+
+#[tokio::test]
+async fn a_request_answered_before_its_body_keeps_the_connection() {
+    let up = Upstream::start().await;
+    let proxy = Proxy::start(json!({
+        "listeners": [{"name": "in", "address": "127.0.0.1:0", "routes": [
+            {"name": "deny", "match": {"prefix": "/deny"}, "direct_response": {"status": 403, "body": "no"}},
+            {"cluster": "app"},
+        ]}],
+        "clusters": [cluster("app", up.addr())],
+    }))
+    .await;
+    let mut c = RawConn::connect(proxy.listener("in")).await;
+    // The head alone: the proxy answers 403 without the body.
+    c.write(b"POST /deny HTTP/1.1\r\nHost: x\r\nContent-Length: 10000\r\n\r\n")
+        .await;
+    let r = c.read_for(Duration::from_millis(500)).await;
+    assert_eq!(r.status(), Some(403), "{}", r.text());
+    assert!(!r.closed);
+    // The body comes after the answer; it is dropped, and the connection serves on.
+    c.write(&[b'x'; 10000]).await;
+    c.write(b"GET /next HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    let r = c.read_for(Duration::from_millis(500)).await;
+    assert_eq!(r.status(), Some(200), "{}", r.text());
+    let paths: Vec<String> = up.requests().iter().map(|q| q.path.clone()).collect();
+    assert_eq!(paths, ["/next"]);
 }
