@@ -1241,6 +1241,28 @@ mod tests {
         (client, task)
     }
 
+    /// Serve `client`'s other end with a service that answers every request with its
+    /// path, without reading its body.
+    fn path_server() -> (DuplexStream, tokio::task::JoinHandle<()>) {
+        let (client, server) = tokio::io::duplex(1 << 20);
+        let (tx, rx) = watch::channel(false);
+        let task = tokio::spawn(async move {
+            let _tx = tx;
+            serve(
+                server,
+                &settings(),
+                rx,
+                |_| {},
+                |req: Request<RequestBody<DuplexStream>>| {
+                    let path = req.uri().path().to_string();
+                    async move { Response::new(Full::new(Bytes::from(path))) }
+                },
+            )
+            .await;
+        });
+        (client, task)
+    }
+
     async fn read_all(c: &mut DuplexStream) -> String {
         let mut out = Vec::new();
         let _ = tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut out)).await;
@@ -1273,22 +1295,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_unread_body_that_arrived_whole_keeps_the_connection() {
-        let (mut client, server) = tokio::io::duplex(1 << 20);
-        let (_tx, rx) = watch::channel(false);
-        tokio::spawn(async move {
-            serve(
-                server,
-                &settings(),
-                rx,
-                |_| {},
-                |req: Request<RequestBody<DuplexStream>>| {
-                    // Answered without reading the body.
-                    let path = req.uri().path().to_string();
-                    async move { Response::new(Full::new(Bytes::from(path))) }
-                },
-            )
-            .await;
-        });
+        let (mut client, _task) = path_server();
         client
             .write_all(
                 b"POST /a HTTP/1.1\r\nContent-Length: 5\r\n\r\nhelloGET /b HTTP/1.1\r\nConnection: close\r\n\r\n",
@@ -1304,21 +1311,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_unread_body_arriving_later_is_discarded_up_to_a_limit() {
-        let (mut client, server) = tokio::io::duplex(1 << 20);
-        let (_tx, rx) = watch::channel(false);
-        let task = tokio::spawn(async move {
-            serve(
-                server,
-                &settings(),
-                rx,
-                |_| {},
-                |req: Request<RequestBody<DuplexStream>>| {
-                    let path = req.uri().path().to_string();
-                    async move { Response::new(Full::new(Bytes::from(path))) }
-                },
-            )
-            .await;
-        });
+        let (mut client, task) = path_server();
         // The answer comes before the body: the body follows, and the next request.
         client
             .write_all(b"POST /a HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n")
