@@ -718,6 +718,21 @@ pub(crate) enum BodyKind {
     Done,
 }
 
+impl BodyKind {
+    /// Nothing of the body is left to read.
+    pub(crate) fn is_end(&self) -> bool {
+        matches!(self, BodyKind::Done | BodyKind::Length(0))
+    }
+
+    pub(crate) fn size_hint(&self) -> SizeHint {
+        match *self {
+            BodyKind::Length(n) => SizeHint::with_exact(n),
+            BodyKind::Done => SizeHint::with_exact(0),
+            BodyKind::Chunked(_) | BodyKind::UntilClose => SizeHint::default(),
+        }
+    }
+}
+
 /// Where a chunked body's reading stands.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub(crate) enum Chunk {
@@ -793,7 +808,7 @@ impl http_body::Body for ResponseBody {
             Poll::Pending => Poll::Pending,
             Poll::Ready(Err(e)) => this.fail(e),
             Poll::Ready(Ok(frame)) => {
-                if matches!(this.kind, BodyKind::Done | BodyKind::Length(0)) {
+                if this.kind.is_end() {
                     // The body is all here: the connection can serve the next request
                     // before this frame is even written downstream.
                     this.finish();
@@ -804,15 +819,11 @@ impl http_body::Body for ResponseBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        matches!(self.kind, BodyKind::Done | BodyKind::Length(0))
+        self.kind.is_end()
     }
 
     fn size_hint(&self) -> SizeHint {
-        match self.kind {
-            BodyKind::Length(n) => SizeHint::with_exact(n),
-            BodyKind::Done => SizeHint::with_exact(0),
-            _ => SizeHint::default(),
-        }
+        self.kind.size_hint()
     }
 }
 
@@ -891,7 +902,7 @@ pub(crate) fn read_frame(
 }
 
 /// One step of chunked decoding over what is buffered.
-pub(crate) enum Step {
+enum Step {
     /// A frame to hand on, and the state after it.
     Frame(Chunk, Frame<Bytes>),
     /// Progress without a frame (a size line or a data CRLF consumed).
@@ -902,7 +913,7 @@ pub(crate) enum Step {
     More,
 }
 
-pub(crate) fn decode_chunk(buf: &mut BytesMut, state: Chunk) -> Result<Step, Error> {
+fn decode_chunk(buf: &mut BytesMut, state: Chunk) -> Result<Step, Error> {
     match state {
         Chunk::Size => {
             let Some(eol) = memchr::memchr(b'\n', buf) else {

@@ -223,7 +223,7 @@ impl<I: AsyncRead> Body for RequestBody<I> {
             Ok(frame) => {
                 // Whatever was the last frame, the body is complete once nothing is left:
                 // the connection can read the next head.
-                if matches!(this.kind, BodyKind::Done | BodyKind::Length(0)) {
+                if this.kind.is_end() {
                     this.end(BodyState::Done);
                 }
                 Poll::Ready(frame.map(Ok))
@@ -241,15 +241,11 @@ impl<I: AsyncRead> Body for RequestBody<I> {
     }
 
     fn is_end_stream(&self) -> bool {
-        matches!(self.kind, BodyKind::Done | BodyKind::Length(0))
+        self.kind.is_end()
     }
 
     fn size_hint(&self) -> SizeHint {
-        match self.kind {
-            BodyKind::Length(n) => SizeHint::with_exact(n),
-            BodyKind::Done => SizeHint::with_exact(0),
-            BodyKind::Chunked(_) | BodyKind::UntilClose => SizeHint::default(),
-        }
+        self.kind.size_hint()
     }
 }
 
@@ -351,6 +347,7 @@ fn parse_head(
     let mut headers = crate::header_pool::take(slots.len() + SPARE_HEADERS);
     let mut content_length: Option<u64> = None;
     let mut lengths_disagree = false;
+    let mut te = false;
     let mut chunked = false;
     let mut te_bad = false;
     let mut close = false;
@@ -372,6 +369,7 @@ fn parse_head(
             }
         } else if name == header::TRANSFER_ENCODING {
             // Only `chunked`, last, is understood; anything else cannot be framed.
+            te = true;
             chunked = last_token_is(v, b"chunked");
             te_bad |= !list_items(v).all(|t| t.eq_ignore_ascii_case(b"chunked"));
         } else if name == header::CONNECTION {
@@ -391,7 +389,6 @@ fn parse_head(
         // Answered here (see the module's comment): the upstream must not wait for it.
         headers.remove(header::EXPECT);
     }
-    let te = headers.contains_key(header::TRANSFER_ENCODING);
     // Framing that cannot be trusted (RFC 9112 §6.1, §6.3): no body is read, the request
     // path refuses the request, and the connection closes after the answer.
     let untrusted = (te && content_length.is_some())
@@ -916,7 +913,7 @@ where
                         }
                         Framing::Chunked => {
                             use std::fmt::Write;
-                            let _ = write!(Hex(wbuf), "{:x}\r\n", data.len());
+                            let _ = write!(wbuf, "{:x}\r\n", data.len());
                         }
                         Framing::Close => {}
                     }
@@ -952,16 +949,6 @@ where
         }
     })
     .await
-}
-
-/// `fmt::Write` into a `BytesMut`.
-struct Hex<'a>(&'a mut BytesMut);
-
-impl std::fmt::Write for Hex<'_> {
-    fn write_str(&mut self, s: &str) -> std::fmt::Result {
-        self.0.put_slice(s.as_bytes());
-        Ok(())
-    }
 }
 
 /// Write out `wbuf`, then `big`, then `crlf`, as far as the socket takes them.

@@ -333,9 +333,9 @@ async fn serve_http_conn(
             // HTTP/2's idle timeout follows the bytes moving.
             activity.resume();
             serve_h2(
-                shared.clone(),
-                listener.clone(),
-                lc.clone(),
+                shared,
+                listener,
+                lc,
                 TokioIo::new(io),
                 conn_info,
                 activity,
@@ -656,7 +656,10 @@ impl<T: AsyncWrite> AsyncWrite for IdleIo<T> {
 /// (an atomic, because hyper needs connection I/O to be `Send`). A paused one records
 /// nothing: HTTP/1.1 connections keep their own idle timer, and reading the clock on
 /// every read and write cost a few hundred instructions per request.
-pub struct Activity(AtomicU64, std::sync::atomic::AtomicBool);
+pub struct Activity {
+    last_ms: AtomicU64,
+    paused: std::sync::atomic::AtomicBool,
+}
 
 fn epoch() -> Instant {
     static START: OnceLock<Instant> = OnceLock::new();
@@ -671,21 +674,24 @@ impl Activity {
     }
     /// An activity that records nothing until [`Activity::resume`].
     pub(crate) fn paused() -> Self {
-        Activity(AtomicU64::new(0), std::sync::atomic::AtomicBool::new(true))
+        Activity {
+            last_ms: AtomicU64::new(0),
+            paused: std::sync::atomic::AtomicBool::new(true),
+        }
     }
     /// Start recording, from now.
     pub(crate) fn resume(&self) {
-        self.1.store(false, Ordering::Relaxed);
+        self.paused.store(false, Ordering::Relaxed);
         self.touch();
     }
     fn touch(&self) {
-        if self.1.load(Ordering::Relaxed) {
+        if self.paused.load(Ordering::Relaxed) {
             return;
         }
-        self.0
+        self.last_ms
             .store(epoch().elapsed().as_millis() as u64, Ordering::Relaxed);
     }
     pub(crate) fn last(&self) -> Instant {
-        epoch() + Duration::from_millis(self.0.load(Ordering::Relaxed))
+        epoch() + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
     }
 }

@@ -343,11 +343,11 @@ async fn serve(
     // 5. The upstream request.
     // The client's connection is taken over once the upstream agrees (101); only an
     // HTTP/1.1 connection can be (`h1_server` marks the requests).
-    let upgrade = is_upgrade(&parts.headers)
-        && parts
-            .extensions
-            .get::<crate::h1_server::CanUpgrade>()
-            .is_some();
+    let upgrade = parts
+        .extensions
+        .get::<crate::h1_server::CanUpgrade>()
+        .is_some()
+        && is_upgrade(&parts.headers);
     prepare_upstream_request(&mut parts, route, &cluster, &endpoint, conn, x, upgrade);
     let resp =
         crate::forward::forward(route, &cluster, endpoint, pick, parts, body, upgrade, x).await;

@@ -475,6 +475,18 @@ async fn requests_unaffected(proxy: &Proxy, n: usize) {
     }
 }
 
+/// Wait until the dropped-span counter satisfies `ok`.
+async fn wait_dropped(proxy: &Proxy, what: &str, ok: impl Fn(f64) -> bool) {
+    proxy
+        .wait_for(WAIT, what, || async {
+            let d = proxy
+                .metric("wasmesh_tracing_spans_dropped_total", &[])
+                .await;
+            ok(d).then_some(())
+        })
+        .await;
+}
+
 /// A collector that refuses connections costs only dropped-span counts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_collector_costs_only_dropped_spans() {
@@ -488,14 +500,7 @@ async fn refused_collector_costs_only_dropped_spans() {
     .await;
     requests_unaffected(&proxy, 20).await;
     // Two spans per request (SERVER and CLIENT), every one counted as dropped.
-    proxy
-        .wait_for(WAIT, "40 dropped spans", || async {
-            let d = proxy
-                .metric("wasmesh_tracing_spans_dropped_total", &[])
-                .await;
-            (d == 40.0).then_some(())
-        })
-        .await;
+    wait_dropped(&proxy, "40 dropped spans", |d| d == 40.0).await;
     assert_eq!(
         proxy
             .metric("wasmesh_tracing_spans_exported_total", &[])
@@ -520,14 +525,7 @@ async fn black_holed_collector_costs_only_dropped_spans() {
         }))
         .await;
         requests_unaffected(&proxy, 30).await;
-        proxy
-            .wait_for(WAIT, "60 dropped spans", || async {
-                let d = proxy
-                    .metric("wasmesh_tracing_spans_dropped_total", &[])
-                    .await;
-                (d == 60.0).then_some(())
-            })
-            .await;
+        wait_dropped(&proxy, "60 dropped spans", |d| d == 60.0).await;
         assert_eq!(
             proxy
                 .metric("wasmesh_tracing_spans_exported_total", &[])
@@ -642,14 +640,7 @@ async fn tls_collectors_get_spans_over_tls() {
     }))
     .await;
     requests_unaffected(&proxy, 5).await;
-    proxy
-        .wait_for(WAIT, "10 dropped spans", || async {
-            let d = proxy
-                .metric("wasmesh_tracing_spans_dropped_total", &[])
-                .await;
-            (d == 10.0).then_some(())
-        })
-        .await;
+    wait_dropped(&proxy, "10 dropped spans", |d| d == 10.0).await;
     assert_eq!(untrusted.handshakes().0, 0);
     assert!(untrusted.receiver.spans().is_empty());
 }
@@ -690,14 +681,7 @@ async fn rotated_collector_tls_files_are_picked_up() {
     }))
     .await;
     requests_unaffected(&proxy, 1).await;
-    proxy
-        .wait_for(WAIT, "the first spans dropped", || async {
-            let d = proxy
-                .metric("wasmesh_tracing_spans_dropped_total", &[])
-                .await;
-            (d >= 2.0).then_some(())
-        })
-        .await;
+    wait_dropped(&proxy, "the first spans dropped", |d| d >= 2.0).await;
     assert!(rx.receiver.spans().is_empty());
 
     // Rotate: the collector's CA replaces the file, as a secret mount swaps it.
