@@ -6,7 +6,6 @@
 use crate::config::CollectorTlsSpec;
 use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::rt::TokioIo;
-use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::{ClientConfig, RootCertStore};
 use std::future::Future;
@@ -58,18 +57,7 @@ fn read_certs(
     field: &'static str,
     file: &Path,
 ) -> Result<Vec<CertificateDer<'static>>, TlsSettingsError> {
-    let pem = std::fs::read(file)
-        .map_err(|e| bad(field, format!("cannot read {}: {e}", file.display())))?;
-    let certs = CertificateDer::pem_slice_iter(&pem)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| bad(field, format!("{}: {e}", file.display())))?;
-    if certs.is_empty() {
-        return Err(bad(
-            field,
-            format!("{}: no PEM certificate in the file", file.display()),
-        ));
-    }
-    Ok(certs)
+    crate::tls::read_certs(file).map_err(|e| bad(field, e.to_string()))
 }
 
 /// Trusted roots: the CA file's certificates, or the system's.
@@ -110,25 +98,8 @@ fn client_cert(
         (None, Some(_)) => Err(bad("cert_file", "key_file needs its cert_file")),
         (Some(cert), Some(key)) => {
             let chain = read_certs("cert_file", cert)?;
-            let pem = std::fs::read(key)
-                .map_err(|e| bad("key_file", format!("cannot read {}: {e}", key.display())))?;
-            let key_der = PrivateKeyDer::from_pem_slice(&pem)
-                .map_err(|e| bad("key_file", format!("{}: {e}", key.display())))?;
-            let signing = crate::tls::provider()
-                .key_provider
-                .load_private_key(key_der.clone_key())
-                .map_err(|e| bad("key_file", format!("{}: {e}", key.display())))?;
-            match rustls::sign::CertifiedKey::new(chain.clone(), signing).keys_match() {
-                // Key types whose public key rustls cannot derive: the handshake judges.
-                Ok(())
-                | Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::Unknown)) => {}
-                Err(_) => {
-                    return Err(bad(
-                        "key_file",
-                        format!("{} is not the key of {}", key.display(), cert.display()),
-                    ))
-                }
-            }
+            let key_der = crate::tls::read_key(&chain, cert, key)
+                .map_err(|e| bad("key_file", e.to_string()))?;
             Ok(Some((chain, key_der)))
         }
     }

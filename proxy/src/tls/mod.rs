@@ -130,7 +130,8 @@ fn read(file: &Path) -> Result<Vec<u8>, TlsError> {
     })
 }
 
-fn read_certs(file: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+/// The PEM certificates in `file`; at least one. Also reads the OTLP exporter's files.
+pub(crate) fn read_certs(file: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let pem = read(file)?;
     let certs = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<Vec<_>, _>>()
@@ -144,6 +145,34 @@ fn read_certs(file: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
         });
     }
     Ok(certs)
+}
+
+/// The private key in `key_file`, checked to be the key of `chain`'s leaf (read from
+/// `cert_file`, named in the error). Also reads the OTLP exporter's client key.
+pub(crate) fn read_key(
+    chain: &[CertificateDer<'static>],
+    cert_file: &Path,
+    key_file: &Path,
+) -> Result<PrivateKeyDer<'static>, TlsError> {
+    let bad_key = |reason: String| TlsError::Key {
+        file: key_file.to_path_buf(),
+        reason,
+    };
+    let pem = read(key_file)?;
+    let key = PrivateKeyDer::from_pem_slice(&pem).map_err(|e| bad_key(e.to_string()))?;
+    let signing = provider()
+        .key_provider
+        .load_private_key(key.clone_key())
+        .map_err(|e| bad_key(e.to_string()))?;
+    match rustls::sign::CertifiedKey::new(chain.to_vec(), signing).keys_match() {
+        Ok(()) => Ok(key),
+        // Key types whose public key rustls cannot derive: let the handshake judge.
+        Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::Unknown)) => Ok(key),
+        Err(_) => Err(TlsError::KeyMismatch {
+            cert: cert_file.to_path_buf(),
+            key: key_file.to_path_buf(),
+        }),
+    }
 }
 
 fn now_unix() -> i64 {
@@ -191,30 +220,7 @@ pub fn load_material(files: &TlsFiles) -> Result<Material, TlsError> {
         reason,
     })?;
 
-    let key_pem = read(&files.key)?;
-    let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| TlsError::Key {
-        file: files.key.clone(),
-        reason: e.to_string(),
-    })?;
-    let signing = provider()
-        .key_provider
-        .load_private_key(key.clone_key())
-        .map_err(|e| TlsError::Key {
-            file: files.key.clone(),
-            reason: e.to_string(),
-        })?;
-    let certified = rustls::sign::CertifiedKey::new(chain.clone(), signing);
-    match certified.keys_match() {
-        Ok(()) => {}
-        // Key types whose public key rustls cannot derive: let the handshake judge.
-        Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::Unknown)) => {}
-        Err(_) => {
-            return Err(TlsError::KeyMismatch {
-                cert: files.cert.clone(),
-                key: files.key.clone(),
-            })
-        }
-    }
+    let key = read_key(&chain, &files.cert, &files.key)?;
 
     let cas = read_certs(&files.trust_bundle)?;
     let mut roots = RootCertStore::empty();
