@@ -238,12 +238,17 @@ pub mod __glue {
         f: impl FnOnce(&mut F, &Request, &Response) -> Action,
     ) {
         crate::effects::begin(pre);
-        let action = with(slot, Action::Continue, |filter| {
-            f(filter, &REQUEST, &RESPONSE)
+        // No default `Action` to build and drop when the filter is not there: `None`.
+        let action = slot.with(|cell| {
+            let mut filter = cell.try_borrow_mut().ok()?;
+            Some(f(filter.as_mut()?, &REQUEST, &RESPONSE))
         });
         crate::effects::end();
-        if !matches!(action, Action::Continue) {
-            hook::set_action(&action);
+        match action {
+            Some(action) if !matches!(action, Action::Continue) => hook::set_action(&action),
+            // `Continue` owns nothing: forgetting it skips a call to the enum's drop glue
+            // (out of line, it would run on every hook only to find nothing to free).
+            nothing => std::mem::forget(nothing),
         }
     }
 

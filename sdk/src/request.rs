@@ -37,6 +37,15 @@ pub struct Response {
     _private: (),
 }
 
+/// Call `f` with the value `which` the host passed with the hook, or else with the one
+/// `read` asks the host for.
+fn with_value<R>(which: Pre, read: fn() -> String, f: impl FnOnce(&str) -> R) -> R {
+    effects::with_prefetched(which, |v| match v {
+        Some(v) => f(v),
+        None => f(&read()),
+    })
+}
+
 /// The one request (and response) value hooks are given.
 pub(crate) static REQUEST: Request = Request { _private: () };
 pub(crate) static RESPONSE: Response = Response { _private: () };
@@ -48,7 +57,17 @@ impl Request {
     /// self.started.insert(req.id(), wasmesh_sdk::monotonic_nanos());
     /// ```
     pub fn id(&self) -> String {
-        effects::prefetched(Pre::Id).unwrap_or_else(raw::id)
+        self.with_id(str::to_owned)
+    }
+
+    /// [`Request::id`] lent to `f` rather than returned: no copy when the host passed it
+    /// with the hook (`Hooks::PASS_ID`). `f` may use the request freely.
+    ///
+    /// ```ignore
+    /// req.with_id(|id| req.set_response_header("x-request-id", id));
+    /// ```
+    pub fn with_id<R>(&self, f: impl FnOnce(&str) -> R) -> R {
+        with_value(Pre::Id, raw::id, f)
     }
 
     /// HTTP method, e.g. "GET".
@@ -57,7 +76,17 @@ impl Request {
     /// let read_only = matches!(req.method().as_str(), "GET" | "HEAD");
     /// ```
     pub fn method(&self) -> String {
-        effects::prefetched(Pre::Method).unwrap_or_else(raw::method)
+        self.with_method(str::to_owned)
+    }
+
+    /// [`Request::method`] lent to `f`: no copy with `Hooks::PASS_METHOD` (see
+    /// [`Request::with_id`]).
+    ///
+    /// ```ignore
+    /// let read_only = req.with_method(|m| matches!(m, "GET" | "HEAD"));
+    /// ```
+    pub fn with_method<R>(&self, f: impl FnOnce(&str) -> R) -> R {
+        with_value(Pre::Method, raw::method, f)
     }
 
     /// The path, without the query.
@@ -66,7 +95,17 @@ impl Request {
     /// if req.path().starts_with("/admin/") { /* ... */ }
     /// ```
     pub fn path(&self) -> String {
-        effects::prefetched(Pre::Path).unwrap_or_else(raw::path)
+        self.with_path(str::to_owned)
+    }
+
+    /// [`Request::path`] lent to `f`: no copy with `Hooks::PASS_PATH` (see
+    /// [`Request::with_id`]).
+    ///
+    /// ```ignore
+    /// let admin = req.with_path(|p| p.starts_with("/admin/"));
+    /// ```
+    pub fn with_path<R>(&self, f: impl FnOnce(&str) -> R) -> R {
+        with_value(Pre::Path, raw::path, f)
     }
 
     /// Replace the path (and query, if `path` has a '?') sent upstream. Request hooks only.
@@ -85,7 +124,17 @@ impl Request {
     /// let client = req.source_address();
     /// ```
     pub fn source_address(&self) -> String {
-        effects::prefetched(Pre::SourceAddress).unwrap_or_else(raw::source_address)
+        self.with_source_address(str::to_owned)
+    }
+
+    /// [`Request::source_address`] lent to `f`: no copy with `Hooks::PASS_SOURCE_ADDRESS`
+    /// (see [`Request::with_id`]).
+    ///
+    /// ```ignore
+    /// let local = req.with_source_address(|a| a.starts_with("127."));
+    /// ```
+    pub fn with_source_address<R>(&self, f: impl FnOnce(&str) -> R) -> R {
+        with_value(Pre::SourceAddress, raw::source_address, f)
     }
 
     /// A value put in the request's bag by this hook, an earlier hook or an earlier filter.

@@ -70,7 +70,13 @@ pub fn increment(key: &str, delta: i64, ttl: Option<Duration>) -> Result<i64, St
 /// if !d.allowed { return LocalResponse::new(429).flag("RL").into(); }
 /// ```
 pub fn take_token(key: &str, burst: u64, interval: Duration) -> Result<TokenDecision, String> {
-    let interval = u64::try_from(interval.as_nanos()).unwrap_or(u64::MAX);
+    // In u64 rather than through `as_nanos` (u128, whose multiplication is a call into
+    // compiler-rt on wasm32); the same value, saturated the same way.
+    let interval = interval
+        .as_secs()
+        .checked_mul(1_000_000_000)
+        .and_then(|n| n.checked_add(u64::from(interval.subsec_nanos())))
+        .unwrap_or(u64::MAX);
     host::state_take_token(key, burst, interval)
 }
 

@@ -34,11 +34,12 @@ impl Subject for Req<'_> {
     fn property(&self, key: &str) -> Option<String> {
         self.0.get_property(key)
     }
-    fn method(&self) -> String {
-        self.0.method()
+    // Lent by the SDK (they come with the hook): no copy per request.
+    fn method_is(&self, test: &mut dyn FnMut(&str) -> bool) -> bool {
+        self.0.with_method(test)
     }
-    fn path(&self) -> String {
-        self.0.path()
+    fn path_is(&self, test: &mut dyn FnMut(&str) -> bool) -> bool {
+        self.0.with_path(test)
     }
     fn header(&self, name: &str) -> Option<String> {
         let all = self.0.header_all(name);

@@ -79,8 +79,10 @@ pub struct Rule {
 pub trait Subject {
     fn peer_identity(&self) -> Option<String>;
     fn property(&self, key: &str) -> Option<String>;
-    fn method(&self) -> String;
-    fn path(&self) -> String;
+    /// Whether the method passes `test` (the value is lent, not copied).
+    fn method_is(&self, test: &mut dyn FnMut(&str) -> bool) -> bool;
+    /// Whether the path passes `test` (the value is lent, not copied).
+    fn path_is(&self, test: &mut dyn FnMut(&str) -> bool) -> bool;
     /// Every value of the header, joined by ",".
     fn header(&self, name: &str) -> Option<String>;
 }
@@ -88,14 +90,12 @@ pub trait Subject {
 impl Rule {
     pub fn allows(&self, r: &dyn Subject) -> bool {
         if let Some(methods) = &self.methods {
-            let m = r.method();
-            if !methods.contains(&m) {
+            if !r.method_is(&mut |m| methods.iter().any(|x| x == m)) {
                 return false;
             }
         }
         if let Some(paths) = &self.paths {
-            let p = r.path();
-            if !paths.iter().any(|x| x.matches(&p)) {
+            if !r.path_is(&mut |p| paths.iter().any(|x| x.matches(p))) {
                 return false;
             }
         }
@@ -221,11 +221,11 @@ mod tests {
         fn property(&self, key: &str) -> Option<String> {
             self.props.get(key).cloned()
         }
-        fn method(&self) -> String {
-            self.method.clone()
+        fn method_is(&self, test: &mut dyn FnMut(&str) -> bool) -> bool {
+            test(&self.method)
         }
-        fn path(&self) -> String {
-            self.path.clone()
+        fn path_is(&self, test: &mut dyn FnMut(&str) -> bool) -> bool {
+            test(&self.path)
         }
         fn header(&self, name: &str) -> Option<String> {
             self.headers.get(name).cloned()

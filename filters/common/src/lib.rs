@@ -39,6 +39,25 @@ pub trait RequestData {
     fn route(&self) -> String;
     /// Verified peer identity (mTLS), if any.
     fn peer_identity(&self) -> Option<String>;
+
+    /// The request id lent to `f`. The default lends a copy from
+    /// [`RequestData::request_id`]; the SDK's request lends the value the host passed
+    /// with the hook, without a copy.
+    fn with_request_id(&self, f: &mut dyn FnMut(&str)) {
+        f(&self.request_id())
+    }
+    /// The method lent to `f` (see [`RequestData::with_request_id`]).
+    fn with_method(&self, f: &mut dyn FnMut(&str)) {
+        f(&self.method())
+    }
+    /// The path lent to `f` (see [`RequestData::with_request_id`]).
+    fn with_path(&self, f: &mut dyn FnMut(&str)) {
+        f(&self.path())
+    }
+    /// The client address lent to `f` (see [`RequestData::with_request_id`]).
+    fn with_source_address(&self, f: &mut dyn FnMut(&str)) {
+        f(&self.source_address())
+    }
 }
 
 // Named through the type (`wasmesh_sdk::Request::header(self, ..)`): `self.header(..)`
@@ -68,6 +87,18 @@ impl RequestData for wasmesh_sdk::Request {
     fn peer_identity(&self) -> Option<String> {
         wasmesh_sdk::Request::peer_identity(self)
     }
+    fn with_request_id(&self, f: &mut dyn FnMut(&str)) {
+        wasmesh_sdk::Request::with_id(self, f)
+    }
+    fn with_method(&self, f: &mut dyn FnMut(&str)) {
+        wasmesh_sdk::Request::with_method(self, f)
+    }
+    fn with_path(&self, f: &mut dyn FnMut(&str)) {
+        wasmesh_sdk::Request::with_path(self, f)
+    }
+    fn with_source_address(&self, f: &mut dyn FnMut(&str)) {
+        wasmesh_sdk::Request::with_source_address(self, f)
+    }
 }
 
 /// The IP part of an `IP:PORT` / `[IPv6]:PORT` address (the whole string when it has no port).
@@ -93,45 +124,41 @@ pub fn client_ip(addr: &str) -> std::borrow::Cow<'_, str> {
     }
 }
 
-/// A decimal number of 1 to `max_digits` digits, no leading zero, at most `max`.
-fn plain_decimal(b: &[u8], max_digits: usize, max: u32) -> bool {
-    if b.is_empty() || b.len() > max_digits || (b.len() > 1 && b.first() == Some(&b'0')) {
-        return false;
-    }
+/// Read the decimal field of `b` at `*i` (its digits, up to the first other byte) and move
+/// past it; true when it has 1 to `max_digits` digits, no leading zero and is at most `max`.
+fn read_decimal(b: &[u8], i: &mut usize, max_digits: usize, max: u32) -> bool {
+    let start = *i;
     let mut n: u32 = 0;
-    for &d in b {
-        if !d.is_ascii_digit() {
+    while let Some(d) = b.get(*i).map(|c| c.wrapping_sub(b'0')).filter(|d| *d <= 9) {
+        if *i - start == max_digits {
             return false;
         }
-        n = n * 10 + u32::from(d - b'0');
+        n = n * 10 + u32::from(d);
+        *i += 1;
     }
-    n <= max
+    let digits = *i - start;
+    digits >= 1 && (digits == 1 || b.get(start) != Some(&b'0')) && n <= max
 }
 
 /// The IP of `a.b.c.d:port` written the canonical way (what the host's client addresses
-/// look like): a few byte checks instead of the full address parser. Accepts only
+/// look like): one pass of byte checks instead of the full address parser. Accepts only
 /// addresses the parser accepts too, so [`client_ip`] answers the same either way.
 fn plain_ipv4_ip(addr: &str) -> Option<&str> {
-    // Bytes, not `str` searches: this runs on every request, and char searching costs a
-    // filter several times more.
+    // One pass over the bytes, each looked at once: this runs on every request, and
+    // searching, splitting and then parsing the pieces costs a filter several times more.
     let b = addr.as_bytes();
-    let colon = b.iter().rposition(|&c| c == b':')?;
-    let (ip, port) = (b.get(..colon)?, b.get(colon + 1..)?);
-    if !plain_decimal(port, 5, 65535) {
-        return None;
-    }
-    let mut octets = 0;
-    for o in ip.split(|&c| c == b'.') {
-        if !plain_decimal(o, 3, 255) {
+    let mut i = 0;
+    for sep in [b'.', b'.', b'.', b':'] {
+        if !read_decimal(b, &mut i, 3, 255) || b.get(i) != Some(&sep) {
             return None;
         }
-        octets += 1;
+        i += 1;
     }
-    if octets == 4 {
-        addr.get(..colon)
-    } else {
-        None
+    let colon = i - 1;
+    if !read_decimal(b, &mut i, 5, 65535) || i != b.len() {
+        return None;
     }
+    addr.get(..colon)
 }
 
 /// `n` in decimal, written at the end of `buf`: the text, without allocating (a filter's
@@ -142,15 +169,28 @@ fn plain_ipv4_ip(addr: &str) -> Option<&str> {
 /// assert_eq!(filter_common::fmt_u64(1200, &mut buf), "1200");
 /// ```
 pub fn fmt_u64(mut n: u64, buf: &mut [u8; 20]) -> &str {
+    // Two digits per division, from a table: in a filter each byte stored costs a bounds
+    // check, each division a multiplication or more.
+    const PAIRS: &[u8; 200] = b"\
+        0001020304050607080910111213141516171819\
+        2021222324252627282930313233343536373839\
+        4041424344454647484950515253545556575859\
+        6061626364656667686970717273747576777879\
+        8081828384858687888990919293949596979899";
     let mut i = buf.len();
-    loop {
-        i -= 1;
-        if let Some(slot) = buf.get_mut(i) {
-            *slot = b'0' + (n % 10) as u8;
+    while n >= 10 {
+        let pair = (n % 100) as usize * 2;
+        n /= 100;
+        i -= 2;
+        if let (Some(d), Some(s)) = (buf.get_mut(i..i + 2), PAIRS.get(pair..pair + 2)) {
+            d.copy_from_slice(s);
         }
-        n /= 10;
-        if n == 0 || i == 0 {
-            break;
+    }
+    // The last digit, when there is one left (always, for 0).
+    if n > 0 || i == buf.len() {
+        i -= 1;
+        if let Some(d) = buf.get_mut(i) {
+            *d = b'0' + n as u8;
         }
     }
     // Only ASCII digits were written.
@@ -174,7 +214,9 @@ pub fn push_u64(out: &mut String, n: u64) {
 /// assert_eq!(filter_common::decimal(u64::MAX), u64::MAX.to_string());
 /// ```
 pub fn decimal(n: u64) -> String {
-    fmt_u64(n, &mut [0; 20]).to_string()
+    let mut s = String::new();
+    push_u64(&mut s, n);
+    s
 }
 
 /// Whether `name` is a valid lower-case HTTP header name (RFC 9110 token), not a pseudo-header.
@@ -202,6 +244,10 @@ mod tests {
             u64::MAX,
         ] {
             assert_eq!(super::decimal(n), n.to_string());
+            assert_eq!(super::fmt_u64(n, &mut [0; 20]), n.to_string());
+            let mut s = String::from("x");
+            super::push_u64(&mut s, n);
+            assert_eq!(s, format!("x{n}"));
         }
     }
 

@@ -137,6 +137,31 @@ impl Template {
         out
     }
 
+    /// Call `f` with the value for this request. A template that is one literal or one
+    /// request-data variable lends the value as it is (no copy, which costs a filter more
+    /// than the call); any other is rendered into `scratch` (cleared first) and lent
+    /// from there.
+    pub fn with_rendered(
+        &self,
+        req: &impl RequestData,
+        scratch: &mut String,
+        f: &mut dyn FnMut(&str),
+    ) {
+        match self.parts.as_slice() {
+            [Part::Text(t)] => f(t),
+            [Part::RequestId] => req.with_request_id(f),
+            [Part::Method] => req.with_method(f),
+            [Part::Path] => req.with_path(f),
+            [Part::SourceAddress] => req.with_source_address(f),
+            [Part::SourceIp] => req.with_source_address(&mut |a| f(&crate::client_ip(a))),
+            _ => {
+                scratch.clear();
+                self.render_into(req, scratch);
+                f(scratch)
+            }
+        }
+    }
+
     /// [`Template::render`], appended to `out` (reuse one buffer across values).
     pub fn render_into(&self, req: &impl RequestData, out: &mut String) {
         if let [Part::Text(t)] = self.parts.as_slice() {
@@ -147,12 +172,15 @@ impl Template {
             match p {
                 Part::Text(t) => out.push_str(t),
                 Part::Header(h) => out.push_str(&req.header(h).unwrap_or_default()),
-                Part::RequestId => out.push_str(&req.request_id()),
-                Part::Method => out.push_str(&req.method()),
-                Part::Path => out.push_str(&req.path()),
+                // Lent, not copied: the host passes these with the hook (`pass_flags`).
+                Part::RequestId => req.with_request_id(&mut |v| out.push_str(v)),
+                Part::Method => req.with_method(&mut |v| out.push_str(v)),
+                Part::Path => req.with_path(&mut |v| out.push_str(v)),
                 Part::Authority => out.push_str(&req.authority().unwrap_or_default()),
-                Part::SourceAddress => out.push_str(&req.source_address()),
-                Part::SourceIp => out.push_str(&crate::client_ip(&req.source_address())),
+                Part::SourceAddress => req.with_source_address(&mut |v| out.push_str(v)),
+                Part::SourceIp => {
+                    req.with_source_address(&mut |v| out.push_str(&crate::client_ip(v)))
+                }
                 Part::Route => out.push_str(&req.route()),
                 Part::PeerIdentity => out.push_str(&req.peer_identity().unwrap_or_default()),
             }
@@ -178,7 +206,15 @@ mod tests {
             ..FakeRequest::default()
         }
         .with_header("x-user", "alice");
-        Template::parse(t).unwrap().render(&req)
+        let t = Template::parse(t).unwrap();
+        let rendered = t.render(&req);
+        // Lent or rendered, the value is the same.
+        let mut lent = String::new();
+        t.with_rendered(&req, &mut String::from("stale"), &mut |v| {
+            lent = v.to_string()
+        });
+        assert_eq!(lent, rendered);
+        rendered
     }
 
     #[test]

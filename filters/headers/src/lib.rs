@@ -168,7 +168,8 @@ impl Headers for Response {
 /// Apply `ops` to `target`, with template values taken from `req`. A value that renders
 /// empty (e.g. `%REQ(x-user)%` without the header) is not written; one the host refuses
 /// (e.g. a control character from a client's header) is skipped and logged at debug.
-fn apply(ops: &Ops, target: &impl Headers, req: &Request) {
+/// `v`: room to render values in (most are lent without it).
+fn apply(ops: &Ops, target: &impl Headers, req: &Request, v: &mut String) {
     let check = |r: Result<(), String>| {
         if let Err(e) = r {
             wasmesh_sdk::debug!("header not changed: {e}");
@@ -187,42 +188,41 @@ fn apply(ops: &Ops, target: &impl Headers, req: &Request) {
     for name in &ops.remove {
         check(target.remove(name));
     }
-    let mut v = String::new();
     for (name, t) in &ops.set {
-        v.clear();
-        t.render_into(req, &mut v);
-        if !v.is_empty() {
-            check(target.set(name, &v));
-        }
+        t.with_rendered(req, v, &mut |v| {
+            if !v.is_empty() {
+                check(target.set(name, v));
+            }
+        });
     }
     for (name, t) in &ops.add {
-        v.clear();
-        t.render_into(req, &mut v);
-        if !v.is_empty() {
-            check(target.add(name, &v));
-        }
+        t.with_rendered(req, v, &mut |v| {
+            if !v.is_empty() {
+                check(target.add(name, v));
+            }
+        });
     }
 }
 
 /// Response operations queued from the request hook (see [`Ops::decidable_on_request_side`]).
-fn queue_response(ops: &Ops, req: &Request) {
+/// `v`: room to render values in (most are lent without it).
+fn queue_response(ops: &Ops, req: &Request, v: &mut String) {
     for name in &ops.remove {
         req.remove_response_header(name);
     }
-    let mut v = String::new();
     for (name, t) in &ops.set {
-        v.clear();
-        t.render_into(req, &mut v);
-        if !v.is_empty() {
-            req.set_response_header(name, &v);
-        }
+        t.with_rendered(req, v, &mut |v| {
+            if !v.is_empty() {
+                req.set_response_header(name, v);
+            }
+        });
     }
     for (name, t) in &ops.add {
-        v.clear();
-        t.render_into(req, &mut v);
-        if !v.is_empty() {
-            req.add_response_header(name, &v);
-        }
+        t.with_rendered(req, v, &mut |v| {
+            if !v.is_empty() {
+                req.add_response_header(name, v);
+            }
+        });
     }
 }
 
@@ -231,6 +231,8 @@ struct HeadersFilter {
     response: Ops,
     /// Response operations are queued from `on_request_headers` (no response hook).
     response_early: bool,
+    /// Room to render values in, kept from hook to hook (no allocation per request).
+    scratch: String,
 }
 
 impl Filter for HeadersFilter {
@@ -245,6 +247,7 @@ impl Filter for HeadersFilter {
             request,
             response,
             response_early,
+            scratch: String::new(),
         };
         if f.request.is_empty() && f.response.is_empty() {
             return Err("config: no header operations (give `request` or `response`)".to_string());
@@ -266,15 +269,15 @@ impl Filter for HeadersFilter {
     }
 
     fn on_request_headers(&mut self, req: &Request) -> Action {
-        apply(&self.request, req, req);
+        apply(&self.request, req, req, &mut self.scratch);
         if self.response_early {
-            queue_response(&self.response, req);
+            queue_response(&self.response, req, &mut self.scratch);
         }
         Action::Continue
     }
 
     fn on_response_headers(&mut self, req: &Request, resp: &Response) -> Action {
-        apply(&self.response, resp, req);
+        apply(&self.response, resp, req, &mut self.scratch);
         Action::Continue
     }
 }

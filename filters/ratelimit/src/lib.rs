@@ -132,7 +132,8 @@ impl KeyPart {
         };
         match self {
             KeyPart::ClientAddress => {
-                push(key, &filter_common::client_ip(&req.source_address()));
+                // Lent by the SDK (it comes with the hook): no copy of the address.
+                req.with_source_address(|a| push(key, &filter_common::client_ip(a)));
             }
             KeyPart::PeerIdentity => match req.peer_identity().filter(|s| !s.is_empty()) {
                 Some(v) => push(key, &v),
@@ -163,6 +164,8 @@ struct Limit {
     name: String,
     key: Vec<KeyPart>,
     burst: u64,
+    /// `burst` in decimal, the `x-ratelimit-limit` value (written once, not per request).
+    burst_text: String,
     kind: Kind,
     missing: Missing,
     shadow: bool,
@@ -225,6 +228,7 @@ impl Limit {
             name,
             key,
             burst: spec.burst,
+            burst_text: filter_common::decimal(spec.burst),
             kind,
             missing: spec.when_missing,
             shadow: spec.shadow.unwrap_or(shadow),
@@ -276,8 +280,9 @@ impl Store for HostStore {
 }
 
 /// A token taken, to give back if a later limit denies the request.
-struct Taken<'a> {
-    limit: &'a Limit,
+struct Taken {
+    /// Index of the limit in `RateLimit::limits`.
+    limit: usize,
     key: String,
 }
 
@@ -289,6 +294,9 @@ struct RateLimit {
     /// Monotonic time of the last shadow log line (at most one a second per instance).
     last_shadow_log: u64,
     shadow_unlogged: u64,
+    /// The tokens the running request took (empty between requests; kept to reuse its
+    /// allocation).
+    taken: Vec<Taken>,
 }
 
 fn secs_ceil(ns: u64) -> u64 {
@@ -321,8 +329,8 @@ impl RateLimit {
         }
     }
 
-    fn give_back(&self, taken: &Taken<'_>) {
-        match taken.limit.kind {
+    fn give_back(&self, limit: &Limit, taken: &Taken) {
+        match limit.kind {
             Kind::Bucket { interval_ns } => bucket::return_token(
                 &HostStore,
                 &taken.key,
@@ -356,7 +364,7 @@ impl RateLimit {
 
     fn reject(&self, limit: &Limit, d: &Decision) -> Action {
         let mut r = LocalResponse::new(self.status)
-            .header("x-ratelimit-limit", &limit.burst.to_string())
+            .header("x-ratelimit-limit", &limit.burst_text)
             .header("x-ratelimit-remaining", "0");
         if let Some(reset) = d.reset_ns {
             r = r.header("x-ratelimit-reset", &secs_ceil(reset).to_string());
@@ -405,6 +413,7 @@ impl Filter for RateLimit {
             decisions: Some(decisions),
             last_shadow_log: 0,
             shadow_unlogged: 0,
+            taken: Vec::new(),
         })
     }
 
@@ -424,18 +433,20 @@ impl Filter for RateLimit {
 
     fn on_request_headers(&mut self, req: &Request) -> Action {
         let limits = std::mem::take(&mut self.limits);
-        let action = self.check(&limits, req);
+        let mut taken = std::mem::take(&mut self.taken);
+        let action = self.check(&limits, &mut taken, req);
+        taken.clear();
         self.limits = limits;
+        self.taken = taken;
         action
     }
 }
 
 impl RateLimit {
-    fn check(&mut self, limits: &[Limit], req: &Request) -> Action {
-        let mut taken: Vec<Taken<'_>> = Vec::new();
+    fn check(&mut self, limits: &[Limit], taken: &mut Vec<Taken>, req: &Request) -> Action {
         // The limit closest to its end, for the x-ratelimit-* headers of a pass.
         let mut tightest: Option<(&Limit, Decision)> = None;
-        for limit in limits {
+        for (i, limit) in limits.iter().enumerate() {
             let Some(key) = limit.state_key(req) else {
                 continue;
             };
@@ -451,7 +462,7 @@ impl RateLimit {
                 if tightest.is_none_or(|(_, t)| d.remaining < t.remaining) {
                     tightest = Some((limit, d));
                 }
-                taken.push(Taken { limit, key });
+                taken.push(Taken { limit: i, key });
                 continue;
             }
             req.set_attribute("ratelimit.limited_by", &limit.name);
@@ -461,20 +472,23 @@ impl RateLimit {
                 continue;
             }
             // Rejected: the other limits did not really serve this request.
-            for t in &taken {
-                self.give_back(t);
+            for t in taken.iter() {
+                if let Some(l) = limits.get(t.limit) {
+                    self.give_back(l, t);
+                }
             }
             self.count(limit, "limited");
             return self.reject(limit, &d);
         }
-        for t in &taken {
-            self.count(t.limit, "allowed");
+        for t in taken.iter() {
+            if let Some(l) = limits.get(t.limit) {
+                self.count(l, "allowed");
+            }
         }
         if self.response_headers {
             if let Some((limit, d)) = tightest {
+                req.set_response_header("x-ratelimit-limit", &limit.burst_text);
                 let buf = &mut [0; 20];
-                let limit_text = filter_common::fmt_u64(limit.burst, buf);
-                req.set_response_header("x-ratelimit-limit", limit_text);
                 let remaining = filter_common::fmt_u64(d.remaining, buf);
                 req.set_response_header("x-ratelimit-remaining", remaining);
                 if let Some(reset) = d.reset_ns {
