@@ -4,6 +4,9 @@
 //! Each test drives a `ChainRun` on a current-thread runtime inside a `LocalSet`, as a
 //! worker thread does, with real `http` parts.
 
+#[path = "support/filter_dir.rs"]
+mod support;
+
 use bytes::Bytes;
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -31,7 +34,7 @@ fn wasm_dir() -> &'static Path {
             .status()
             .expect("run scripts/build-filters.sh");
         assert!(status.success(), "scripts/build-filters.sh failed");
-        root.join("target/wasm32-wasip2/filter")
+        support::filter_dir(&root)
     })
 }
 
