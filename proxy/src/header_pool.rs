@@ -15,6 +15,12 @@ use std::cell::RefCell;
 const KEEP: usize = 64;
 /// A map that grew beyond this many entries (an unusual message) is freed, not kept.
 const MAX_KEPT_CAPACITY: usize = 96;
+/// A map with less room than this is freed, not kept: `take` would have to grow it
+/// (a new table, every entry rehashed: dearer than a fresh map). The takers ask for a
+/// message's header count plus 8 or 16 spare, so their maps have room for 24 or more;
+/// the small ones are maps built by others (the HTTP/2 decoder starts from an empty
+/// map and grows it to 6, then 12).
+const MIN_KEPT_CAPACITY: usize = 24;
 
 thread_local! {
     static POOL: RefCell<Vec<HeaderMap>> = const { RefCell::new(Vec::new()) };
@@ -35,7 +41,7 @@ pub fn take(capacity: usize) -> HeaderMap {
 /// Give back a map whose message is done with.
 pub fn give(mut map: HeaderMap) {
     let cap = map.capacity();
-    if cap == 0 || cap > MAX_KEPT_CAPACITY {
+    if !(MIN_KEPT_CAPACITY..=MAX_KEPT_CAPACITY).contains(&cap) {
         return;
     }
     map.clear();
@@ -54,7 +60,8 @@ mod tests {
 
     #[test]
     fn maps_come_back_empty_with_their_room() {
-        let mut m = take(12);
+        // A taker's size: a message's five headers plus 16 spare.
+        let mut m = take(21);
         m.insert("x-a", http::HeaderValue::from_static("1"));
         let cap = m.capacity();
         give(m);
@@ -63,5 +70,16 @@ mod tests {
         assert_eq!(again.capacity(), cap);
         let bigger = take(40);
         assert!(bigger.capacity() >= 40);
+    }
+
+    #[test]
+    fn small_maps_are_not_kept() {
+        // An HTTP/2 request's map: grown from empty, too small for a taker.
+        let mut small = HeaderMap::new();
+        small.insert("x-a", http::HeaderValue::from_static("1"));
+        assert!(small.capacity() < MIN_KEPT_CAPACITY);
+        give(small);
+        // Not kept: the pool (per thread, this test's own) hands out a fresh map.
+        assert_eq!(take(0).capacity(), 0);
     }
 }
