@@ -19,9 +19,6 @@
 //! binary under `valgrind --tool=callgrind` with a small count
 //! (`WASMESH_BENCH_NO_BUILD=1 valgrind --tool=callgrind target/release/deps/chain-HASH 2000`).
 
-#[path = "../tests/support/filter_dir.rs"]
-mod support;
-
 use bytes::Bytes;
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -61,7 +58,7 @@ fn filter_dir() -> PathBuf {
             std::process::exit(1);
         }
     }
-    support::filter_dir(&root)
+    wasmesh_e2e::wasm_filters::built_dir()
 }
 
 fn spec(name: &str, file: &str, config: serde_json::Value) -> FilterSpec {

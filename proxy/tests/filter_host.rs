@@ -4,9 +4,6 @@
 //! Each test drives a `ChainRun` on a current-thread runtime inside a `LocalSet`, as a
 //! worker thread does, with real `http` parts.
 
-#[path = "support/filter_dir.rs"]
-mod support;
-
 use bytes::Bytes;
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -34,7 +31,7 @@ fn wasm_dir() -> &'static Path {
             .status()
             .expect("run scripts/build-filters.sh");
         assert!(status.success(), "scripts/build-filters.sh failed");
-        support::filter_dir(&root)
+        wasmesh_e2e::wasm_filters::built_dir()
     })
 }
 

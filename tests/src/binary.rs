@@ -32,7 +32,9 @@ pub fn workspace_root() -> PathBuf {
     here.parent().map(PathBuf::from).unwrap_or(here)
 }
 
-fn target_dir() -> PathBuf {
+/// Cargo's target directory: `CARGO_TARGET_DIR` when set (relative to the workspace root
+/// when relative), else `target/`. The wasm filters are built under it too.
+pub fn target_dir() -> PathBuf {
     match std::env::var_os("CARGO_TARGET_DIR") {
         Some(d) => {
             let d = PathBuf::from(d);

@@ -8,19 +8,12 @@
 use std::path::PathBuf;
 use std::sync::Mutex;
 
-/// Where `scripts/build-filters.sh` puts the components.
+/// Where `scripts/build-filters.sh` puts the components. Also used by the proxy crate's
+/// filter-host tests and chain benchmark.
 pub fn built_dir() -> PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .map(|d| {
-            if d.is_absolute() {
-                d
-            } else {
-                crate::binary::workspace_root().join(d)
-            }
-        })
-        .unwrap_or_else(|| crate::binary::workspace_root().join("target"));
-    target.join("wasm32-wasip2").join("filter")
+    crate::binary::target_dir()
+        .join("wasm32-wasip2")
+        .join("filter")
 }
 
 /// Build the filter crates `pkgs` (once per process and package) and return the path of
