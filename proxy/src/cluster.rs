@@ -214,7 +214,8 @@ impl Cluster {
             connector.clone(),
             spec.protocol,
             spec.idle_timeout,
-            spec.max_idle_per_endpoint,
+            spec.max_idle_per_endpoint
+                .unwrap_or(spec.circuit_breakers.max_connections),
         ));
         let rq_active = metrics.upstream_rq_active.get_or_create(&label).clone();
         let cluster = Arc::new(Cluster {

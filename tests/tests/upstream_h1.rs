@@ -10,7 +10,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use wasmesh_e2e::client::{Conn, Req};
-use wasmesh_e2e::{cluster, Proxy};
+use wasmesh_e2e::{cluster, Behavior, Proxy, Upstream};
 
 /// What a scripted connection does, in order.
 #[derive(Clone)]
@@ -167,6 +167,59 @@ async fn proxy_for(up: &Scripted) -> Proxy {
 }
 
 const OK_HELLO: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\nx-up: 1\r\n\r\nhello";
+
+/// 160 requests at once, twice. The connections the first burst opened all wait in the
+/// pool for the second (no idle cap of the pool's own, as in Envoy): a fixed cap below
+/// the burst (it was 128) closed the rest after each burst and opened them again, which
+/// under steady high concurrency churns through connections and ephemeral ports.
+#[tokio::test]
+async fn a_burst_wider_than_128_keeps_its_upstream_connections_for_the_next() {
+    const BURST: usize = 160;
+    let up = Upstream::start().await;
+    // Long enough that every request of a burst is in flight at once.
+    up.set_default(Behavior::Delay(Duration::from_millis(300)));
+    // One worker: pools are per worker, and both bursts must meet the same pool.
+    let proxy = Proxy::start(json!({
+        "workers": 1,
+        "listeners": [{"name": "in", "address": "127.0.0.1:0", "routes": [{"cluster": "up"}]}],
+        "clusters": [cluster("up", up.addr())],
+    }))
+    .await;
+    let l = proxy.listener("in");
+    let burst = || async move {
+        let tasks: Vec<_> = (0..BURST)
+            .map(|i| {
+                tokio::spawn(async move {
+                    let mut c = Conn::h1(l).await;
+                    c.send(Req::get(&format!("/burst/{i}"))).await.status
+                })
+            })
+            .collect();
+        for t in tasks {
+            assert_eq!(t.await.expect("request task"), 200);
+        }
+    };
+    burst().await;
+    let first = up.connections();
+    assert!(
+        first > 128,
+        "the burst was concurrent: {first} upstream connections"
+    );
+    burst().await;
+    let second = up.connections() - first;
+    // A connection can come back to the pool a moment after its client read the answer,
+    // so a few new ones are tolerated; a cap of 128 would open 32.
+    assert!(
+        second < 16,
+        "{second} new upstream connections for the second burst ({first} opened by the first)"
+    );
+    assert_eq!(
+        proxy
+            .metric("wasmesh_upstream_cx_total", &[("cluster", "up")])
+            .await as usize,
+        first + second
+    );
+}
 
 #[tokio::test]
 async fn keep_alive_connections_are_reused_and_heads_stream_through() {

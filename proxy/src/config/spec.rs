@@ -751,9 +751,12 @@ pub struct ClusterSpec {
     /// Idle pooled connections are closed after this long.
     #[serde(default = "default_pool_idle", with = "humantime_serde")]
     pub idle_timeout: Duration,
-    /// Idle connections kept per endpoint.
-    #[serde(default = "default_max_idle")]
-    pub max_idle_per_endpoint: usize,
+    /// Idle connections kept per endpoint, per worker. Default: no cap of its own, only
+    /// `circuit_breakers.max_connections`: a burst's connections wait for the next one
+    /// until `idle_timeout`, as Envoy keeps them. A lower cap closes the connections a
+    /// burst opened past it and opens them again on the next burst.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_idle_per_endpoint: Option<usize>,
     /// Limits that fail requests fast instead of queueing them (Envoy's thresholds).
     #[serde(default)]
     pub circuit_breakers: CircuitBreakersSpec,
@@ -926,9 +929,6 @@ fn default_dns_refresh() -> Duration {
 }
 fn default_pool_idle() -> Duration {
     Duration::from_secs(60)
-}
-fn default_max_idle() -> usize {
-    128
 }
 fn default_max_upstream_connections() -> usize {
     1024
