@@ -21,7 +21,7 @@
 
 use bytes::Bytes;
 use std::collections::HashSet;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use wasmesh::config::{FailureMode, FilterEngineSpec, FilterSpec};
@@ -42,23 +42,14 @@ impl Callout for NoCallout {
     }
 }
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
 fn filter_dir() -> PathBuf {
-    let root = root();
-    if std::env::var_os("WASMESH_BENCH_NO_BUILD").is_none() {
-        let status = std::process::Command::new("bash")
-            .arg(root.join("scripts/build-filters.sh"))
-            .current_dir(&root)
-            .status();
-        if !matches!(status, Ok(s) if s.success()) {
-            eprintln!("scripts/build-filters.sh failed ({status:?})");
-            std::process::exit(1);
-        }
+    if std::env::var_os("WASMESH_BENCH_NO_BUILD").is_some() {
+        return wasmesh_e2e::wasm_filters::built_dir();
     }
-    wasmesh_e2e::wasm_filters::built_dir()
+    wasmesh_e2e::wasm_filters::build_all().unwrap_or_else(|e| {
+        eprintln!("{e}");
+        std::process::exit(1)
+    })
 }
 
 fn spec(name: &str, file: &str, config: serde_json::Value) -> FilterSpec {

@@ -12,27 +12,10 @@ use std::time::{Duration, Instant};
 use wasmesh::config::{FailureMode, FilterEngineSpec, FilterSpec};
 use wasmesh::filters::{Callout, Chain, FilterHost, FilterSet, Outcome, RequestInfo, Verdict};
 
-fn root() -> PathBuf {
-    if let Some(r) = option_env!("WASMESH_ROOT") {
-        return PathBuf::from(r);
-    }
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
 /// Build the test filters once per test process; returns the directory with the .wasm files.
 fn wasm_dir() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let root = root();
-        let status = std::process::Command::new("bash")
-            .arg(root.join("scripts/build-filters.sh"))
-            .current_dir(&root)
-            .stdout(std::process::Stdio::null())
-            .status()
-            .expect("run scripts/build-filters.sh");
-        assert!(status.success(), "scripts/build-filters.sh failed");
-        wasmesh_e2e::wasm_filters::built_dir()
-    })
+    DIR.get_or_init(|| wasmesh_e2e::wasm_filters::build_all().unwrap_or_else(|e| panic!("{e}")))
 }
 
 fn wasm(name: &str) -> PathBuf {

@@ -16,6 +16,23 @@ pub fn built_dir() -> PathBuf {
         .join("filter")
 }
 
+/// Build every filter with `scripts/build-filters.sh` (which also installs the wasm
+/// targets on a fresh machine) and return [`built_dir`]. For the proxy crate's
+/// filter-host tests and chain benchmark; the end-to-end tests build only the filters
+/// they use ([`build`]).
+pub fn build_all() -> Result<PathBuf, String> {
+    let root = crate::binary::workspace_root();
+    let status = std::process::Command::new("bash")
+        .arg(root.join("scripts/build-filters.sh"))
+        .current_dir(&root)
+        .stdout(std::process::Stdio::null())
+        .status();
+    match status {
+        Ok(s) if s.success() => Ok(built_dir()),
+        other => Err(format!("scripts/build-filters.sh failed ({other:?})")),
+    }
+}
+
 /// Build the filter crates `pkgs` (once per process and package) and return the path of
 /// each `.wasm`, in order.
 pub fn build(pkgs: &[&str]) -> Vec<PathBuf> {
