@@ -250,9 +250,11 @@ impl Outgoing {
     }
 
     /// Move body frames that are ready without waiting into `b` while they are small.
+    /// Stops at the first frame queued in `rest` (a large one): `b` goes out first, so a
+    /// later frame copied into it would overtake that one.
     fn pull_ready(&mut self, b: &mut BytesMut) {
         let mut cx = Context::from_waker(futures_util::task::noop_waker_ref());
-        while !self.body_done && b.len() < COALESCE {
+        while !self.body_done && b.len() < COALESCE && self.rest.is_empty() {
             let Some(body) = self.body.as_mut() else {
                 return;
             };
@@ -1205,5 +1207,49 @@ mod tests {
             "POST /p?q=1 HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n2\r\nab\r\n1\r\nc\r\n0\r\n\r\n"
         );
         assert!(done);
+    }
+
+    #[test]
+    fn a_large_ready_frame_is_not_overtaken_by_a_small_one() {
+        // Both frames are ready when the request is encoded (a large read from the client,
+        // then a small one): they go out in their order, whatever the framing.
+        let big = "a".repeat(COALESCE + 1);
+        for chunked in [false, true] {
+            let frames: Vec<Result<Frame<Bytes>, BoxError>> = vec![
+                Ok(Frame::data(Bytes::from(big.clone()))),
+                Ok(Frame::data(Bytes::from_static(b"xyz"))),
+            ];
+            let body = http_body_util::BodyExt::boxed_unsync(http_body_util::StreamBody::new(
+                futures_util::stream::iter(frames),
+            ));
+            let mut b = http::Request::builder().method("POST").uri("http://up/");
+            if !chunked {
+                b = b.header("content-length", (big.len() + 3).to_string());
+            }
+            let (parts, ()) = b.body(()).expect("request").into_parts();
+            let mut out = Outgoing::new(&parts, body);
+            // The rest of the body, encoded as `poll_send` does once writing starts.
+            let mut cx = Context::from_waker(futures_util::task::noop_waker_ref());
+            while !out.body_done {
+                let body = out.body.as_mut().expect("a body until it is done");
+                match Pin::new(body).poll_frame(&mut cx) {
+                    Poll::Ready(Some(Ok(frame))) => out.encode_frame(frame, None).expect("frame"),
+                    Poll::Ready(None) => out.encode_end(None).expect("end"),
+                    _ => panic!("the body's frames are all ready"),
+                }
+            }
+            let mut wire = out.first[out.first_off..].to_vec();
+            for b in &out.rest {
+                wire.extend_from_slice(b);
+            }
+            let wire = String::from_utf8(wire).expect("text");
+            let (_, sent) = wire.split_once("\r\n\r\n").expect("a head");
+            let expected = if chunked {
+                format!("{:x}\r\n{big}\r\n3\r\nxyz\r\n0\r\n\r\n", big.len())
+            } else {
+                format!("{big}xyz")
+            };
+            assert!(sent == expected, "chunked: {chunked}: body out of order");
+        }
     }
 }
