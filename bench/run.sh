@@ -16,6 +16,8 @@
 #   H2_CONNS [16] H2_PARALLEL [4]   HTTP/2: connections x streams per connection
 #   RATE [2000]          requests/s of the fixed-rate latency runs
 #   BODY_SIZE [128]      bytes the upstream answers with
+#   IDLE_CONNS [2000]    idle keep-alive connections opened at the end to measure each
+#                        proxy's RSS per idle connection (0: skip)
 #   PROXY_CPU [0] LOAD_CPU [1]      CPUs for the proxy, and for oha + the upstream
 #   NICE [0]             e.g. -10 (root): run proxies, upstream and oha at that niceness so
 #                        other work on a shared machine perturbs the figures less
@@ -44,6 +46,7 @@ H2_CONNS=${H2_CONNS:-16}
 H2_PARALLEL=${H2_PARALLEL:-4}
 RATE=${RATE:-2000}
 BODY_SIZE=${BODY_SIZE:-128}
+IDLE_CONNS=${IDLE_CONNS:-2000}
 PROXY_CPU=${PROXY_CPU:-0}
 LOAD_CPU=${LOAD_CPU:-1}
 NICE=${NICE:-0}
@@ -390,6 +393,19 @@ log "other processes used ${FOREIGN}% of the machine's CPU during the measuremen
 for n in "${MEASURED[@]}"; do
     if [[ -n ${PID[$n]} ]]; then python3 "$LIB" mem-record "${PID[$n]}" "$n" end >>"$MEM"; fi
 done
+# Memory per idle client connection: what a sidecar pays for the connections its clients'
+# pools keep open.
+if ((IDLE_CONNS > 0)); then
+    for n in "${MEASURED[@]}"; do
+        [[ -n ${PID[$n]} ]] || continue
+        if python3 "$LIB" idle-conns "${PORT[$n]}" "${PID[$n]}" "$n" "$IDLE_CONNS" >"$TMP/$n-idle.json"; then
+            cat "$TMP/$n-idle.json" >>"$MEM"
+        else
+            log "$n: idle-connection measurement failed"
+        fi
+        sleep 1
+    done
+fi
 # Tracing scenarios: spans exported and dropped over the whole run (target: none dropped).
 for n in "${MEASURED[@]}"; do
     if [[ -n ${ADMIN[$n]:-} ]] && grep -q '@OTLP@' "${TEMPLATE[$n]}"; then

@@ -253,6 +253,50 @@ def _jsonl(path):
     return out
 
 
+def idle_conns(port, pid, n):
+    """RSS that N idle HTTP/1.1 keep-alive client connections cost the proxy `pid`: each
+    connection sends one GET, reads the whole answer, then stays open and idle. The
+    requests go one after another, so the upstream side stays one pooled connection and
+    the figure is the downstream connections' own."""
+    import resource
+
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < n + 64:
+        n = max(0, hard - 64)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    rss0, _ = mem_kb(pid)
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.create_connection(("127.0.0.1", port), timeout=10)
+            s.sendall(b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n")
+            data = b""
+            while b"\r\n\r\n" not in data:
+                chunk = s.recv(65536)
+                if not chunk:
+                    raise RuntimeError("connection closed before the answer")
+                data += chunk
+            head, _, body = data.partition(b"\r\n\r\n")
+            length = 0
+            for line in head.split(b"\r\n")[1:]:
+                name, _, value = line.partition(b":")
+                if name.strip().lower() == b"content-length":
+                    length = int(value)
+            while len(body) < length:
+                chunk = s.recv(65536)
+                if not chunk:
+                    raise RuntimeError("connection closed mid-body")
+                body += chunk
+            socks.append(s)
+        time.sleep(1)
+        rss1, _ = mem_kb(pid)
+    finally:
+        for s in socks:
+            s.close()
+    return {"conns": n, "rss_before_kb": rss0, "rss_after_kb": rss1,
+            "bytes_per_conn": (rss1 - rss0) * 1024 / n if n else None}
+
+
 def report(runs_file, mem_file, meta_file):
     with open(meta_file) as f:
         meta = json.load(f)
@@ -265,6 +309,10 @@ def report(runs_file, mem_file, meta_file):
         elif m["when"] == "idle":
             d["idle_rss_kb"] = m["rss_kb"]
             d["tasks"] = f"{m.get('processes', '?')} / {m.get('threads', '?')}"
+        elif m["when"] == "idle-conns":
+            d["idle_conn_bytes"] = m.get("bytes_per_conn")
+            d["idle_conns"] = m.get("conns")
+            continue
         # The kernel's RSS counters are approximate (per-CPU batches), so a later VmHWM can
         # read a little lower than an earlier one: the peak is the highest seen.
         d["peak_hwm_kb"] = max(d.get("peak_hwm_kb", 0), m["hwm_kb"])
@@ -301,6 +349,13 @@ def report(runs_file, mem_file, meta_file):
     metrics.append(("rss.start", "RSS after start (MiB)", lambda s: _mib(mem.get(s, {}).get("start_rss_kb")), "", True))
     metrics.append(("rss.idle", "RSS idle after warm-up (MiB)", lambda s: _mib(mem.get(s, {}).get("idle_rss_kb")), "", True))
     metrics.append(("rss.peak", "Peak RSS, VmHWM (MiB)", lambda s: _mib(mem.get(s, {}).get("peak_hwm_kb")), "", True))
+    idle_n = max((d.get("idle_conns") or 0 for d in mem.values()), default=0)
+    if idle_n:
+        metrics.append((
+            "rss.idle_conn", f"RSS per idle keep-alive connection, {idle_n} open (KiB)",
+            lambda s: None if mem.get(s, {}).get("idle_conn_bytes") is None else mem[s]["idle_conn_bytes"] / 1024,
+            "", True,
+        ))
 
     out = []
     w = out.append
@@ -431,6 +486,13 @@ def main(argv):
                 }
             )
         )
+    elif cmd == "idle-conns":
+        # idle-conns PORT PID SCENARIO N: one JSON line for the memory file
+        r = idle_conns(int(args[0]), int(args[1]), int(args[3]))
+        r.update({"scenario": args[2], "when": "idle-conns", "hwm_kb": mem_kb(int(args[1]))[1]})
+        print(f"[bench] {args[2]}: {r['conns']} idle connections, {r['bytes_per_conn']:.0f} bytes of RSS each",
+              file=sys.stderr)
+        print(json.dumps(r))
     elif cmd == "record":
         # record OHA_JSON SCENARIO MODE ROUND CPU_TICKS_DELTA|- CLK_TCK
         ticks = None if args[4] == "-" else int(args[4])

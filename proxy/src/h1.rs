@@ -112,19 +112,38 @@ impl Conn {
         }
         // Readable: most likely the upstream's FIN. Over TLS it may also be a record that
         // carries no data (a session ticket), which leaves the connection usable.
-        self.rbuf.reserve(READ_SPACE);
-        match tokio_util::io::poll_read_buf(Pin::new(&mut self.io), &mut cx, &mut self.rbuf) {
+        match self.poll_fill(&mut cx, READ_SPACE) {
             Poll::Pending => self.rbuf.is_empty(),
             Poll::Ready(_) => false,
         }
     }
 
-    fn poll_fill(&mut self, cx: &mut Context<'_>, space: usize) -> Poll<io::Result<usize>> {
-        if self.rbuf.capacity() - self.rbuf.len() < space / 2 {
-            self.rbuf.reserve(space);
-        }
-        tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.rbuf)
+    /// Going idle in a pool: the read buffer goes back to the worker's (see `buf_pool`).
+    pub fn release_buffer(&mut self) {
+        crate::buf_pool::release(&mut self.rbuf);
     }
+
+    fn poll_fill(&mut self, cx: &mut Context<'_>, space: usize) -> Poll<io::Result<usize>> {
+        poll_fill(Pin::new(&mut self.io), cx, &mut self.rbuf, space)
+    }
+}
+
+/// Read more from `io` into `buf`, first making room for `space` bytes if less than half
+/// of that is free. A connection that gave its buffer back while idle borrows one from
+/// the worker's pool (see `buf_pool`).
+pub(crate) fn poll_fill<R: tokio::io::AsyncRead + ?Sized>(
+    io: Pin<&mut R>,
+    cx: &mut Context<'_>,
+    buf: &mut BytesMut,
+    space: usize,
+) -> Poll<io::Result<usize>> {
+    if buf.capacity() == 0 {
+        *buf = crate::buf_pool::take();
+    }
+    if buf.capacity() - buf.len() < space / 2 {
+        buf.reserve(space);
+    }
+    tokio_util::io::poll_read_buf(io, cx, buf)
 }
 
 /// How the request body is framed on the wire.

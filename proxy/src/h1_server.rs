@@ -71,6 +71,8 @@ const COALESCE: usize = 8 * 1024;
 const DISCARD_MAX: usize = 64 * 1024;
 /// Response bytes queued before the body is polled again (backpressure).
 const HIGH_WATER: usize = 64 * 1024;
+/// The write buffer an idle connection keeps: room for a small response's head and body.
+const WBUF_KEEP: usize = 1024;
 
 /// What a connection is served with.
 #[derive(Clone, Debug)]
@@ -147,10 +149,17 @@ enum BodyState {
 
 impl<I: AsyncRead> ReadSide<I> {
     fn poll_fill(&mut self, cx: &mut Context<'_>, space: usize) -> Poll<io::Result<usize>> {
-        if self.buf.capacity() - self.buf.len() < space / 2 {
-            self.buf.reserve(space);
+        crate::h1::poll_fill(Pin::new(&mut self.io), cx, &mut self.buf, space)
+    }
+
+    /// `poll_fill` between requests: while nothing arrives, the connection holds no read
+    /// buffer (it goes back to the worker's pool, see `buf_pool`).
+    fn poll_fill_idle(&mut self, cx: &mut Context<'_>, space: usize) -> Poll<io::Result<usize>> {
+        let read = self.poll_fill(cx, space);
+        if read.is_pending() {
+            crate::buf_pool::release(&mut self.buf);
         }
-        tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.buf)
+        read
     }
 }
 
@@ -494,106 +503,160 @@ where
         };
         first = false;
 
-        // 2. The request, to the service.
-        let Head {
-            mut parts,
-            body,
-            keep_alive,
-            expect_continue,
-            upgrade,
-            trailers,
-        } = head;
-        let is_head = parts.method == Method::HEAD;
-        let client_version = parts.version;
-        if upgrade {
-            parts.extensions.insert(CanUpgrade);
-        }
-        let body = match body {
-            BodyKind::Done => RequestBody::empty(),
-            kind => {
-                lock(&read).body = BodyState::Reading;
-                RequestBody {
-                    read: Some(read.clone()),
-                    kind,
-                }
-            }
-        };
-        if expect_continue
-            && write_all(&mut w, b"HTTP/1.1 100 Continue\r\n\r\n")
-                .await
-                .is_err()
-        {
-            return Served::Closed;
-        }
-        // The client leaving (its side closed) cancels the request, as in hyper and Envoy:
-        // the upstream exchange is dropped with it, which frees its connection.
-        let resp = {
-            let mut call = pin!(svc(Request::from_parts(parts, body)));
-            let gone = client_gone(&read, settings.max_head);
-            tokio::select! {
-                biased;
-                resp = call.as_mut() => resp,
-                () = gone => return Served::Closed,
-            }
-        };
-
-        // 3. The response.
-        let (mut rparts, rbody) = resp.into_parts();
-        let switching = rparts.status == StatusCode::SWITCHING_PROTOCOLS;
-        let upgrade_to = if switching && upgrade {
-            rparts.extensions.remove::<UpgradeTo>()
-        } else {
-            None
-        };
-        let draining = *shutdown.borrow();
-        let wants_close = !keep_alive
-            || draining
-            || rparts
-                .headers
-                .get_all(header::CONNECTION)
-                .iter()
-                .any(|v| has_token(v.as_bytes(), b"close"));
-        let mut out = encode_head(
-            &mut wbuf,
-            &mut rparts,
-            is_head,
-            client_version,
-            wants_close,
-            rbody.size_hint().exact(),
+        // 2. The request and its response. The exchange's state lives on the heap for the
+        // request's duration only: with the request path's future it is kilobytes, which
+        // inline would sit in every idle keep-alive connection. The allocation comes
+        // first, so that the future is built in it rather than moved in.
+        let call = Box::new_uninit();
+        let call = Box::write(
+            call,
+            exchange(
+                head, &read, &mut w, &mut wbuf, settings, &shutdown, &mut svc,
+            ),
         );
-        let keep = out.keep_alive;
-        // Written out: the map serves a later message.
-        crate::header_pool::give(std::mem::take(&mut rparts.headers));
-        if upgrade_to.is_some() {
-            out.framing = Framing::None;
-        }
-        let written = write_body(&mut w, &mut wbuf, &mut out, rbody, trailers).await;
-        if written.is_err() {
-            return Served::Closed;
-        }
-        if let Some(UpgradeTo(up)) = upgrade_to {
-            drop(slots);
-            tunnel(read, w, up, settings.stream_idle_timeout).await;
-            return Served::Closed;
-        }
-        let body_state = lock(&read).body;
-        let reusable = match body_state {
-            BodyState::Done => true,
-            BodyState::Unread(kind) if keep && !switching => {
-                discard(&read, kind, settings.header_timeout).await
+        match Box::into_pin(call).await {
+            Next::KeepAlive => {}
+            Next::Close => return Served::Closed,
+            Next::Tunnel(up) => {
+                drop(slots);
+                tunnel(read, w, up, settings.stream_idle_timeout).await;
+                return Served::Closed;
             }
-            _ => false,
-        };
-        if switching || !keep || !reusable {
-            let _ = poll_fn(|cx| Pin::new(&mut w).poll_shutdown(cx)).await;
-            return Served::Closed;
         }
-        // Give back what a large head or body grew the write buffer to.
-        if wbuf.capacity() > 2 * HIGH_WATER {
-            wbuf = BytesMut::new();
+        // Idle until the next request: a large write buffer goes back to the worker's
+        // pool (a small one stays, so that small responses need no pool round trip), as
+        // the read buffer does when the next read waits (see `buf_pool`).
+        if wbuf.capacity() > WBUF_KEEP {
+            crate::buf_pool::give(std::mem::take(&mut wbuf));
         }
         timer.as_mut().reset(deadline(settings.idle_timeout));
     }
+}
+
+/// How an exchange left the connection.
+enum Next {
+    /// Ready for the next request.
+    KeepAlive,
+    /// Closed, or to be closed.
+    Close,
+    /// The upstream switched protocols: the connection is spliced to it.
+    Tunnel(hyper::upgrade::OnUpgrade),
+}
+
+/// Serve one request whose head has been read: call the service, write its response,
+/// and tell what the connection does next.
+async fn exchange<I, S, F, B>(
+    head: Head,
+    read: &Shared<I>,
+    w: &mut WriteHalf<I>,
+    wbuf: &mut BytesMut,
+    settings: &Settings,
+    shutdown: &watch::Receiver<bool>,
+    svc: &mut S,
+) -> Next
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: FnMut(Request<RequestBody<I>>) -> F,
+    F: Future<Output = Response<B>>,
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    // The request, to the service.
+    let Head {
+        mut parts,
+        body,
+        keep_alive,
+        expect_continue,
+        upgrade,
+        trailers,
+    } = head;
+    let is_head = parts.method == Method::HEAD;
+    let client_version = parts.version;
+    if upgrade {
+        parts.extensions.insert(CanUpgrade);
+    }
+    let body = match body {
+        BodyKind::Done => RequestBody::empty(),
+        kind => {
+            lock(read).body = BodyState::Reading;
+            RequestBody {
+                read: Some(read.clone()),
+                kind,
+            }
+        }
+    };
+    if expect_continue
+        && write_all(w, b"HTTP/1.1 100 Continue\r\n\r\n")
+            .await
+            .is_err()
+    {
+        return Next::Close;
+    }
+    // The client leaving (its side closed) cancels the request, as in hyper and Envoy:
+    // the upstream exchange is dropped with it, which frees its connection.
+    let resp = {
+        let mut call = pin!(svc(Request::from_parts(parts, body)));
+        let gone = client_gone(read, settings.max_head);
+        tokio::select! {
+            biased;
+            resp = call.as_mut() => resp,
+            () = gone => return Next::Close,
+        }
+    };
+
+    // Its response.
+    let (mut rparts, rbody) = resp.into_parts();
+    let switching = rparts.status == StatusCode::SWITCHING_PROTOCOLS;
+    let upgrade_to = if switching && upgrade {
+        rparts.extensions.remove::<UpgradeTo>()
+    } else {
+        None
+    };
+    let draining = *shutdown.borrow();
+    let wants_close = !keep_alive
+        || draining
+        || rparts
+            .headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .any(|v| has_token(v.as_bytes(), b"close"));
+    if wbuf.capacity() == 0 {
+        *wbuf = crate::buf_pool::take();
+    }
+    let mut out = encode_head(
+        wbuf,
+        &mut rparts,
+        is_head,
+        client_version,
+        wants_close,
+        rbody.size_hint().exact(),
+    );
+    let keep = out.keep_alive;
+    // Written out: the map serves a later message.
+    crate::header_pool::give(std::mem::take(&mut rparts.headers));
+    if upgrade_to.is_some() {
+        out.framing = Framing::None;
+    }
+    let written = write_body(w, wbuf, &mut out, rbody, trailers).await;
+    if written.is_err() {
+        return Next::Close;
+    }
+    if let Some(UpgradeTo(up)) = upgrade_to {
+        return Next::Tunnel(up);
+    }
+    let body_state = lock(read).body;
+    let reusable = match body_state {
+        BodyState::Done => true,
+        BodyState::Unread(kind) if keep && !switching => {
+            discard(read, kind, settings.header_timeout).await
+        }
+        _ => false,
+    };
+    if switching || !keep || !reusable {
+        let _ = poll_fn(|cx| Pin::new(&mut *w).poll_shutdown(cx)).await;
+        return Next::Close;
+    }
+    Next::KeepAlive
 }
 
 /// Read and drop the rest of a request body the proxy answered without, so that the
@@ -717,7 +780,7 @@ async fn wait_more<I: AsyncRead>(
     shutdown: &mut watch::Receiver<bool>,
     started: bool,
 ) -> Result<bool, Rejection> {
-    let mut fill = pin!(poll_fn(|cx| lock(read).poll_fill(cx, READ_SPACE)));
+    let mut fill = pin!(poll_fn(|cx| lock(read).poll_fill_idle(cx, READ_SPACE)));
     loop {
         tokio::select! {
             biased;
@@ -1254,6 +1317,38 @@ mod tests {
         let mut out = Vec::new();
         let _ = tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut out)).await;
         String::from_utf8_lossy(&out).into_owned()
+    }
+
+    #[tokio::test]
+    async fn an_idle_connection_holds_no_read_buffer() {
+        // The test's runtime runs the server on this thread, so the buffer pool it gives
+        // to is this thread's.
+        let (mut c, _task) = path_server();
+        for path in ["/one", "/two"] {
+            c.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+                .await
+                .expect("write");
+            let mut got = Vec::new();
+            while !got.ends_with(path.as_bytes()) {
+                let mut b = [0u8; 256];
+                let n = c.read(&mut b).await.expect("read");
+                assert!(n > 0, "closed after {:?}", String::from_utf8_lossy(&got));
+                got.extend_from_slice(&b[..n]);
+            }
+            assert!(got.starts_with(b"HTTP/1.1 200 OK\r\n"));
+            // Waiting for the next request, the connection gives its read buffer back.
+            let mut lent = BytesMut::new();
+            for _ in 0..100 {
+                lent = crate::buf_pool::take();
+                if lent.capacity() > 0 {
+                    break;
+                }
+                tokio::task::yield_now().await;
+            }
+            assert!(lent.capacity() > 0, "no read buffer came back after {path}");
+            // The next request borrows it again.
+            crate::buf_pool::give(lent);
+        }
     }
 
     #[tokio::test]

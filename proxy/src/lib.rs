@@ -15,6 +15,7 @@
 
 pub mod admin;
 pub mod breaker;
+pub mod buf_pool;
 pub mod ca;
 pub mod cli;
 pub mod cluster;

@@ -179,7 +179,9 @@ async fn spawn_conns(
                         match listener.protocol {
                             ListenerProtocol::Http => serve_http(shared, listener, stream, peer, shutdown).await,
                             ListenerProtocol::Tcp => serve_tcp(shared, listener, stream, peer, shutdown).await,
-                            ListenerProtocol::TlsPassthrough => serve_passthrough(shared, listener, stream, peer, shutdown).await,
+                            // Boxed: reading the ClientHello takes kilobytes of state,
+                            // which inline would size every connection's future.
+                            ListenerProtocol::TlsPassthrough => Box::pin(serve_passthrough(shared, listener, stream, peer, shutdown)).await,
                         }
                         gauge.dec();
                         drop(permit);
@@ -353,7 +355,9 @@ async fn serve_http_conn(
         Served::Http2(io) => {
             // HTTP/2's idle timeout follows the bytes moving.
             activity.resume();
-            serve_h2(
+            // Boxed (once per HTTP/2 connection): inline, hyper's connection state would
+            // size every HTTP/1.1 connection's future too.
+            Box::pin(serve_h2(
                 shared,
                 listener,
                 lc,
@@ -361,7 +365,7 @@ async fn serve_http_conn(
                 conn_info,
                 activity,
                 shutdown,
-            )
+            ))
             .await
         }
     }

@@ -176,6 +176,8 @@ impl ClusterPools {
         if ep.idle.len() >= self.max_idle {
             return;
         }
+        let mut conn = conn;
+        conn.release_buffer();
         ep.idle.push((conn, Instant::now()));
         if !p.sweeping && crate::cluster::worker_index() != usize::MAX {
             p.sweeping = true;
