@@ -50,6 +50,10 @@ pub enum Behavior {
     ResetMidResponse { sent: usize },
     /// 200 with a body of `len` bytes of [`crate::pattern_chunk`], streamed in 64 KiB chunks.
     Stream { len: u64 },
+    /// 200 with a body of [`crate::pattern_chunk`]s of these sizes, one frame each, with a
+    /// yield to the scheduler after the frames marked `true` (no Content-Length, so
+    /// HTTP/1.1 sends it chunked).
+    StreamFrames(Vec<(usize, bool)>),
     /// Read the body as it streams without keeping it; answer JSON
     /// `{"bytes": N, "pattern_ok": bool}` (checked against [`crate::pattern_chunk`]).
     CountBody,
@@ -339,6 +343,7 @@ async fn handle(
                 .insert(http::header::CONTENT_LENGTH, http::HeaderValue::from(len));
             r
         }
+        Behavior::StreamFrames(frames) => Response::new(pattern_frames(frames)),
         Behavior::GrpcEcho => {
             let mut trailers = HeaderMap::new();
             trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
@@ -419,6 +424,26 @@ pub fn pattern_body(len: u64) -> BoxBody<Bytes, BoxError> {
             Ok::<_, BoxError>(Frame::data(crate::pattern_chunk(off, n as usize))),
             off + n,
         ))
+    });
+    BodyExt::boxed(StreamBody::new(stream))
+}
+
+/// A body of [`crate::pattern_chunk`]s of the given sizes, one frame each, continuing the
+/// pattern from one to the next; after a frame marked `true` the stream yields to the
+/// scheduler first, so that the next frame is not ready at once.
+pub fn pattern_frames(frames: Vec<(usize, bool)>) -> BoxBody<Bytes, BoxError> {
+    let stream = futures_util::stream::unfold((0usize, 0u64), move |(i, off)| {
+        let next = frames.get(i).copied();
+        async move {
+            let (len, pause) = next?;
+            if pause {
+                tokio::task::yield_now().await;
+            }
+            Some((
+                Ok::<_, BoxError>(Frame::data(crate::pattern_chunk(off, len))),
+                (i + 1, off + len as u64),
+            ))
+        }
     });
     BodyExt::boxed(StreamBody::new(stream))
 }
