@@ -246,9 +246,9 @@ async fn attempt(
     // Boxed: the upstream exchange is a few KiB of state, and the request's future (which
     // hyper moves several times before polling it) would otherwise carry it inline.
     let sent: std::pin::Pin<Box<dyn std::future::Future<Output = _>>> = if upgrade {
-        Box::pin(pools.send_upgrade(endpoint.addr, req))
+        crate::heap::pin_in_place(|| pools.send_upgrade(endpoint.addr, req))
     } else {
-        Box::pin(pools.send(endpoint.addr, req))
+        crate::heap::pin_in_place(|| pools.send(endpoint.addr, req))
     };
     let result = match limit {
         Some(t) => tokio::time::timeout(t, sent).await.ok(),

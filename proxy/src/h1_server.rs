@@ -505,16 +505,13 @@ where
 
         // 2. The request and its response. The exchange's state lives on the heap for the
         // request's duration only: with the request path's future it is kilobytes, which
-        // inline would sit in every idle keep-alive connection. The allocation comes
-        // first, so that the future is built in it rather than moved in.
-        let call = Box::new_uninit();
-        let call = Box::write(
-            call,
+        // inline would sit in every idle keep-alive connection.
+        let call = crate::heap::pin_in_place(|| {
             exchange(
                 head, &read, &mut w, &mut wbuf, settings, &shutdown, &mut svc,
-            ),
-        );
-        match Box::into_pin(call).await {
+            )
+        });
+        match call.await {
             Next::KeepAlive => {}
             Next::Close => return Served::Closed,
             Next::Tunnel(up) => {

@@ -27,6 +27,7 @@ pub mod h1;
 pub mod h1_server;
 pub mod header_pool;
 pub mod health;
+pub mod heap;
 pub mod idle;
 pub mod lb;
 pub mod listener;

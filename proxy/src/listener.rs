@@ -393,12 +393,14 @@ async fn serve_h2<I>(
         // is kilobytes; those moves cost more than the rest of an HTTP/2 request
         // (callgrind: about 70k instructions of memcpy per request) where one allocation
         // costs about a hundred.
-        let fut = Box::pin(proxy::handle(
-            svc_shared.clone(),
-            svc_listener.clone(),
-            conn_info.clone(),
-            req,
-        ));
+        let fut = crate::heap::pin_in_place(|| {
+            proxy::handle(
+                svc_shared.clone(),
+                svc_listener.clone(),
+                conn_info.clone(),
+                req,
+            )
+        });
         async move { Ok::<_, std::convert::Infallible>(fut.await) }
     });
     let builder = http2_builder(&lc.spec.limits);
