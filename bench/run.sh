@@ -87,6 +87,8 @@ scenario wasmesh-filter3 wasmesh "$BENCH/templates/wasmesh-filter3.json"
 # span into messages there took a quarter of that CPU from oha and the upstream. Compare
 # with the plain `wasmesh` column; the dropped-span count is printed at the end of the run.
 scenario wasmesh-tracing wasmesh "$BENCH/templates/wasmesh-tracing.json"
+# The same with `tracing.compression: gzip` (otlp-sink decompresses each export).
+scenario wasmesh-tracing-gzip wasmesh "$BENCH/templates/wasmesh-tracing-gzip.json"
 
 read -r -a NAMES <<<"$SCENARIOS"
 for n in "${NAMES[@]}"; do

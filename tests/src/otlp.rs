@@ -74,9 +74,17 @@ fn attrs(kvs: &[KeyValue]) -> HashMap<String, String> {
 struct Store {
     spans: Mutex<Vec<ReceivedSpan>>,
     requests: Mutex<usize>,
+    /// Export requests that came gzipped.
+    gzipped: Mutex<usize>,
 }
 
 impl Store {
+    fn count_gzipped(&self) {
+        if let Ok(mut n) = self.gzipped.lock() {
+            *n += 1;
+        }
+    }
+
     fn add(&self, req: ExportTraceServiceRequest) {
         let mut out = Vec::new();
         for rs in req.resource_spans {
@@ -124,6 +132,13 @@ impl TraceService for Grpc {
         &self,
         request: tonic::Request<ExportTraceServiceRequest>,
     ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        if request
+            .metadata()
+            .get("grpc-encoding")
+            .is_some_and(|v| v == "gzip")
+        {
+            self.0.count_gzipped();
+        }
         self.0.add(request.into_inner());
         Ok(tonic::Response::new(ExportTraceServiceResponse {
             partial_success: None,
@@ -146,7 +161,9 @@ impl OtlpReceiver {
             .expect("bind the OTLP gRPC receiver");
         let addr = listener.local_addr().expect("local addr");
         let store = Arc::new(Store::default());
-        let svc = TraceServiceServer::new(Grpc(store.clone()));
+        // Accepts gzipped requests, as collectors do.
+        let svc = TraceServiceServer::new(Grpc(store.clone()))
+            .accept_compressed(tonic::codec::CompressionEncoding::Gzip);
         let incoming = tonic::transport::server::TcpIncoming::from(listener);
         let task = tokio::spawn(async move {
             let _ = tonic::transport::Server::builder()
@@ -207,6 +224,11 @@ impl OtlpReceiver {
         self.store.requests.lock().map(|n| *n).unwrap_or_default()
     }
 
+    /// Export requests received gzipped (`grpc-encoding: gzip`, `Content-Encoding: gzip`).
+    pub fn gzipped_requests(&self) -> usize {
+        self.store.gzipped.lock().map(|n| *n).unwrap_or_default()
+    }
+
     /// Wait until the received spans satisfy `done` (polls every 20 ms; panics after
     /// `timeout` with what arrived).
     pub async fn wait_for(
@@ -248,9 +270,27 @@ async fn http_export(store: &Store, req: hyper::Request<Incoming>) -> hyper::Res
     if req.method() != hyper::Method::POST || req.uri().path() != "/v1/traces" {
         return reply(404, Bytes::new());
     }
+    let gzipped = req
+        .headers()
+        .get(hyper::header::CONTENT_ENCODING)
+        .is_some_and(|v| v == "gzip");
     let body = match req.into_body().collect().await {
         Ok(b) => b.to_bytes(),
         Err(_) => return reply(400, Bytes::new()),
+    };
+    let body = if gzipped {
+        use std::io::Read as _;
+        let mut out = Vec::new();
+        if flate2::read::GzDecoder::new(&body[..])
+            .read_to_end(&mut out)
+            .is_err()
+        {
+            return reply(400, Bytes::new());
+        }
+        store.count_gzipped();
+        Bytes::from(out)
+    } else {
+        body
     };
     match ExportTraceServiceRequest::decode(body) {
         Ok(r) => {

@@ -190,6 +190,11 @@ impl Proxy {
     /// Run `wasmesh run` with a manifest expected to fail at start; its exit status and
     /// stderr. Panics if it is still running after 30 s.
     pub async fn start_failure(manifest: Value) -> (ExitStatus, String) {
+        Self::start_failure_with(manifest, &[]).await
+    }
+
+    /// [`Proxy::start_failure`] with these environment variables set.
+    pub async fn start_failure_with(manifest: Value, env: &[(&str, &str)]) -> (ExitStatus, String) {
         let manifest = with_test_defaults(manifest);
         let dir = temp_dir("fail");
         let path = dir.join("manifest.json");
@@ -198,6 +203,7 @@ impl Proxy {
             .arg("run")
             .arg(&path)
             .current_dir(&dir)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

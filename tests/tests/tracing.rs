@@ -461,6 +461,81 @@ async fn environment_turns_tracing_on() {
     );
 }
 
+/// `compression: gzip`: exports go gzipped over both protocols (`grpc-encoding: gzip`,
+/// `Content-Encoding: gzip`) and decode to the same spans; `OTEL_EXPORTER_OTLP_COMPRESSION`
+/// sets it too, and an unknown value fails the start naming the variable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gzip_compressed_exports() {
+    let app = Upstream::start().await;
+    for protocol in ["grpc", "http/protobuf"] {
+        let rx = if protocol == "grpc" {
+            OtlpReceiver::grpc().await
+        } else {
+            OtlpReceiver::http().await
+        };
+        let proxy = Proxy::start(json!({
+            "tracing": tracing(&rx.url(), protocol, json!({"service_name": "zipped", "compression": "gzip"})),
+            "listeners": [{"name": "in", "address": "127.0.0.1:0", "routes": [{"cluster": "app"}]}],
+            "clusters": [cluster("app", app.addr())],
+        }))
+        .await;
+        for _ in 0..5 {
+            let r = Req::get("/zipped").send(proxy.listener("in")).await;
+            assert_eq!(r.status, 200);
+        }
+        let spans = rx
+            .wait_for(WAIT, "five SERVER spans, gzipped", |s| {
+                count(s, "zipped", KIND_SERVER) == 5
+            })
+            .await;
+        assert_eq!(find(&spans, "zipped", KIND_SERVER).name, "GET /*");
+        assert!(rx.export_requests() > 0);
+        assert_eq!(
+            rx.gzipped_requests(),
+            rx.export_requests(),
+            "{protocol}: every export gzipped"
+        );
+    }
+
+    // The variable, over a manifest without compression.
+    let rx = OtlpReceiver::http().await;
+    let endpoint = rx.url();
+    let proxy = Proxy::start_with(
+        json!({
+            "listeners": [{"name": "in", "address": "127.0.0.1:0", "routes": [{"cluster": "app"}]}],
+            "clusters": [cluster("app", app.addr())],
+        }),
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
+            ("OTEL_EXPORTER_OTLP_COMPRESSION", "gzip"),
+            ("OTEL_SERVICE_NAME", "zipped-env"),
+        ],
+    )
+    .await;
+    assert_eq!(Req::get("/z").send(proxy.listener("in")).await.status, 200);
+    rx.wait_for(WAIT, "a SERVER span", |s| {
+        count(s, "zipped-env", KIND_SERVER) == 1
+    })
+    .await;
+    assert_eq!(rx.gzipped_requests(), rx.export_requests());
+
+    let (status, stderr) = Proxy::start_failure_with(
+        json!({
+            "tracing": {"endpoint": "http://127.0.0.1:4317"},
+            "listeners": [{"name": "in", "address": "127.0.0.1:0", "routes": [{"direct_response": {"status": 200}}]}],
+        }),
+        &[("OTEL_EXPORTER_OTLP_COMPRESSION", "brotli")],
+    )
+    .await;
+    assert!(!status.success());
+    assert!(
+        stderr.contains("OTEL_EXPORTER_OTLP_COMPRESSION")
+            && stderr.contains("`brotli` is not supported"),
+        "{stderr}"
+    );
+}
+
 /// Send `n` requests; each must succeed quickly whatever the collector does.
 async fn requests_unaffected(proxy: &Proxy, n: usize) {
     for i in 0..n {

@@ -1120,6 +1120,10 @@ pub struct TracingSpec {
     pub endpoint: Option<String>,
     #[serde(default)]
     pub protocol: OtlpProtocol,
+    /// Compression of export requests: `none` (the default, as in the OpenTelemetry
+    /// specification) or `gzip`.
+    #[serde(default)]
+    pub compression: OtlpCompression,
     /// Sent with every export (e.g. an API key).
     #[serde(default)]
     pub headers: BTreeMap<String, String>,
@@ -1189,6 +1193,7 @@ impl Default for TracingSpec {
             enabled: true,
             endpoint: None,
             protocol: OtlpProtocol::default(),
+            compression: OtlpCompression::default(),
             headers: BTreeMap::new(),
             service_name: None,
             sampling: SamplingSpec::default(),
@@ -1210,6 +1215,16 @@ pub enum OtlpProtocol {
     /// OTLP/HTTP with protobuf bodies (port 4318).
     #[serde(rename = "http/protobuf")]
     HttpProtobuf,
+}
+
+/// How export requests are compressed (`tracing.compression`).
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum OtlpCompression {
+    #[default]
+    None,
+    /// gzip: OTLP/gRPC's `grpc-encoding: gzip`, OTLP/HTTP's `Content-Encoding: gzip`.
+    Gzip,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]

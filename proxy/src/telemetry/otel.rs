@@ -20,7 +20,7 @@
 //! span (it wakes per batch or per `batch_delay`), or hold up a request when the
 //! collector is slow.
 
-use crate::config::{OtlpProtocol, TracingSpec};
+use crate::config::{OtlpCompression, OtlpProtocol, TracingSpec};
 use crate::error::ProxyError;
 use crate::telemetry::metrics::Metrics;
 use crate::telemetry::otlp::{
@@ -64,6 +64,7 @@ pub enum TracingError {
 pub struct Settings {
     pub endpoint: String,
     pub protocol: OtlpProtocol,
+    pub compression: OtlpCompression,
     pub headers: Vec<(String, String)>,
     pub resource: Resource,
     pub sampler: Sampler,
@@ -140,6 +141,21 @@ impl Settings {
                         "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"
                     },
                     problem: format!("`{v}` is not supported: use `grpc` or `http/protobuf`"),
+                })
+            }
+        };
+        let compression = match var("OTEL_EXPORTER_OTLP_TRACES_COMPRESSION")
+            .map(|v| ("OTEL_EXPORTER_OTLP_TRACES_COMPRESSION", v))
+            .or_else(|| {
+                var("OTEL_EXPORTER_OTLP_COMPRESSION").map(|v| ("OTEL_EXPORTER_OTLP_COMPRESSION", v))
+            }) {
+            None => spec.compression,
+            Some((_, v)) if v == "gzip" => OtlpCompression::Gzip,
+            Some((_, v)) if v == "none" => OtlpCompression::None,
+            Some((var, v)) => {
+                return Err(TracingError::Env {
+                    var,
+                    problem: format!("`{v}` is not supported: use `gzip` or `none`"),
                 })
             }
         };
@@ -245,6 +261,7 @@ impl Settings {
             tls,
             endpoint,
             protocol,
+            compression,
             headers,
             resource: resource.build(),
             sampler,
@@ -806,6 +823,7 @@ impl Tracing {
 fn connect(s: &Settings) -> Result<Transport, String> {
     Transport::new(
         s.protocol,
+        s.compression,
         &s.endpoint,
         &s.headers,
         s.export_timeout,

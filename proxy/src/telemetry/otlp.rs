@@ -802,11 +802,13 @@ pub(crate) enum Transport {
         client: Box<HttpClient>,
         uri: http::Uri,
         headers: HeaderMap,
+        gzip: bool,
     },
     Https {
         client: Box<HttpsClient>,
         uri: http::Uri,
         headers: HeaderMap,
+        gzip: bool,
     },
 }
 
@@ -823,6 +825,8 @@ pub(crate) enum ExportError {
     Status(http::StatusCode),
     #[error("http: {0}")]
     Request(#[from] http::Error),
+    #[error("gzip: {0}")]
+    Compress(std::io::Error),
 }
 
 fn header_map(headers: &[(String, String)]) -> HeaderMap {
@@ -843,12 +847,14 @@ impl Transport {
     /// at start only costs dropped spans. Call inside a Tokio runtime.
     pub(crate) fn new(
         protocol: crate::config::OtlpProtocol,
+        compression: crate::config::OtlpCompression,
         endpoint: &str,
         headers: &[(String, String)],
         timeout: Duration,
         tls: &super::collector_tls::CollectorTls,
     ) -> Result<Self, String> {
         use super::collector_tls::Connector;
+        let gzip = compression == crate::config::OtlpCompression::Gzip;
         match protocol {
             crate::config::OtlpProtocol::Grpc => {
                 let ep = tonic::transport::Endpoint::from_shared(endpoint.to_string())
@@ -862,8 +868,12 @@ impl Transport {
                 } else {
                     ep.connect_lazy()
                 };
+                let mut client = tonic::client::Grpc::new(channel);
+                if gzip {
+                    client = client.send_compressed(tonic::codec::CompressionEncoding::Gzip);
+                }
                 Ok(Transport::Grpc {
-                    client: tonic::client::Grpc::new(channel),
+                    client,
                     metadata: tonic::metadata::MetadataMap::from_headers(header_map(headers)),
                 })
             }
@@ -880,12 +890,14 @@ impl Transport {
                         client: Box::new(builder.build(connector)),
                         uri,
                         headers: header_map(headers),
+                        gzip,
                     });
                 }
                 Ok(Transport::Http {
                     client: Box::new(builder.build_http()),
                     uri,
                     headers: header_map(headers),
+                    gzip,
                 })
             }
         }
@@ -911,12 +923,14 @@ impl Transport {
                 client,
                 uri,
                 headers,
-            } => post(client, uri, headers, body).await,
+                gzip,
+            } => post(client, uri, headers, body, *gzip).await,
             Transport::Https {
                 client,
                 uri,
                 headers,
-            } => post(client, uri, headers, body).await,
+                gzip,
+            } => post(client, uri, headers, body, *gzip).await,
         }
     }
 }
@@ -927,13 +941,20 @@ async fn post<C>(
     uri: &http::Uri,
     headers: &HeaderMap,
     body: Bytes,
+    gzip: bool,
 ) -> Result<(), ExportError>
 where
     C: hyper_util::client::legacy::connect::Connect + Clone + Send + Sync + 'static,
 {
     let mut req = http::Request::post(uri.clone())
-        .header(http::header::CONTENT_TYPE, "application/x-protobuf")
-        .body(http_body_util::Full::new(body))?;
+        .header(http::header::CONTENT_TYPE, "application/x-protobuf");
+    let body = if gzip {
+        req = req.header(http::header::CONTENT_ENCODING, "gzip");
+        gzip_body(&body)?
+    } else {
+        body
+    };
+    let mut req = req.body(http_body_util::Full::new(body))?;
     for (k, v) in headers.iter() {
         req.headers_mut().insert(k.clone(), v.clone());
     }
@@ -946,6 +967,19 @@ where
     } else {
         Err(ExportError::Status(status))
     }
+}
+
+/// An OTLP/HTTP body, gzipped. The fast level: a batch of spans is repetitive (the same
+/// attribute keys, routes and hosts), so it already shrinks several times over, and the
+/// exporter thread shares the machine with the workers.
+fn gzip_body(body: &[u8]) -> Result<Bytes, ExportError> {
+    use std::io::Write as _;
+    let mut enc = flate2::write::GzEncoder::new(
+        Vec::with_capacity(body.len() / 4),
+        flate2::Compression::fast(),
+    );
+    enc.write_all(body).map_err(ExportError::Compress)?;
+    Ok(Bytes::from(enc.finish().map_err(ExportError::Compress)?))
 }
 
 #[cfg(test)]
@@ -970,6 +1004,19 @@ mod tests {
                 (kv.key.clone(), v)
             })
             .collect()
+    }
+
+    #[test]
+    fn gzipped_bodies_decompress_to_the_same_bytes() {
+        use std::io::Read as _;
+        let body: Vec<u8> = b"wasmesh.route\x00GET /api/items\x00".repeat(200);
+        let zipped = gzip_body(&body).expect("gzip");
+        assert!(zipped.len() * 4 < body.len(), "repetitive spans shrink");
+        let mut back = Vec::new();
+        flate2::read::GzDecoder::new(&zipped[..])
+            .read_to_end(&mut back)
+            .expect("valid gzip");
+        assert_eq!(back, body);
     }
 
     #[test]
@@ -1268,6 +1315,7 @@ mod tests {
         ] {
             let e = Transport::new(
                 protocol,
+                crate::config::OtlpCompression::None,
                 "https://collector:4318",
                 &[],
                 Duration::from_secs(1),

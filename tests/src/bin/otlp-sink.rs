@@ -9,7 +9,8 @@
 //! the two agree.
 //!
 //! Usage: `otlp-sink [--listen 127.0.0.1:0] [--decode]`. Prints `listening on ADDR`, and on
-//! SIGTERM or Ctrl-C `spans received: N` (and `malformed exports: N` if any were).
+//! SIGTERM or Ctrl-C `spans received: N`, `export bytes received: N` (as sent, compressed
+//! or not) and `malformed exports: N` if any were.
 
 use bytes::{Buf, Bytes};
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
@@ -26,6 +27,8 @@ use std::sync::Arc;
 struct Counts {
     spans: AtomicU64,
     malformed: AtomicU64,
+    /// Export bodies' bytes as they came over the wire (compressed or not).
+    bytes: AtomicU64,
 }
 
 /// A field's number and, when length-delimited, its content.
@@ -123,19 +126,30 @@ fn count_decoded(msg: &[u8]) -> Result<u64, ()> {
 }
 
 /// The gRPC messages in a request body (5-byte prefix: compressed flag, big-endian length).
+/// A compressed message (flag 1) is gzip, the only encoding a proxy sends
+/// (`tracing.compression: gzip`).
 fn grpc_messages(mut body: Bytes, mut f: impl FnMut(&[u8]) -> Result<(), ()>) -> Result<(), ()> {
     while body.has_remaining() {
-        if body.len() < 5 || body[0] != 0 {
-            // Compressed messages are not asked for: the proxy sends none.
+        if body.len() < 5 || body[0] > 1 {
             return Err(());
         }
+        let compressed = body[0] == 1;
         let len = u32::from_be_bytes([body[1], body[2], body[3], body[4]]) as usize;
         body.advance(5);
         if body.len() < len {
             return Err(());
         }
         let msg = body.split_to(len);
-        f(&msg)?;
+        if compressed {
+            use std::io::Read as _;
+            let mut plain = Vec::new();
+            flate2::read::GzDecoder::new(&msg[..])
+                .read_to_end(&mut plain)
+                .map_err(|_| ())?;
+            f(&plain)?;
+        } else {
+            f(&msg)?;
+        }
     }
     Ok(())
 }
@@ -175,6 +189,7 @@ async fn export(
         Ok(b) => b.to_bytes(),
         Err(_) => return Ok(reply("13", Some("body read failed"))),
     };
+    counts.bytes.fetch_add(body.len() as u64, Ordering::Relaxed);
     let mut n = 0;
     let counted = grpc_messages(body, |msg| {
         n += if decode {
@@ -233,6 +248,10 @@ fn main() -> anyhow::Result<()> {
             });
         }
         println!("spans received: {}", counts.spans.load(Ordering::Relaxed));
+        println!(
+            "export bytes received: {}",
+            counts.bytes.load(Ordering::Relaxed)
+        );
         let bad = counts.malformed.load(Ordering::Relaxed);
         if bad > 0 {
             println!("malformed exports: {bad}");
@@ -282,5 +301,23 @@ mod tests {
         assert_eq!(count_spans(&bytes), Ok(4));
         assert_eq!(count_decoded(&bytes), Ok(4));
         assert_eq!(count_spans(&bytes[..bytes.len() - 1]), Err(()));
+
+        // The same export as two gRPC messages, the second gzipped.
+        let mut zipped = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        std::io::Write::write_all(&mut zipped, &bytes).expect("gzip");
+        let zipped = zipped.finish().expect("gzip");
+        let mut body = Vec::new();
+        for (flag, msg) in [(0u8, &bytes), (1, &zipped)] {
+            body.push(flag);
+            body.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+            body.extend_from_slice(msg);
+        }
+        let mut n = 0;
+        grpc_messages(Bytes::from(body), |m| {
+            n += count_spans(m)?;
+            Ok(())
+        })
+        .expect("both messages");
+        assert_eq!(n, 8);
     }
 }
