@@ -516,7 +516,9 @@ where
             Next::Close => return Served::Closed,
             Next::Tunnel(up) => {
                 drop(slots);
-                tunnel(read, w, up, settings.stream_idle_timeout).await;
+                // Boxed, once per upgrade: inline, the splice's state would size every
+                // connection's future.
+                Box::pin(tunnel(read, w, up, settings.stream_idle_timeout)).await;
                 return Served::Closed;
             }
         }

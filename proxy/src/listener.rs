@@ -178,7 +178,8 @@ async fn spawn_conns(
                         gauge.inc();
                         match listener.protocol {
                             ListenerProtocol::Http => serve_http(shared, listener, stream, peer, shutdown).await,
-                            ListenerProtocol::Tcp => serve_tcp(shared, listener, stream, peer, shutdown).await,
+                            // Boxed: the larger arm sizes every connection's future.
+                            ListenerProtocol::Tcp => Box::pin(serve_tcp(shared, listener, stream, peer, shutdown)).await,
                             // Boxed: reading the ClientHello takes kilobytes of state,
                             // which inline would size every connection's future.
                             ListenerProtocol::TlsPassthrough => Box::pin(serve_passthrough(shared, listener, stream, peer, shutdown)).await,
@@ -231,7 +232,11 @@ async fn serve_http(
         });
         return serve_http_conn(shared, listener, lc, io, conn_info, activity, shutdown).await;
     }
-    let Some((io, identity)) = terminate(&shared, &listener, &lc, stream, &activity).await else {
+    // Boxed, once per TLS connection: the handshake's state would otherwise size every
+    // connection's future, plaintext ones included, for its whole life.
+    let Some((io, identity)) =
+        Box::pin(terminate(&shared, &listener, &lc, stream, &activity)).await
+    else {
         return;
     };
     conn_info.peer_identity = identity;
