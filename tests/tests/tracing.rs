@@ -418,16 +418,25 @@ async fn sampling_is_parent_based() {
 /// `OTEL_EXPORTER_OTLP_ENDPOINT` turns export on for a manifest without `tracing`;
 /// `OTEL_SERVICE_NAME` and `OTEL_RESOURCE_ATTRIBUTES` name the service; B3 callers are
 /// joined to their trace.
+/// A proxy in front of `app` whose manifest says nothing of tracing: only `env` does.
+async fn proxy_from_env(app: &Upstream, env: &[(&str, &str)]) -> Proxy {
+    Proxy::start_with(
+        json!({
+            "listeners": [{"name": "in", "address": "127.0.0.1:0", "routes": [{"cluster": "app"}]}],
+            "clusters": [cluster("app", app.addr())],
+        }),
+        env,
+    )
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn environment_turns_tracing_on() {
     let rx = OtlpReceiver::http().await;
     let app = Upstream::start().await;
     let endpoint = rx.url();
-    let proxy = Proxy::start_with(
-        json!({
-            "listeners": [{"name": "in", "address": "127.0.0.1:0", "routes": [{"cluster": "app"}]}],
-            "clusters": [cluster("app", app.addr())],
-        }),
+    let proxy = proxy_from_env(
+        &app,
         &[
             ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
             ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
@@ -500,11 +509,8 @@ async fn gzip_compressed_exports() {
     // The variable, over a manifest without compression.
     let rx = OtlpReceiver::http().await;
     let endpoint = rx.url();
-    let proxy = Proxy::start_with(
-        json!({
-            "listeners": [{"name": "in", "address": "127.0.0.1:0", "routes": [{"cluster": "app"}]}],
-            "clusters": [cluster("app", app.addr())],
-        }),
+    let proxy = proxy_from_env(
+        &app,
         &[
             ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
             ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),

@@ -125,30 +125,30 @@ impl Settings {
             None => return Ok(None),
         };
 
-        let protocol = match var("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
-            .map(|v| ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", v))
-            .or_else(|| {
-                var("OTEL_EXPORTER_OTLP_PROTOCOL").map(|v| ("OTEL_EXPORTER_OTLP_PROTOCOL", v))
-            }) {
+        // The per-signal variable, else the generic one; with the name that was set.
+        let signal_var = |signal: &'static str, generic: &'static str| {
+            var(signal)
+                .map(|v| (signal, v))
+                .or_else(|| var(generic).map(|v| (generic, v)))
+        };
+        let protocol = match signal_var(
+            "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+            "OTEL_EXPORTER_OTLP_PROTOCOL",
+        ) {
             None => spec.protocol,
             Some((_, v)) if v == "grpc" => OtlpProtocol::Grpc,
             Some((_, v)) if v == "http/protobuf" => OtlpProtocol::HttpProtobuf,
-            Some((name, v)) => {
+            Some((var, v)) => {
                 return Err(TracingError::Env {
-                    var: if name == "OTEL_EXPORTER_OTLP_PROTOCOL" {
-                        "OTEL_EXPORTER_OTLP_PROTOCOL"
-                    } else {
-                        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"
-                    },
+                    var,
                     problem: format!("`{v}` is not supported: use `grpc` or `http/protobuf`"),
                 })
             }
         };
-        let compression = match var("OTEL_EXPORTER_OTLP_TRACES_COMPRESSION")
-            .map(|v| ("OTEL_EXPORTER_OTLP_TRACES_COMPRESSION", v))
-            .or_else(|| {
-                var("OTEL_EXPORTER_OTLP_COMPRESSION").map(|v| ("OTEL_EXPORTER_OTLP_COMPRESSION", v))
-            }) {
+        let compression = match signal_var(
+            "OTEL_EXPORTER_OTLP_TRACES_COMPRESSION",
+            "OTEL_EXPORTER_OTLP_COMPRESSION",
+        ) {
             None => spec.compression,
             Some((_, v)) if v == "gzip" => OtlpCompression::Gzip,
             Some((_, v)) if v == "none" => OtlpCompression::None,
@@ -214,10 +214,8 @@ impl Settings {
             .as_ref()
             .map(super::collector_tls::CollectorTls::from_spec)
             .unwrap_or_default();
-        let file_var = |signal: &str, generic: &str| {
-            var(signal)
-                .or_else(|| var(generic))
-                .map(std::path::PathBuf::from)
+        let file_var = |signal: &'static str, generic: &'static str| {
+            signal_var(signal, generic).map(|(_, v)| std::path::PathBuf::from(v))
         };
         if let Some(f) = file_var(
             "OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE",
