@@ -113,7 +113,12 @@ impl Conn {
         // Readable: most likely the upstream's FIN. Over TLS it may also be a record that
         // carries no data (a session ticket), which leaves the connection usable.
         match self.poll_fill(&mut cx, READ_SPACE) {
-            Poll::Pending => self.rbuf.is_empty(),
+            Poll::Pending => {
+                let usable = self.rbuf.is_empty();
+                // Still idle: it keeps no buffer.
+                self.release_buffer();
+                usable
+            }
             Poll::Ready(_) => false,
         }
     }
