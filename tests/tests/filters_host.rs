@@ -169,6 +169,28 @@ async fn every_sdk_capability_through_the_proxy() {
     assert_eq!(app.last().header("x-testkit-path"), Some("ok"));
     assert_eq!(app.last().uri, "/solo/rewritten?new=2");
 
+    // Headers set and appended by the filter reach the upstream; a name the host refuses
+    // is an error the filter gets back, and the request goes on.
+    let r = Req::get("/solo/h")
+        .header(
+            "x-testkit-do",
+            "header:x-by-filter=one,append:x-by-filter=two",
+        )
+        .send(addr)
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(app.last().header("x-testkit-header"), Some("ok"));
+    assert_eq!(app.last().header_all("x-by-filter"), vec!["one", "two"]);
+    let r = Req::get("/solo/h")
+        .header("x-testkit-do", "header:bad name=v")
+        .send(addr)
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        app.last().header("x-testkit-header"),
+        Some("error: invalid header name \"bad name\"")
+    );
+
     // Callout to a cluster the filter lists.
     let r = Req::get("/solo/c")
         .header("x-testkit-do", "callout:auth:/check")

@@ -197,6 +197,18 @@ impl Filter for Testkit {
                     };
                     let _ = req.set_header("x-testkit-path", &r);
                 }
+                // `header:NAME=VALUE` sets a request header, `append:NAME=VALUE` adds one;
+                // the outcome (or the host's error) goes to x-testkit-header.
+                "header" | "append" => {
+                    let (name, value) = arg.split_once('=').unwrap_or((arg, ""));
+                    let r = if verb == "header" {
+                        req.set_header(name, value)
+                    } else {
+                        req.add_header(name, value)
+                    };
+                    let r = r.map_or_else(|e| format!("error: {e}"), |()| "ok".to_string());
+                    let _ = req.set_header("x-testkit-header", &r);
+                }
                 "get" => {
                     let v = state::get(arg)
                         .map(|b| String::from_utf8_lossy(&b).into_owned())

@@ -27,6 +27,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 /// Callouts (and their follow-ups) one hook may chain before it counts as a failure.
 const MAX_ROUNDS: usize = 8;
+/// An instance keeps its effects buffer between hooks up to this capacity.
+const MAX_KEPT_EFFECTS: usize = 16 * 1024;
 /// Longest delay a filter may ask for.
 const MAX_DELAY: Duration = Duration::from_secs(300);
 /// Callout timeout when the filter gives none, and the longest it may give.
@@ -53,27 +55,24 @@ impl Chain {
     /// Begin a request: snapshot the version each filter serves now.
     pub fn start(&self, info: RequestInfo) -> ChainRun {
         instance::sweep();
-        let entries: Vec<RunEntry> = self
-            .slots
-            .iter()
-            .map(|s| {
-                // A rollout candidate takes its share; the rest get the current version.
-                let candidate = s.candidate().filter(|c| c.pick());
-                let version = match &candidate {
-                    Some(c) => c.version.clone(),
-                    None => s.current.load_full(),
-                };
-                version.metrics.requests.inc();
-                RunEntry {
-                    version,
-                    candidate: candidate.map(|c| (c, s.clone())),
-                    failed: false,
-                    generation: None,
-                    disabled: false,
-                    ran: false,
-                }
-            })
-            .collect();
+        let mut entries = take_entries();
+        entries.extend(self.slots.iter().map(|s| {
+            // A rollout candidate takes its share; the rest get the current version.
+            let candidate = s.candidate().filter(|c| c.pick());
+            let version = match &candidate {
+                Some(c) => c.version.clone(),
+                None => s.current.load_full(),
+            };
+            version.metrics.requests.inc();
+            RunEntry {
+                version,
+                candidate: candidate.map(|c| (c, s.clone())),
+                failed: false,
+                generation: None,
+                disabled: false,
+                ran: false,
+            }
+        }));
         let any = |h: Hooks| entries.iter().any(|e| e.version.hooks.contains(h));
         let wants_req_body = any(Hooks::REQUEST_BODY);
         let wants_resp_body = any(Hooks::RESPONSE_BODY);
@@ -82,7 +81,7 @@ impl Chain {
             any(Hooks::RESPONSE_HEADERS) || any(Hooks::RESPONSE_BODY) || wants_done;
         ChainRun {
             entries,
-            ctx: Some(Box::new(RequestCtx::new(info))),
+            ctx: Some(RequestCtx::take(info)),
             wants_req_body,
             wants_resp_body,
             wants_snapshot,
@@ -152,6 +151,41 @@ pub struct ChainRun {
     /// Each hook's wall-clock span, kept only for sampled requests (`record_timings`):
     /// the request's trace shows which policy added latency.
     timings: Option<Vec<FilterTiming>>,
+}
+
+/// Entry lists kept per worker thread for the next requests (see [`RequestCtx::take`]
+/// for why).
+const ENTRIES_KEEP: usize = 64;
+
+thread_local! {
+    // Without a destructor, as the buffer pool's: workers end with the process.
+    static ENTRIES_POOL: std::cell::RefCell<std::mem::ManuallyDrop<Vec<Vec<RunEntry>>>> =
+        const { std::cell::RefCell::new(std::mem::ManuallyDrop::new(Vec::new())) };
+}
+
+fn take_entries() -> Vec<RunEntry> {
+    ENTRIES_POOL
+        .with(|p| p.try_borrow_mut().ok().and_then(|mut p| p.pop()))
+        .unwrap_or_default()
+}
+
+impl Drop for ChainRun {
+    fn drop(&mut self) {
+        if let Some(ctx) = self.ctx.take() {
+            ctx.recycle();
+        }
+        let mut entries = std::mem::take(&mut self.entries);
+        entries.clear();
+        if entries.capacity() > 0 && entries.capacity() <= 64 {
+            ENTRIES_POOL.with(|p| {
+                if let Ok(mut p) = p.try_borrow_mut() {
+                    if p.len() < ENTRIES_KEEP {
+                        p.push(entries);
+                    }
+                }
+            });
+        }
+    }
 }
 
 impl ChainRun {
@@ -277,6 +311,13 @@ impl ChainRun {
                 return v;
             }
         }
+        // The list's memory goes back to the context for the next request.
+        queued.clear();
+        if let Some(c) = self.ctx.as_mut() {
+            if c.response_ops.is_empty() {
+                c.response_ops = queued;
+            }
+        }
         Verdict::Continue
     }
 
@@ -383,12 +424,7 @@ impl ChainRun {
 
     /// A value of the request's bag (what filters passed along with `set-property`).
     pub fn property(&self, key: &str) -> Option<&str> {
-        self.ctx
-            .as_ref()?
-            .bag
-            .iter()
-            .find(|(k, _)| k == key)
-            .map(|(_, v)| v.as_str())
+        self.ctx.as_ref()?.bag.get(key)
     }
 
     fn has(&self, idx: usize, hook: Hooks) -> bool {
@@ -599,7 +635,7 @@ impl ChainRun {
         }
         entry.ran = true;
         let has_resp = io.resp.is_some();
-        let pre = match (&hook, io.req.as_deref()) {
+        let mut pre = match (&hook, io.req.as_deref()) {
             (Hook::RequestHeaders, Some(parts)) => {
                 prefetch(v.hooks, parts, self.ctx.as_deref_mut())
             }
@@ -643,11 +679,16 @@ impl ChainRun {
             // Applied while the store still holds the request's context and parts. A
             // misused reply is the filter's error, not a trap: the instance stays usable.
             let data = store.data_mut();
-            let effects = std::mem::take(&mut data.call.effects);
+            let mut effects = std::mem::take(&mut data.call.effects);
             let applied = match data.call.reply_error {
                 Some(e) => Err(e.to_string()),
                 None => data.apply_effects(idx, &effects),
             };
+            // The buffer's memory stays with the instance for its next hook.
+            if effects.capacity() <= MAX_KEPT_EFFECTS {
+                effects.clear();
+                data.call.effects = effects;
+            }
             wasmtime::Result::Ok(
                 applied.map(|()| data.call.action.take().unwrap_or(Action::Continue)),
             )
@@ -671,6 +712,9 @@ impl ChainRun {
         }
         io.body_replaced |= std::mem::take(&mut call.body_replaced);
         self.ctx = call.ctx.take();
+        if let (Some(text), Some(ctx)) = (pre.text.take(), self.ctx.as_deref_mut()) {
+            ctx.prefetch_text = text;
+        }
         // Set by a hook that failed before they were read.
         call.action = None;
         call.effects.clear();
@@ -767,8 +811,15 @@ fn prefetch(
         // Nothing asked: no string (even an empty one costs a call into the filter).
         return pre;
     }
-    // Room for the usual id, method, path and address: one allocation.
-    let mut text = String::with_capacity(96);
+    // The context's string from the last hook or request (room for the usual id,
+    // method, path and address), or one allocation.
+    let mut ctx = ctx;
+    let mut text = ctx
+        .as_deref_mut()
+        .map(|c| std::mem::take(&mut c.prefetch_text))
+        .unwrap_or_default();
+    text.clear();
+    text.reserve(96);
     let mut push = |v: &str| {
         text.push_str(v);
         u32::try_from(v.len()).ok()

@@ -113,6 +113,9 @@ impl Runtime {
             .map_err(|e| FilterError::Engine(format!("{e:#}")))?;
         Filter::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)
             .map_err(|e| FilterError::Engine(format!("{e:#}")))?;
+        // The calls every request makes, without the generated code's copies (see `hot`).
+        super::hot::shadow_hot_calls(&mut linker)
+            .map_err(|e| FilterError::Engine(format!("{e:#}")))?;
 
         // The epoch ticks `tick` apart; a call may run `deadline_ticks` of them (so the real
         // limit is between deadline - tick and deadline).

@@ -22,6 +22,7 @@ pub mod crypto;
 pub mod effects;
 pub mod engine;
 pub mod host;
+mod hot;
 pub mod instance;
 pub mod metrics;
 pub mod slot;
