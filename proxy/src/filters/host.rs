@@ -87,7 +87,10 @@ const CTX_KEEP: usize = 64;
 const CTX_MAX_RETAINED: usize = 8 * 1024;
 
 thread_local! {
-    // Without a destructor, as the buffer pool's: workers end with the process.
+    // Without a destructor, as the buffer pool's: workers end with the process. Boxes,
+    // because contexts travel boxed (into each hook call's store and back): keeping the
+    // boxes is what saves the allocation.
+    #[allow(clippy::vec_box)]
     static CTX_POOL: std::cell::RefCell<std::mem::ManuallyDrop<Vec<Box<RequestCtx>>>> =
         const { std::cell::RefCell::new(std::mem::ManuallyDrop::new(Vec::new())) };
 }
