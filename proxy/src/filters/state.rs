@@ -124,9 +124,7 @@ fn take_token_item(
     interval_ns: u64,
 ) -> Result<TokenDecision, String> {
     let stored = if item.live(instant) && !item.value.is_empty() {
-        let tat = std::str::from_utf8(&item.value)
-            .ok()
-            .and_then(|s| s.parse::<u64>().ok())
+        let tat = parse_u64(&item.value)
             .ok_or_else(|| format!("value at {key:?} is not a token bucket"))?;
         Some(tat)
     } else {
@@ -157,11 +155,36 @@ fn take_token_item(
     })
 }
 
-/// `n` in decimal, appended to `out` (no temporary `String`).
+/// `n` in decimal, appended to `out`, digit by digit: through `write!` it cost more than
+/// the rest of a token-bucket update.
 fn write_decimal(out: &mut Vec<u8>, n: i64) {
-    use std::io::Write;
-    // Writing to a Vec cannot fail.
-    let _ = write!(out, "{n}");
+    if n < 0 {
+        out.push(b'-');
+    }
+    let mut v = n.unsigned_abs();
+    let mut digits = [0u8; 20];
+    let mut start = digits.len();
+    for d in digits.iter_mut().rev() {
+        *d = b'0' + (v % 10) as u8;
+        v /= 10;
+        start -= 1;
+        if v == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(digits.get(start..).unwrap_or_default());
+}
+
+/// A decimal number of ASCII digits only (what [`write_decimal`] writes for a
+/// non-negative number); None for anything else, or past `u64::MAX`.
+fn parse_u64(b: &[u8]) -> Option<u64> {
+    if b.is_empty() {
+        return None;
+    }
+    b.iter().try_fold(0u64, |n, &c| {
+        let d = c.checked_sub(b'0').filter(|d| *d <= 9)?;
+        n.checked_mul(10)?.checked_add(u64::from(d))
+    })
 }
 
 impl SharedState {
@@ -352,6 +375,32 @@ impl SharedState {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn decimals_are_written_and_read_as_std_does() {
+        for n in [0, 1, 9, 10, 99, 12345, -1, -10, i64::MAX, i64::MIN] {
+            let mut out = b"x".to_vec();
+            super::write_decimal(&mut out, n);
+            assert_eq!(out, format!("x{n}").into_bytes());
+            if n >= 0 {
+                assert_eq!(
+                    super::parse_u64(out.get(1..).unwrap_or_default()),
+                    Some(n as u64)
+                );
+            }
+        }
+        assert_eq!(super::parse_u64(b"18446744073709551615"), Some(u64::MAX));
+        for bad in [
+            &b""[..],
+            b"18446744073709551616",
+            b"-1",
+            b"+1",
+            b"1 ",
+            b"1a",
+        ] {
+            assert_eq!(super::parse_u64(bad), None, "{bad:?}");
+        }
+    }
+
     use super::*;
 
     #[test]
