@@ -70,8 +70,9 @@ die() { log "error: $*"; exit 1; }
 #     scenario wasmesh-passthrough wasmesh "$BENCH/templates/wasmesh-passthrough.json"
 # then run with SCENARIOS="direct wasmesh wasmesh-passthrough nginx haproxy".
 # Templates may use @PORT@ @H2_PORT@ @ADMIN_PORT@ @UPSTREAM@ @TMP@ @ROOT@ @USER_LINE@.
-declare -A KIND=() TEMPLATE=() PORT=() H2PORT=() PID=() SKIPPED=() ADMIN=()
-scenario() { KIND[$1]=$2; TEMPLATE[$1]=${3:-}; }
+declare -A KIND=() TEMPLATE=() PORT=() H2PORT=() PID=() SKIPPED=() ADMIN=() BIN=()
+# scenario NAME KIND [TEMPLATE [BINARY]]: BINARY for wasmesh scenarios, $WASMESH_BIN by default.
+scenario() { KIND[$1]=$2; TEMPLATE[$1]=${3:-}; BIN[$1]=${4:-$WASMESH_BIN}; }
 
 scenario direct  direct
 scenario wasmesh wasmesh "$BENCH/templates/wasmesh.json"
@@ -89,6 +90,11 @@ scenario wasmesh-filter3 wasmesh "$BENCH/templates/wasmesh-filter3.json"
 scenario wasmesh-tracing wasmesh "$BENCH/templates/wasmesh-tracing.json"
 # The same with `tracing.compression: gzip` (otlp-sink decompresses each export).
 scenario wasmesh-tracing-gzip wasmesh "$BENCH/templates/wasmesh-tracing-gzip.json"
+# The same proxy built with profile-guided optimization (bench/pgo.sh, which trains it on
+# this kind of traffic): reported beside the ordinary build, never instead of it.
+PGO_BIN=${PGO_DIR:-$CARGO_TARGET_DIR/pgo}/production/wasmesh
+scenario wasmesh-pgo wasmesh "$BENCH/templates/wasmesh.json" "$PGO_BIN"
+scenario wasmesh-filter3-pgo wasmesh "$BENCH/templates/wasmesh-filter3.json" "$PGO_BIN"
 
 read -r -a NAMES <<<"$SCENARIOS"
 for n in "${NAMES[@]}"; do
@@ -151,17 +157,25 @@ if [[ $BUILD == 1 ]]; then
                 if [[ ${KIND[$n]} == wasmesh ]]; then skip "$n" "cargo build --profile $PROXY_PROFILE -p wasmesh failed"; fi
             done
         fi
+        if [[ " ${NAMES[*]} " == *"-pgo "* ]]; then
+            log "bench/pgo.sh (PGO scenarios; builds the proxy twice, about 20 minutes)"
+            if ! INSTALL=$INSTALL "$BENCH/pgo.sh"; then
+                for n in "${NAMES[@]}"; do
+                    if [[ $n == *-pgo ]]; then skip "$n" "bench/pgo.sh failed"; fi
+                done
+            fi
+        fi
     else
         log "cargo build --release -p demo-upstream"
         cargo build --release -p demo-upstream >&2
     fi
 fi
 [[ -x $RELEASE/demo-upstream ]] || die "$RELEASE/demo-upstream not found (BUILD=0?)"
-if uses_kind wasmesh && [[ ! -x $WASMESH_BIN ]]; then
-    for n in "${NAMES[@]}"; do
-        if [[ ${KIND[$n]} == wasmesh && -z ${SKIPPED[$n]:-} ]]; then skip "$n" "$WASMESH_BIN not found"; fi
-    done
-fi
+for n in "${NAMES[@]}"; do
+    if [[ ${KIND[$n]} == wasmesh && -z ${SKIPPED[$n]:-} && ! -x ${BIN[$n]} ]]; then
+        skip "$n" "${BIN[$n]} not found"
+    fi
+done
 
 # ------------------------------------------------------------------ environment
 NCPU=$(nproc)
@@ -260,7 +274,7 @@ start_wasmesh() {
     ADMIN_PORT=${ports[1]}
     ADMIN[$n]=$ADMIN_PORT
     render "${TEMPLATE[$n]}" "$cfg" "$n"
-    "${ON_PROXY_CPU[@]}" "$WASMESH_BIN" run "$cfg" >"$TMP/$n.log" 2>&1 &
+    "${ON_PROXY_CPU[@]}" "${BIN[$n]}" run "$cfg" >"$TMP/$n.log" 2>&1 &
     PID[$n]=$!
     STARTED+=("${PID[$n]}")
     python3 "$LIB" wait-http "http://127.0.0.1:$ADMIN_PORT/ready" 60 200 "${PID[$n]}" || return 1
