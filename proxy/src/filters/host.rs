@@ -393,27 +393,22 @@ impl HostState {
         self.call.ctx.as_ref().map(|c| &c.info)
     }
 
-    /// `request.set-header` (`append`: `add-header`).
-    pub(super) fn write_request_header(
+    /// `set-header` (`append`: `add-header`) of the `request` interface, or of the
+    /// `response` one (`response`).
+    pub(super) fn change_header(
         &mut self,
+        response: bool,
         name: &str,
         value: &str,
         append: bool,
     ) -> Result<(), String> {
         let h = parse_header(&mut self.names, name, value)?;
-        write_header(&mut self.request_mut()?.headers, h, append);
-        Ok(())
-    }
-
-    /// `response.set-header` (`append`: `add-header`).
-    pub(super) fn write_response_header(
-        &mut self,
-        name: &str,
-        value: &str,
-        append: bool,
-    ) -> Result<(), String> {
-        let h = parse_header(&mut self.names, name, value)?;
-        write_header(&mut self.response_mut()?.headers, h, append);
+        let headers = if response {
+            &mut self.response_mut()?.headers
+        } else {
+            &mut self.request_mut()?.headers
+        };
+        write_header(headers, h, append);
         Ok(())
     }
 
@@ -670,10 +665,10 @@ impl wit_request::Host for HostState {
             .unwrap_or_default()
     }
     fn set_header(&mut self, name: String, value: String) -> Result<(), String> {
-        self.write_request_header(&name, &value, false)
+        self.change_header(false, &name, &value, false)
     }
     fn add_header(&mut self, name: String, value: String) -> Result<(), String> {
-        self.write_request_header(&name, &value, true)
+        self.change_header(false, &name, &value, true)
     }
     fn remove_header(&mut self, name: String) -> Result<(), String> {
         let n = self.names.get(name.as_bytes())?;
@@ -779,10 +774,10 @@ impl wit_response::Host for HostState {
             .unwrap_or_default()
     }
     fn set_header(&mut self, name: String, value: String) -> Result<(), String> {
-        self.write_response_header(&name, &value, false)
+        self.change_header(true, &name, &value, false)
     }
     fn add_header(&mut self, name: String, value: String) -> Result<(), String> {
-        self.write_response_header(&name, &value, true)
+        self.change_header(true, &name, &value, true)
     }
     fn remove_header(&mut self, name: String) -> Result<(), String> {
         let n = self.names.get(name.as_bytes())?;

@@ -43,38 +43,23 @@ pub fn shadow_hot_calls(linker: &mut Linker<HostState>) -> wasmtime::Result<()> 
         },
     )?;
 
-    let mut request = linker.instance(&format!("wasmesh:filter/request@{FILTER_VERSION}"))?;
-    for (name, append) in [("set-header", false), ("add-header", true)] {
-        request.func_wrap(
-            name,
-            move |mut store: Store<'_>, (n, v): (WasmStr, WasmStr)| {
-                let (buf, [n, v]) = lift(&mut store, [&n, &v])?;
-                let data = store.data_mut();
-                let r = match (buf.get(n), buf.get(v)) {
-                    (Some(n), Some(v)) => data.write_request_header(n, v, append),
-                    _ => Err("header out of range".to_string()),
-                };
-                give_back(data, buf);
-                Ok((r,))
-            },
-        )?;
-    }
-
-    let mut response = linker.instance(&format!("wasmesh:filter/response@{FILTER_VERSION}"))?;
-    for (name, append) in [("set-header", false), ("add-header", true)] {
-        response.func_wrap(
-            name,
-            move |mut store: Store<'_>, (n, v): (WasmStr, WasmStr)| {
-                let (buf, [n, v]) = lift(&mut store, [&n, &v])?;
-                let data = store.data_mut();
-                let r = match (buf.get(n), buf.get(v)) {
-                    (Some(n), Some(v)) => data.write_response_header(n, v, append),
-                    _ => Err("header out of range".to_string()),
-                };
-                give_back(data, buf);
-                Ok((r,))
-            },
-        )?;
+    for (interface, response) in [("request", false), ("response", true)] {
+        let mut i = linker.instance(&format!("wasmesh:filter/{interface}@{FILTER_VERSION}"))?;
+        for (name, append) in [("set-header", false), ("add-header", true)] {
+            i.func_wrap(
+                name,
+                move |mut store: Store<'_>, (n, v): (WasmStr, WasmStr)| {
+                    let (buf, [n, v]) = lift(&mut store, [&n, &v])?;
+                    let data = store.data_mut();
+                    let r = match (buf.get(n), buf.get(v)) {
+                        (Some(n), Some(v)) => data.change_header(response, n, v, append),
+                        _ => Err("header out of range".to_string()),
+                    };
+                    give_back(data, buf);
+                    Ok((r,))
+                },
+            )?;
+        }
     }
 
     let mut host = linker.instance(&format!("wasmesh:filter/host@{FILTER_VERSION}"))?;
