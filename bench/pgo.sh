@@ -16,7 +16,7 @@
 # and inline along it) and which is cold (error paths, TLS set-up, reloads). The figures
 # of a PGO build are reported beside the ordinary build's, never instead of them.
 #
-# Environment: TRAIN_SECS [4]; PGO_DIR [target/pgo] (PGO_GEN_DIR, PGO_DATA: where the
+# Environment: TRAIN_SECS [4]; PGO_DIR [$CARGO_TARGET_DIR/pgo, target/pgo] (PGO_GEN_DIR, PGO_DATA: where the
 # instrumented build and its profile go, under PGO_DIR by default); INSTALL [1] (0: do not `rustup
 # component add llvm-tools` nor `cargo install oha`).
 set -euo pipefail
@@ -24,7 +24,7 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 TRAIN_SECS=${TRAIN_SECS:-4}
-PGO_DIR=${PGO_DIR:-$ROOT/target/pgo}
+PGO_DIR=${PGO_DIR:-${CARGO_TARGET_DIR:-$ROOT/target}/pgo}
 INSTALL=${INSTALL:-1}
 GEN_DIR=${PGO_GEN_DIR:-$PGO_DIR/gen}
 DATA=${PGO_DATA:-$PGO_DIR/data}
