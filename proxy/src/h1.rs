@@ -600,7 +600,7 @@ fn poll_head(
 
 /// Parse a response head from the front of `buf`, skipping interim (1xx) responses.
 /// `None`: more bytes are needed.
-fn parse_head(
+pub(crate) fn parse_head(
     buf: &mut BytesMut,
     head_request: bool,
 ) -> Result<Option<(http::response::Parts, BodyKind, bool)>, Error> {

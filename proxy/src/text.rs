@@ -58,6 +58,11 @@ pub fn parse_decimal(v: &[u8]) -> Option<u64> {
 }
 
 /// The size of a chunk-size line (`1a;ext=x`), or `None` if it is not one.
+///
+/// RFC 9112 §7.1.1: hex digits, then optional whitespace and extensions, each starting
+/// with `;`. Extensions are ignored but must hold no control characters (a bare CR or LF
+/// in one is where two parsers disagree about where the line ends), and anything else
+/// after the size (`3 xyz`) makes the line invalid, as in hyper.
 pub fn chunk_size(line: &[u8]) -> Option<u64> {
     let digits = line
         .iter()
@@ -67,8 +72,15 @@ pub fn chunk_size(line: &[u8]) -> Option<u64> {
         return None;
     }
     let rest = line.get(digits..).unwrap_or_default();
-    if !rest.is_empty() && !matches!(rest.first(), Some(b';' | b' ' | b'\t')) {
-        return None;
+    let ext_at = rest
+        .iter()
+        .position(|&b| b != b' ' && b != b'\t')
+        .unwrap_or(rest.len());
+    if let Some(ext) = rest.get(ext_at..).filter(|e| !e.is_empty()) {
+        let is_ctl = |b: &u8| (*b < 0x20 && *b != b'\t') || *b == 0x7f;
+        if ext[0] != b';' || ext.iter().any(is_ctl) {
+            return None;
+        }
     }
     let hex = std::str::from_utf8(line.get(..digits)?).ok()?;
     u64::from_str_radix(hex, 16).ok()
@@ -85,6 +97,33 @@ mod tests {
         assert!(super::last_token_is(b"gzip, chunked", b"chunked"));
         assert!(!super::last_token_is(b"chunked, gzip", b"chunked"));
         assert!(!super::last_token_is(b"chunked,", b"chunked"));
+    }
+
+    #[test]
+    fn chunk_size_lines() {
+        use super::chunk_size;
+        for (line, want) in [
+            (&b"1a"[..], Some(26)),
+            (b"0", Some(0)),
+            (b"00A", Some(10)),
+            (b"3;name=value", Some(3)),
+            (b"3 ;name", Some(3)),
+            (b"3\t; a = \"q\"", Some(3)),
+            (b"3 ", Some(3)),
+            (b"ffffffffffffffff", Some(u64::MAX)),
+            (b"", None),
+            (b";x", None),
+            (b"3 xyz", None),
+            (b"3x", None),
+            (b"-1", None),
+            (b"0x3", None),
+            (b"3;a\rb", None),
+            (b"3;a\x00", None),
+            (b"3;a\x7f", None),
+            (b"1ffffffffffffffff", None),
+        ] {
+            assert_eq!(chunk_size(line), want, "{}", line.escape_ascii());
+        }
     }
 
     #[test]
