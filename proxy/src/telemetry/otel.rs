@@ -89,6 +89,28 @@ pub fn check_endpoint(e: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// The value an environment variable (`set`: its name and value) names among `choices`,
+/// or `default` when it is not set.
+fn one_of<T: Copy>(
+    set: Option<(&'static str, String)>,
+    choices: &[(&str, T)],
+    default: T,
+) -> Result<T, TracingError> {
+    let Some((var, v)) = set else {
+        return Ok(default);
+    };
+    match choices.iter().find(|(name, _)| *name == v) {
+        Some(&(_, choice)) => Ok(choice),
+        None => {
+            let names: Vec<String> = choices.iter().map(|(n, _)| format!("`{n}`")).collect();
+            Err(TracingError::Env {
+                var,
+                problem: format!("`{v}` is not supported: use {}", names.join(" or ")),
+            })
+        }
+    }
+}
+
 /// An OTLP/HTTP URL for a base endpoint (spec: the generic endpoint gets `v1/traces`).
 fn http_traces_url(base: &str) -> String {
     format!("{}/v1/traces", base.trim_end_matches('/'))
@@ -131,34 +153,28 @@ impl Settings {
                 .map(|v| (signal, v))
                 .or_else(|| var(generic).map(|v| (generic, v)))
         };
-        let protocol = match signal_var(
-            "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
-            "OTEL_EXPORTER_OTLP_PROTOCOL",
-        ) {
-            None => spec.protocol,
-            Some((_, v)) if v == "grpc" => OtlpProtocol::Grpc,
-            Some((_, v)) if v == "http/protobuf" => OtlpProtocol::HttpProtobuf,
-            Some((var, v)) => {
-                return Err(TracingError::Env {
-                    var,
-                    problem: format!("`{v}` is not supported: use `grpc` or `http/protobuf`"),
-                })
-            }
-        };
-        let compression = match signal_var(
-            "OTEL_EXPORTER_OTLP_TRACES_COMPRESSION",
-            "OTEL_EXPORTER_OTLP_COMPRESSION",
-        ) {
-            None => spec.compression,
-            Some((_, v)) if v == "gzip" => OtlpCompression::Gzip,
-            Some((_, v)) if v == "none" => OtlpCompression::None,
-            Some((var, v)) => {
-                return Err(TracingError::Env {
-                    var,
-                    problem: format!("`{v}` is not supported: use `gzip` or `none`"),
-                })
-            }
-        };
+        let protocol = one_of(
+            signal_var(
+                "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+                "OTEL_EXPORTER_OTLP_PROTOCOL",
+            ),
+            &[
+                ("grpc", OtlpProtocol::Grpc),
+                ("http/protobuf", OtlpProtocol::HttpProtobuf),
+            ],
+            spec.protocol,
+        )?;
+        let compression = one_of(
+            signal_var(
+                "OTEL_EXPORTER_OTLP_TRACES_COMPRESSION",
+                "OTEL_EXPORTER_OTLP_COMPRESSION",
+            ),
+            &[
+                ("gzip", OtlpCompression::Gzip),
+                ("none", OtlpCompression::None),
+            ],
+            spec.compression,
+        )?;
         let endpoint = match (env_traces_endpoint, env_endpoint, &spec.endpoint) {
             // The per-signal variable is the full URL; the generic one is a base URL.
             (Some(e), _, _) => e,
@@ -1391,7 +1407,26 @@ mod tests {
                 root: RootSampler::TraceIdRatio(0.25)
             }
         );
-        assert!(resolve(Some(&spec), &[("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json")]).is_err());
+        let err = |env: &[(&str, &str)]| match resolve(Some(&spec), env) {
+            Err(e) => e.to_string(),
+            Ok(_) => panic!("{env:?} accepted"),
+        };
+        let e = err(&[("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json")]);
+        assert!(e.contains("OTEL_EXPORTER_OTLP_PROTOCOL"), "{e}");
+        assert!(
+            e.contains("`http/json` is not supported: use `grpc` or `http/protobuf`"),
+            "{e}"
+        );
+        // The per-signal variable is the one named.
+        let e = err(&[
+            ("OTEL_EXPORTER_OTLP_COMPRESSION", "gzip"),
+            ("OTEL_EXPORTER_OTLP_TRACES_COMPRESSION", "zstd"),
+        ]);
+        assert!(e.contains("OTEL_EXPORTER_OTLP_TRACES_COMPRESSION"), "{e}");
+        assert!(
+            e.contains("`zstd` is not supported: use `gzip` or `none`"),
+            "{e}"
+        );
         assert!(resolve(Some(&spec), &[("OTEL_TRACES_SAMPLER", "sometimes")]).is_err());
         assert!(resolve(Some(&spec), &[("OTEL_SDK_DISABLED", "true")])
             .expect("ok")
