@@ -441,11 +441,13 @@ impl HostState {
         burst: u64,
         interval_nanos: u64,
     ) -> Result<host::TokenDecision, String> {
-        let now = u64::try_from(self.entry.rt.epoch_start.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        let at = std::time::Instant::now();
+        let since = at.saturating_duration_since(self.entry.rt.epoch_start);
+        let now = u64::try_from(since.as_nanos()).unwrap_or(u64::MAX);
         let d = self
             .entry
             .state
-            .take_token(key, now, burst, interval_nanos)?;
+            .take_token_at(key, at, now, burst, interval_nanos)?;
         Ok(host::TokenDecision {
             allowed: d.allowed,
             remaining: d.remaining,

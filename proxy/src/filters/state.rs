@@ -146,7 +146,7 @@ fn take_token_item(
     write_decimal(&mut item.value, i64::try_from(new_tat).unwrap_or(i64::MAX));
     // Expiring late is harmless (a past TAT reads as a full bucket), early is not: round
     // up, plus a millisecond.
-    item.expires = expiry(ahead.div_ceil(1_000_000) + 1);
+    item.expires = instant.checked_add(Duration::from_millis(ahead.div_ceil(1_000_000) + 1));
     Ok(TokenDecision {
         allowed: true,
         remaining: (capacity - ahead) / interval_ns,
@@ -308,11 +308,23 @@ impl SharedState {
         burst: u64,
         interval_ns: u64,
     ) -> Result<TokenDecision, String> {
+        self.take_token_at(key, Instant::now(), now, burst, interval_ns)
+    }
+
+    /// [`Self::take_token`] at `instant`, the moment `now` stands for: the host reads the
+    /// clock once per call.
+    pub fn take_token_at(
+        &self,
+        key: &str,
+        instant: Instant,
+        now: u64,
+        burst: u64,
+        interval_ns: u64,
+    ) -> Result<TokenDecision, String> {
         check(key, None)?;
         if burst == 0 || interval_ns == 0 {
             return Err("burst and interval must be at least 1".to_string());
         }
-        let instant = Instant::now();
         // A missing key is a full bucket: with `burst` >= 1 the token is there. A denial
         // stores nothing.
         self.upsert(key, |item, _fresh| {
