@@ -194,4 +194,50 @@ mod tests {
         assert!(decode(&[9]).next().expect("one").is_err());
         assert!(decode(&[3, 1, 0, 0, 0, 0xff]).next().expect("one").is_err());
     }
+
+    /// The bytes come from the filter: whatever they are, decoding ends (after an error,
+    /// nothing more is decoded) without a panic, and `decode_labels` too.
+    #[test]
+    fn arbitrary_bytes_decode_or_fail() {
+        let mut valid = vec![1];
+        s(&mut valid, "key");
+        s(&mut valid, "value");
+        valid.push(7);
+        valid.extend_from_slice(&3u32.to_le_bytes());
+        valid.push(3);
+        valid.extend_from_slice(&1.5f64.to_bits().to_le_bytes());
+        valid.extend_from_slice(&encode_labels(&["x".to_string()]));
+        valid.push(4);
+        s(&mut valid, "x-h");
+        s(&mut valid, "v");
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for _ in 0..50_000 {
+            let mut b = valid.clone();
+            for _ in 0..1 + next() % 4 {
+                let at = (next() % b.len() as u64) as usize;
+                let byte = *[0u8, 1, 4, 7, 0xff, 0x80, 12]
+                    .get((next() % 8) as usize)
+                    .unwrap_or(&(next() as u8));
+                match next() % 3 {
+                    0 => b[at] = byte,
+                    1 => b.insert(at, byte),
+                    _ => {
+                        b.remove(at);
+                        if b.is_empty() {
+                            b.push(byte);
+                        }
+                    }
+                }
+            }
+            // Each entry takes at least its tag byte, and an error ends the iteration.
+            assert!(decode(&b).count() <= b.len());
+            let _ = decode_labels(&b);
+        }
+    }
 }
