@@ -188,15 +188,13 @@ impl Outgoing {
     /// Encode the head (and, when it is already at hand, a small body behind it).
     pub fn new(parts: &http::request::Parts, body: Body) -> Self {
         // Without a body (most requests) the headers are not searched for a length.
-        let (framing, declared) = if body.is_end_stream() {
-            (ReqFraming::None, None)
+        let framing = if body.is_end_stream() {
+            ReqFraming::None
         } else {
-            let declared = content_length(&parts.headers);
-            let framing = match (declared, body.size_hint().exact()) {
+            match (content_length(&parts.headers), body.size_hint().exact()) {
                 (Some(n), _) | (None, Some(n)) => ReqFraming::Length(n),
                 (None, None) => ReqFraming::Chunked,
-            };
-            (framing, declared)
+            }
         };
         let mut b = BytesMut::with_capacity(head_size(parts));
         b.put_slice(parts.method.as_str().as_bytes());
@@ -211,16 +209,15 @@ impl Outgoing {
                 .as_bytes(),
         );
         b.put_slice(b" HTTP/1.1\r\n");
-        // A Content-Length that states the body's length goes as it is; one that does not
-        // (absent, or unusable after a filter set it) is replaced by ours.
-        let own_length = matches!(framing, ReqFraming::Length(n) if declared != Some(n));
+        // Framing is this client's to decide, and is written once: a Transfer-Encoding
+        // or Content-Length in the headers (a filter's, a length the client repeated, a
+        // length on a body that turned out empty) is not copied. Some upstreams refuse a
+        // repeated Content-Length even when the values agree; one left on an empty body
+        // would have the upstream wait for bytes that never come.
+        let mut had_length = false;
         for (name, value) in &parts.headers {
-            // Framing is this client's to decide (hop-by-hop headers are gone already,
-            // but a filter may have set one).
-            if name == header::TRANSFER_ENCODING
-                || (name == header::CONTENT_LENGTH
-                    && (framing == ReqFraming::Chunked || own_length))
-            {
+            if name == header::TRANSFER_ENCODING || name == header::CONTENT_LENGTH {
+                had_length |= name == header::CONTENT_LENGTH;
                 continue;
             }
             b.put_slice(name.as_str().as_bytes());
@@ -228,14 +225,20 @@ impl Outgoing {
             b.put_slice(value.as_bytes());
             b.put_slice(b"\r\n");
         }
-        match framing {
-            ReqFraming::Length(n) if own_length => {
-                b.put_slice(b"content-length: ");
-                b.put_slice(n.to_string().as_bytes());
-                b.put_slice(b"\r\n");
+        let length = match framing {
+            ReqFraming::Length(n) => Some(n),
+            // An explicit empty length (a POST without a body) stays explicit.
+            ReqFraming::None if had_length => Some(0),
+            ReqFraming::None => None,
+            ReqFraming::Chunked => {
+                b.put_slice(b"transfer-encoding: chunked\r\n");
+                None
             }
-            ReqFraming::Chunked => b.put_slice(b"transfer-encoding: chunked\r\n"),
-            _ => {}
+        };
+        if let Some(n) = length {
+            b.put_slice(b"content-length: ");
+            b.put_slice(crate::text::u64_decimal(n, &mut [0; 20]).as_bytes());
+            b.put_slice(b"\r\n");
         }
         b.put_slice(b"\r\n");
         let mut out = Outgoing {
@@ -600,7 +603,7 @@ fn poll_head(
 
 /// Parse a response head from the front of `buf`, skipping interim (1xx) responses.
 /// `None`: more bytes are needed.
-pub(crate) fn parse_head(
+fn parse_head(
     buf: &mut BytesMut,
     head_request: bool,
 ) -> Result<Option<(http::response::Parts, BodyKind, bool)>, Error> {
@@ -1011,6 +1014,11 @@ fn decode_chunk(buf: &mut BytesMut, state: Chunk) -> Result<Step, Error> {
         }
     }
 }
+
+/// Randomized tests of this module and of `crate::h1_server` (see the file).
+#[cfg(test)]
+#[path = "h1_fuzz.rs"]
+mod fuzz;
 
 #[cfg(test)]
 mod tests {

@@ -24,8 +24,6 @@ pub mod error;
 pub mod filters;
 pub mod forward;
 pub mod h1;
-#[cfg(test)]
-mod h1_fuzz;
 pub mod h1_server;
 pub mod header_pool;
 pub mod health;

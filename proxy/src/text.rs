@@ -3,8 +3,17 @@
 
 /// `v` in decimal, written into `buf`.
 pub fn u16_decimal(v: u16, buf: &mut [u8; 5]) -> &str {
+    decimal(u64::from(v), buf)
+}
+
+/// `v` in decimal, written into `buf`.
+pub fn u64_decimal(v: u64, buf: &mut [u8; 20]) -> &str {
+    decimal(v, buf)
+}
+
+/// `v` in decimal, written at the end of `buf` (which must have room for it).
+fn decimal(mut v: u64, buf: &mut [u8]) -> &str {
     let mut i = buf.len();
-    let mut v = v;
     loop {
         i -= 1;
         if let Some(b) = buf.get_mut(i) {
@@ -130,6 +139,9 @@ mod tests {
     fn as_display_writes_them() {
         for v in [0u16, 7, 10, 200, 404, 503, 9999, 10000, 65535] {
             assert_eq!(super::u16_decimal(v, &mut [0; 5]), v.to_string());
+        }
+        for v in [0u64, 9, 10, 1 << 32, 10_000_000_000_000_000_000, u64::MAX] {
+            assert_eq!(super::u64_decimal(v, &mut [0; 20]), v.to_string());
         }
     }
 }

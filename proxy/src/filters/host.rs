@@ -569,16 +569,9 @@ fn write_addr(out: &mut String, a: std::net::SocketAddr) {
     }
 }
 
-/// `v` (at most 99999) in decimal, appended to `out`.
+/// `v` in decimal, appended to `out`.
 fn push_decimal(out: &mut String, v: u32) {
-    let mut started = false;
-    for div in [10_000, 1_000, 100, 10, 1] {
-        let d = (v / div) % 10;
-        if d != 0 || started || div == 1 {
-            out.push(char::from(b'0' + d as u8));
-            started = true;
-        }
-    }
+    out.push_str(crate::text::u64_decimal(v.into(), &mut [0; 20]));
 }
 
 fn lossy(v: &HeaderValue) -> String {

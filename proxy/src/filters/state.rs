@@ -161,18 +161,7 @@ fn write_decimal(out: &mut Vec<u8>, n: i64) {
     if n < 0 {
         out.push(b'-');
     }
-    let mut v = n.unsigned_abs();
-    let mut digits = [0u8; 20];
-    let mut start = digits.len();
-    for d in digits.iter_mut().rev() {
-        *d = b'0' + (v % 10) as u8;
-        v /= 10;
-        start -= 1;
-        if v == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(digits.get(start..).unwrap_or_default());
+    out.extend_from_slice(crate::text::u64_decimal(n.unsigned_abs(), &mut [0; 20]).as_bytes());
 }
 
 /// A decimal number of ASCII digits only (what [`write_decimal`] writes for a
