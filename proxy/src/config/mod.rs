@@ -6,6 +6,7 @@
 //! returns *every* problem it finds, each naming the file, the path inside it and the
 //! problem. The runtime (`crate::server`) only ever builds from a manifest that passed both.
 
+pub mod duration;
 pub mod spec;
 
 pub use spec::*;
@@ -1096,5 +1097,161 @@ mod tests {
             );
         }
         assert_eq!(e.len(), want.len(), "{e:#?}");
+    }
+
+    #[test]
+    fn durations_past_a_year_are_refused() {
+        // A duration the clock cannot hold would panic every request that adds it to now.
+        let e = errors(
+            r#"{"listeners":[{"name":"a","address":"127.0.0.1:1","limits":{"idle_timeout":"10000000000000000000s"},"routes":[]}]}"#,
+        );
+        assert_eq!(e.len(), 1, "{e:#?}");
+        assert!(
+            e[0].starts_with("m.json: listeners[0].limits.idle_timeout: "),
+            "{e:#?}"
+        );
+        assert!(
+            e[0].contains("is too long: durations are at most 365 days"),
+            "{e:#?}"
+        );
+        let e = errors(
+            r#"{"listeners":[{"name":"a","address":"127.0.0.1:1","routes":[{"match":{"prefix":"/"},"direct_response":{"status":200},"timeout":"366days"}]}]}"#,
+        );
+        assert!(e.len() == 1 && e[0].contains("routes[0].timeout"), "{e:#?}");
+        let ok = errors(
+            r#"{"listeners":[{"name":"a","address":"127.0.0.1:1","routes":[{"match":{"prefix":"/"},"direct_response":{"status":200},"timeout":"365days"}]}]}"#,
+        );
+        assert!(ok.is_empty(), "{ok:#?}");
+    }
+
+    /// The complete example in the README, without its comments.
+    fn readme_example() -> String {
+        let readme = include_str!("../../../README.md");
+        let start = readme
+            .find("```jsonc\n")
+            .expect("the README's jsonc example")
+            + 9;
+        let len = readme[start..].find("```").expect("its end");
+        readme[start..start + len]
+            .lines()
+            .map(|l| match l.find(" //") {
+                Some(at) => &l[..at],
+                None => l,
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    #[test]
+    fn the_readme_example_is_valid() {
+        let e = errors(&readme_example());
+        assert!(e.is_empty(), "{e:#?}");
+    }
+
+    /// Manifests come from users: every mutation of a valid one (values of the wrong type,
+    /// out of range, empty, huge; fields removed) gives a manifest or errors, never a panic
+    /// (debug builds panic on arithmetic overflow, so overflowing arithmetic is caught too).
+    #[test]
+    fn mutated_manifests_are_refused_or_accepted_never_a_panic() {
+        use serde_json::{json, Value};
+        fn leaves(v: &Value, path: &mut Vec<Value>, out: &mut Vec<Vec<Value>>) {
+            out.push(path.clone());
+            match v {
+                Value::Object(m) => {
+                    for (k, x) in m {
+                        path.push(Value::String(k.clone()));
+                        leaves(x, path, out);
+                        path.pop();
+                    }
+                }
+                Value::Array(a) => {
+                    for (i, x) in a.iter().enumerate() {
+                        path.push(json!(i));
+                        leaves(x, path, out);
+                        path.pop();
+                    }
+                }
+                _ => {}
+            }
+        }
+        fn at<'a>(v: &'a mut Value, path: &[Value]) -> Option<&'a mut Value> {
+            path.iter().try_fold(v, |v, p| match p {
+                Value::String(k) => v.get_mut(k.as_str()),
+                Value::Number(i) => v.get_mut(i.as_u64()? as usize),
+                _ => None,
+            })
+        }
+        let base: Value = serde_json::from_str(&readme_example()).expect("JSON");
+        let replacements = [
+            json!(0),
+            json!(-1),
+            json!(1),
+            json!(65536),
+            json!(4_294_967_296u64),
+            json!(u64::MAX),
+            json!(i64::MIN),
+            json!(1.5),
+            json!(1e300),
+            json!(""),
+            json!("0s"),
+            json!("-1s"),
+            json!("18446744073709551615s"),
+            json!("99999999999999h"),
+            json!("10000000000000000000s"),
+            json!("1.5ms"),
+            json!("0.0.0.0:0"),
+            json!("[::1]:99999"),
+            json!("/"),
+            json!("*"),
+            json!("*."),
+            json!("("),
+            json!("x".repeat(5000)),
+            json!(null),
+            json!(true),
+            json!([]),
+            json!({}),
+            json!([""]),
+        ];
+        let mut seed = 0x1234_5678_9abc_def1u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let file = Path::new("m.json");
+        for _ in 0..3_000 {
+            let mut m = base.clone();
+            for _ in 0..1 + next() % 3 {
+                let mut paths = Vec::new();
+                leaves(&m, &mut Vec::new(), &mut paths);
+                let path = &paths[(next() % paths.len() as u64) as usize];
+                if path.is_empty() {
+                    continue;
+                }
+                if next() % 5 == 0 {
+                    // Remove the field (or array item).
+                    let (last, parent) = path.split_last().expect("not empty");
+                    match (at(&mut m, parent), last) {
+                        (Some(Value::Object(o)), Value::String(k)) => {
+                            o.remove(k);
+                        }
+                        (Some(Value::Array(a)), Value::Number(i)) => {
+                            let i = i.as_u64().unwrap_or(0) as usize;
+                            if i < a.len() {
+                                a.remove(i);
+                            }
+                        }
+                        _ => {}
+                    }
+                } else if let Some(v) = at(&mut m, path) {
+                    *v = replacements[(next() % replacements.len() as u64) as usize].clone();
+                }
+            }
+            let text = m.to_string();
+            if let Ok(manifest) = parse(file, &text) {
+                let _ = validate(file, &manifest);
+            }
+        }
     }
 }

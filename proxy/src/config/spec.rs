@@ -30,7 +30,7 @@ pub struct Manifest {
     #[serde(default)]
     pub tracing: Option<TracingSpec>,
     /// How long in-flight requests may take to finish after SIGTERM.
-    #[serde(default = "default_drain_timeout", with = "humantime_serde")]
+    #[serde(default = "default_drain_timeout", with = "super::duration")]
     pub drain_timeout: Duration,
     pub listeners: Vec<ListenerSpec>,
     #[serde(default)]
@@ -321,15 +321,15 @@ pub struct ListenerLimits {
     #[serde(default = "default_max_headers_count")]
     pub max_headers_count: usize,
     /// Time allowed to receive a request's headers (slowloris).
-    #[serde(default = "default_header_timeout", with = "humantime_serde")]
+    #[serde(default = "default_header_timeout", with = "super::duration")]
     pub request_headers_timeout: Duration,
     /// A downstream connection with no request for this long is closed.
-    #[serde(default = "default_idle_timeout", with = "humantime_serde")]
+    #[serde(default = "default_idle_timeout", with = "super::duration")]
     pub idle_timeout: Duration,
     /// A request or response body that waits this long for its next bytes fails (Envoy's
     /// `stream_idle_timeout`): 408 `SI` before the response starts, a reset stream after.
     /// `0s` disables it.
-    #[serde(default = "default_stream_idle_timeout", with = "humantime_serde")]
+    #[serde(default = "default_stream_idle_timeout", with = "super::duration")]
     pub stream_idle_timeout: Duration,
     /// HTTP/2 concurrent streams per connection.
     #[serde(default = "default_h2_streams")]
@@ -438,7 +438,7 @@ pub struct RouteSpec {
     #[serde(default)]
     pub response_headers: HeaderMutationSpec,
     /// Whole-request timeout, until the response headers arrive. Default 15s; `0s` disables.
-    #[serde(default = "default_route_timeout", with = "humantime_serde")]
+    #[serde(default = "default_route_timeout", with = "super::duration")]
     pub timeout: Duration,
     /// Filter chain for this route; overrides the listener's default chain.
     #[serde(default)]
@@ -542,7 +542,7 @@ pub struct RetryPolicySpec {
     /// `timeout` bounds all attempts together).
     #[serde(
         default,
-        with = "humantime_serde::option",
+        with = "super::duration::option",
         skip_serializing_if = "Option::is_none"
     )]
     pub per_try_timeout: Option<Duration>,
@@ -569,12 +569,12 @@ fn default_retry_buffer() -> usize {
 #[serde(deny_unknown_fields)]
 pub struct RetryBackOffSpec {
     /// Default 25ms.
-    #[serde(default = "default_backoff_base", with = "humantime_serde")]
+    #[serde(default = "default_backoff_base", with = "super::duration")]
     pub base_interval: Duration,
     /// Default 10 × `base_interval`.
     #[serde(
         default,
-        with = "humantime_serde::option",
+        with = "super::duration::option",
         skip_serializing_if = "Option::is_none"
     )]
     pub max_interval: Option<Duration>,
@@ -605,7 +605,7 @@ pub struct MirrorPolicySpec {
     #[serde(default = "default_retry_buffer")]
     pub max_body_bytes: usize,
     /// A mirrored request still unanswered after this long is abandoned. Default 5s.
-    #[serde(default = "default_mirror_timeout", with = "humantime_serde")]
+    #[serde(default = "default_mirror_timeout", with = "super::duration")]
     pub timeout: Duration,
 }
 
@@ -743,13 +743,13 @@ pub struct ClusterSpec {
     pub protocol: UpstreamProtocol,
     #[serde(default)]
     pub lb_policy: LbPolicy,
-    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
+    #[serde(default = "default_connect_timeout", with = "super::duration")]
     pub connect_timeout: Duration,
     /// How often DNS names among the endpoints are resolved again.
-    #[serde(default = "default_dns_refresh", with = "humantime_serde")]
+    #[serde(default = "default_dns_refresh", with = "super::duration")]
     pub dns_refresh_rate: Duration,
     /// Idle pooled connections are closed after this long.
-    #[serde(default = "default_pool_idle", with = "humantime_serde")]
+    #[serde(default = "default_pool_idle", with = "super::duration")]
     pub idle_timeout: Duration,
     /// Idle connections kept per endpoint, per worker. Default: no cap of its own, only
     /// `circuit_breakers.max_connections`: a burst's connections wait for the next one
@@ -797,13 +797,13 @@ pub struct OutlierDetectionSpec {
     #[serde(default = "default_consecutive")]
     pub consecutive_gateway_failure: u32,
     /// How often success rates are evaluated (and ejection state is swept).
-    #[serde(default = "default_outlier_interval", with = "humantime_serde")]
+    #[serde(default = "default_outlier_interval", with = "super::duration")]
     pub interval: Duration,
     /// Ejection time of a first ejection; the n-th ejection of an endpoint lasts n times this.
-    #[serde(default = "default_base_ejection", with = "humantime_serde")]
+    #[serde(default = "default_base_ejection", with = "super::duration")]
     pub base_ejection_time: Duration,
     /// Upper bound of an ejection's duration.
-    #[serde(default = "default_max_ejection", with = "humantime_serde")]
+    #[serde(default = "default_max_ejection", with = "super::duration")]
     pub max_ejection_time: Duration,
     /// At most this percent of the cluster's endpoints are ejected at once.
     #[serde(default = "default_max_ejection_percent")]
@@ -851,13 +851,13 @@ pub struct HealthCheckSpec {
     /// Path requested (GET).
     pub path: String,
     /// Time between two checks of an endpoint. Default 5s.
-    #[serde(default = "default_hc_interval", with = "humantime_serde")]
+    #[serde(default = "default_hc_interval", with = "super::duration")]
     pub interval: Duration,
     /// Up to this much is added at random to each interval, so checks do not synchronise.
-    #[serde(default, with = "humantime_serde")]
+    #[serde(default, with = "super::duration")]
     pub interval_jitter: Duration,
     /// A check without an answer within this fails. Default 1s.
-    #[serde(default = "default_hc_timeout", with = "humantime_serde")]
+    #[serde(default = "default_hc_timeout", with = "super::duration")]
     pub timeout: Duration,
     /// Consecutive passes that make an unhealthy endpoint healthy. Default 1.
     #[serde(default = "default_one")]
@@ -1070,7 +1070,7 @@ fn default_rollout_min_requests() -> u64 {
 #[serde(deny_unknown_fields)]
 pub struct FilterEngineSpec {
     /// Deadline for one call into a filter.
-    #[serde(default = "default_call_deadline", with = "humantime_serde")]
+    #[serde(default = "default_call_deadline", with = "super::duration")]
     pub call_deadline: Duration,
     /// Linear memory one filter instance may grow to, in MiB.
     #[serde(default = "default_instance_memory_mib")]
@@ -1139,10 +1139,10 @@ pub struct TracingSpec {
     #[serde(default = "default_trace_batch")]
     pub batch_size: usize,
     /// Longest wait before a partial batch is sent.
-    #[serde(default = "default_trace_delay", with = "humantime_serde")]
+    #[serde(default = "default_trace_delay", with = "super::duration")]
     pub batch_delay: Duration,
     /// An export that takes longer is abandoned (its spans counted as dropped).
-    #[serde(default = "default_export_timeout", with = "humantime_serde")]
+    #[serde(default = "default_export_timeout", with = "super::duration")]
     pub export_timeout: Duration,
     /// TLS to an `https://` collector. Default: the system's trusted CAs, no client
     /// certificate.
