@@ -57,6 +57,11 @@ impl fmt::Display for ConfigErrors {
     }
 }
 
+/// The most worker threads a manifest may ask for.
+const MAX_WORKERS: usize = 1024;
+/// The largest connection and request limits: the permits of a semaphore.
+const MAX_COUNT: usize = u32::MAX as usize;
+
 /// Read, parse and validate a manifest file.
 pub fn load(file: &Path) -> Result<Manifest, ConfigErrors> {
     let text = std::fs::read_to_string(file).map_err(|e| {
@@ -155,6 +160,17 @@ impl Checker<'_> {
         });
     }
 
+    /// `v` must be in `min..=max`: counts the proxy allocates or reserves for up front
+    /// (a channel's slots, a semaphore's permits, header slots) are bounded here, so that
+    /// a typo cannot abort the process after `wasmesh check` said the manifest was fine.
+    fn range(&mut self, path: impl Into<String>, v: usize, min: usize, max: usize) {
+        if v < min {
+            self.err(path, format!("must be at least {min}"));
+        } else if v > max {
+            self.err(path, format!("must be at most {max}"));
+        }
+    }
+
     fn regex(&mut self, path: String, re: &str) {
         if let Err(e) = regex::Regex::new(re) {
             // regex's message spans several lines (pattern, caret, reason): keep one line
@@ -190,8 +206,8 @@ pub fn validate(file: &Path, m: &Manifest) -> Vec<ConfigError> {
         errors: Vec::new(),
     };
 
-    if m.workers == Some(0) {
-        c.err("workers", "must be at least 1");
+    if let Some(w) = m.workers {
+        c.range("workers", w, 1, MAX_WORKERS);
     }
     if m.admin.address.parse::<SocketAddr>().is_err() {
         c.err(
@@ -199,9 +215,12 @@ pub fn validate(file: &Path, m: &Manifest) -> Vec<ConfigError> {
             format!("`{}` is not an IP:PORT address", m.admin.address),
         );
     }
-    if m.access_log.buffer_lines == 0 {
-        c.err("access_log.buffer_lines", "must be at least 1");
-    }
+    c.range(
+        "access_log.buffer_lines",
+        m.access_log.buffer_lines,
+        1,
+        1 << 20,
+    );
     if let Some(fields) = &m.access_log.fields {
         if fields.is_empty() {
             c.err("access_log.fields", "must name at least one field");
@@ -251,10 +270,14 @@ pub fn validate(file: &Path, m: &Manifest) -> Vec<ConfigError> {
             ("max_pending_requests", cb.max_pending_requests),
             ("max_requests", cb.max_requests),
         ] {
-            if v == 0 {
-                c.err(format!("{p}.circuit_breakers.{k}"), "must be at least 1");
-            }
+            c.range(format!("{p}.circuit_breakers.{k}"), v, 1, MAX_COUNT);
         }
+        c.range(
+            format!("{p}.circuit_breakers.max_retries"),
+            cb.max_retries,
+            0,
+            MAX_COUNT,
+        );
         if let Some(b) = &cb.retry_budget {
             if !(b.budget_percent > 0.0 && b.budget_percent <= 100.0) {
                 c.err(
@@ -349,12 +372,13 @@ pub fn validate(file: &Path, m: &Manifest) -> Vec<ConfigError> {
     if m.filter_engine.call_deadline.is_zero() {
         c.err("filter_engine.call_deadline", "must be more than 0s");
     }
-    if m.filter_engine.max_instance_memory_mib == 0 {
-        c.err(
-            "filter_engine.max_instance_memory_mib",
-            "must be at least 1",
-        );
-    }
+    // wasm32 memories end at 4 GiB.
+    c.range(
+        "filter_engine.max_instance_memory_mib",
+        m.filter_engine.max_instance_memory_mib,
+        1,
+        4096,
+    );
 
     if m.listeners.is_empty() {
         c.err("listeners", "at least one listener is needed");
@@ -775,21 +799,24 @@ fn check_name(c: &mut Checker<'_>, path: String, name: &str) {
 }
 
 fn check_limits(c: &mut Checker<'_>, p: &str, l: &ListenerLimits) {
-    if l.max_connections == 0 {
-        c.err(format!("{p}.limits.max_connections"), "must be at least 1");
-    }
+    c.range(
+        format!("{p}.limits.max_connections"),
+        l.max_connections,
+        1,
+        MAX_COUNT,
+    );
     if l.max_request_headers_kb == 0 || l.max_request_headers_kb > 8192 {
         c.err(
             format!("{p}.limits.max_request_headers_kb"),
             "must be between 1 and 8192",
         );
     }
-    if l.max_headers_count == 0 {
-        c.err(
-            format!("{p}.limits.max_headers_count"),
-            "must be at least 1",
-        );
-    }
+    c.range(
+        format!("{p}.limits.max_headers_count"),
+        l.max_headers_count,
+        1,
+        10_000,
+    );
     if l.http2_max_concurrent_streams == 0 {
         c.err(
             format!("{p}.limits.http2_max_concurrent_streams"),
@@ -896,6 +923,13 @@ fn check_route(
             c.err(
                 format!("{p}.weighted_clusters"),
                 "weights must not all be 0",
+            );
+        }
+        // The route draws a number below the total for each request: it must fit a u32.
+        if wc.iter().map(|w| u64::from(w.weight)).sum::<u64>() > u64::from(u32::MAX) {
+            c.err(
+                format!("{p}.weighted_clusters"),
+                format!("weights add up to more than {}", u32::MAX),
             );
         }
         for (j, w) in wc.iter().enumerate() {
@@ -1122,6 +1156,52 @@ mod tests {
             r#"{"listeners":[{"name":"a","address":"127.0.0.1:1","routes":[{"match":{"prefix":"/"},"direct_response":{"status":200},"timeout":"365days"}]}]}"#,
         );
         assert!(ok.is_empty(), "{ok:#?}");
+    }
+
+    #[test]
+    fn weighted_cluster_weights_fit_their_total() {
+        let route = |a: u64, b: u64| {
+            format!(
+                r#"{{"listeners":[{{"name":"l","address":"127.0.0.1:1","routes":[{{"match":{{"prefix":"/"}},
+                "weighted_clusters":[{{"name":"a","weight":{a}}},{{"name":"b","weight":{b}}}]}}]}}],
+                "clusters":[{{"name":"a","endpoints":[{{"address":"127.0.0.1:2"}}]}},
+                            {{"name":"b","endpoints":[{{"address":"127.0.0.1:3"}}]}}]}}"#
+            )
+        };
+        assert!(errors(&route(90, 10)).is_empty());
+        assert!(errors(&route(u64::from(u32::MAX) - 1, 1)).is_empty());
+        let e = errors(&route(1 << 31, 1 << 31));
+        assert_eq!(
+            e,
+            ["m.json: listeners[0].routes[0].weighted_clusters: weights add up to more than 4294967295"]
+        );
+    }
+
+    #[test]
+    fn sizes_allocated_up_front_are_bounded() {
+        // Each of these once passed `wasmesh check` and then aborted the proxy (a channel
+        // of 4e9 slots) or every connection (4e9 header slots).
+        let e = errors(
+            r#"{"workers":100000,"access_log":{"buffer_lines":4000000000},
+                "filter_engine":{"max_instance_memory_mib":8192},
+                "listeners":[{"name":"a","address":"127.0.0.1:1",
+                  "limits":{"max_connections":18446744073709551615,"max_headers_count":4000000000},
+                  "routes":[{"match":{"prefix":"/"},"cluster":"c"}]}],
+                "clusters":[{"name":"c","endpoints":[{"address":"127.0.0.1:2"}],
+                  "circuit_breakers":{"max_requests":18446744073709551615}}]}"#,
+        );
+        let want = [
+            "m.json: workers: must be at most 1024",
+            "m.json: access_log.buffer_lines: must be at most 1048576",
+            "m.json: filter_engine.max_instance_memory_mib: must be at most 4096",
+            "m.json: listeners[0].limits.max_connections: must be at most 4294967295",
+            "m.json: listeners[0].limits.max_headers_count: must be at most 10000",
+            "m.json: clusters[0].circuit_breakers.max_requests: must be at most 4294967295",
+        ];
+        for w in want {
+            assert!(e.iter().any(|x| x == w), "missing {w:?} in {e:#?}");
+        }
+        assert_eq!(e.len(), want.len(), "{e:#?}");
     }
 
     /// The complete example in the README, without its comments.
