@@ -342,3 +342,186 @@ async fn idle_downstream_connections_are_closed() {
         start.elapsed()
     );
 }
+
+/// Requests built from the parts that reach the request path's logic (paths with dot
+/// segments and escapes, forwarding headers, trace context, gRPC timeouts, hosts,
+/// cookies, odd methods, framing), against routes that use that logic (matchers,
+/// rewrites, hashing, retries, region selection, redirects, direct answers). Every
+/// request gets an answer with a status line, nothing panics, and the proxy stays ready.
+/// The tests run the debug build, where arithmetic overflow panics too.
+#[tokio::test]
+async fn random_requests_always_get_an_answer() {
+    let up = Upstream::start().await;
+    up.set_default(Behavior::Echo);
+    let proxy = Proxy::start(json!({
+        "node": {"locality": {"region": "eu", "zone": "eu-1"}},
+        "listeners": [{"name": "in", "address": "127.0.0.1:0", "xff_num_trusted_hops": 2,
+            "limits": {"max_request_headers_kb": 8, "max_headers_count": 30},
+            "routes": [
+                {"match": {"path": "/direct"}, "direct_response": {"status": 204}},
+                {"match": {"prefix": "/old/"}, "redirect": {"path": "/new/", "status": 308}},
+                {"match": {"regex": "/re/[a-z]+", "headers": [{"name": "x-a", "regex": "v.*"}]},
+                 "cluster": "app"},
+                {"match": {"prefix": "/q", "query": [{"name": "k", "present": true}]},
+                 "cluster": "app", "prefix_rewrite": "/", "host_rewrite": "rewritten.local"},
+                {"match": {"prefix": "/hash"}, "cluster": "ring",
+                 "hash_policy": [{"cookie": {"name": "sid"}}, {"header": {"header_name": "x-user"}},
+                                 {"connection_properties": {"source_ip": true}}]},
+                {"match": {"prefix": "/region"}, "cluster": "app",
+                 "locality_routing": {"header": "x-region"}},
+                {"match": {"prefix": "/"}, "cluster": "app", "timeout": "2s",
+                 "retry_policy": {"retry_on": "5xx", "num_retries": 1},
+                 "request_headers": {"set": {"x-set": "1"}, "remove": ["x-drop"]},
+                 "response_headers": {"add": {"x-added": "1"}}}
+            ]}],
+        "clusters": [
+            cluster("app", up.addr()),
+            {"name": "ring", "lb_policy": "ring_hash", "endpoints": [{"address": up.addr().to_string()}]}
+        ],
+    }))
+    .await;
+    let l = proxy.listener("in");
+
+    const METHODS: &[&str] = &[
+        "GET", "POST", "HEAD", "DELETE", "OPTIONS", "PROPFIND", "X-ODD",
+    ];
+    const PATHS: &[&str] = &[
+        "/",
+        "/direct",
+        "/old/a",
+        "/re/abc",
+        "/q?k",
+        "/q?k=1&k=2",
+        "/hash/x",
+        "/region",
+        "/a/../b",
+        "/%2e%2e/%2E",
+        "//x//y",
+        "/a%2Fb",
+        "/a%5Cb",
+        "/%41%7e",
+        "/%",
+        "/%zz",
+        "/a?",
+        "/?#",
+        "/.",
+        "/..",
+        "/a/./b/../../..",
+        "*",
+        "http://other/x",
+    ];
+    const HEADERS: &[(&str, &[&str])] = &[
+        (
+            "x-forwarded-for",
+            &[
+                "1.2.3.4",
+                "garbage, ::1",
+                " , ,",
+                "[::1]:80, 10.0.0.1",
+                "999.1.1.1, 1.1.1.1, 2.2.2.2",
+                "",
+            ],
+        ),
+        (
+            "x-request-id",
+            &[
+                "",
+                "abc",
+                "\u{7f}",
+                "a b c",
+                "0123456789abcdef0123456789abcdef0123456789",
+            ],
+        ),
+        (
+            "traceparent",
+            &[
+                "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+                "00-00000000000000000000000000000000-b7ad6b7169203331-01",
+                "ff-x-y-z",
+                "00-0af7651916cd43dd8448eb211c80319c-0000000000000000-01",
+                "",
+                "00--",
+            ],
+        ),
+        ("tracestate", &["a=b", ",,,", "=x"]),
+        (
+            "grpc-timeout",
+            &["99999999H", "1n", "0m", "x", "12345678901S", "1"],
+        ),
+        (
+            "host",
+            &[
+                ":",
+                "[::1",
+                "a:99999",
+                "",
+                "*",
+                "a..b",
+                "UPPER.Local:80",
+                "rewritten.local",
+            ],
+        ),
+        ("cookie", &["sid=1", "sid=", "; ;", "sid=a; sid=b", "=; x"]),
+        ("x-user", &["alice", ""]),
+        ("x-region", &["eu", "us", "", "nowhere"]),
+        ("x-a", &["v1", "w"]),
+        ("x-drop", &["1"]),
+        ("te", &["trailers", "gzip", "trailers, deflate"]),
+        (
+            "connection",
+            &["keep-alive, x-a", "upgrade", "close, close"],
+        ),
+        ("upgrade", &["websocket", "h2c"]),
+        ("expect", &["100-continue", "200-ok"]),
+        ("x-wasmesh-route", &["forged"]),
+        ("accept-encoding", &["gzip", "*"]),
+    ];
+    let mut seed = 0x51ed_270b_2e48_9f03u64;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let mut pick = |n: usize| (next() % n as u64) as usize;
+    let mut statuses = std::collections::BTreeMap::new();
+    for i in 0..1500 {
+        let method = METHODS[pick(METHODS.len())];
+        let path = PATHS[pick(PATHS.len())];
+        let mut req = format!("{method} {path} HTTP/1.1\r\n");
+        let mut host = false;
+        for _ in 0..pick(6) {
+            let (name, values) = HEADERS[pick(HEADERS.len())];
+            host |= name == "host";
+            req.push_str(&format!("{name}: {}\r\n", values[pick(values.len())]));
+        }
+        if !host && pick(4) != 0 {
+            req.push_str("Host: app.local\r\n");
+        }
+        match pick(4) {
+            0 => req.push_str("Content-Length: 3\r\nConnection: close\r\n\r\nabc"),
+            1 => req.push_str(
+                "Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+            ),
+            _ => req.push_str("Connection: close\r\n\r\n"),
+        }
+        let r = RawConn::exchange(l, req.as_bytes()).await;
+        // The final answer (after any `100 Continue`).
+        let status = r.statuses().into_iter().find(|s| *s >= 200);
+        assert!(
+            status.is_some() && r.closed,
+            "request {i} got no answer (closed: {}): {req:?} -> {:?}",
+            r.closed,
+            r.text()
+        );
+        *statuses.entry(status.unwrap_or(0)).or_insert(0u32) += 1;
+    }
+    // The mix reached the upstream and the proxy's own answers alike.
+    for s in [200, 204, 308, 400, 504] {
+        assert!(statuses.contains_key(&s), "no {s} among {statuses:?}");
+    }
+    assert!(up.request_count() > 50, "{statuses:?}");
+    assert_eq!(proxy.admin_get("/ready").await.status, 200);
+    let stderr = proxy.stderr();
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
