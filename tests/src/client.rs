@@ -198,6 +198,7 @@ impl Conn {
         let tcp = TcpStream::connect(addr)
             .await
             .map_err(|e| format!("connect {addr}: {e}"))?;
+        let _ = tcp.set_nodelay(true);
         let (sender, conn) = hyper::client::conn::http1::Builder::new()
             .handshake(TokioIo::new(tcp))
             .await
@@ -216,6 +217,9 @@ impl Conn {
         let tcp = TcpStream::connect(addr)
             .await
             .unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+        // As real clients do: without it, a request's DATA frame waits behind its HEADERS
+        // frame for the proxy's delayed ACK (40 ms).
+        let _ = tcp.set_nodelay(true);
         let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
             .handshake(TokioIo::new(tcp))
             .await

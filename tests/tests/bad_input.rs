@@ -343,14 +343,10 @@ async fn idle_downstream_connections_are_closed() {
     );
 }
 
-/// Requests built from the parts that reach the request path's logic (paths with dot
-/// segments and escapes, forwarding headers, trace context, gRPC timeouts, hosts,
-/// cookies, odd methods, framing), against routes that use that logic (matchers,
-/// rewrites, hashing, retries, region selection, redirects, direct answers). Every
-/// request gets an answer with a status line, nothing panics, and the proxy stays ready.
-/// The tests run the debug build, where arithmetic overflow panics too.
-#[tokio::test]
-async fn random_requests_always_get_an_answer() {
+/// A proxy whose routes use what the request path decides on (matchers, rewrites,
+/// hashing, retries, region selection, redirects, direct answers), for the random-request
+/// tests below.
+async fn logic_setup() -> (Upstream, Proxy) {
     let up = Upstream::start().await;
     up.set_default(Behavior::Echo);
     let proxy = Proxy::start(json!({
@@ -380,130 +376,170 @@ async fn random_requests_always_get_an_answer() {
         ],
     }))
     .await;
-    let l = proxy.listener("in");
+    (up, proxy)
+}
 
-    const METHODS: &[&str] = &[
-        "GET", "POST", "HEAD", "DELETE", "OPTIONS", "PROPFIND", "X-ODD",
-    ];
-    const PATHS: &[&str] = &[
-        "/",
-        "/direct",
-        "/old/a",
-        "/re/abc",
-        "/q?k",
-        "/q?k=1&k=2",
-        "/hash/x",
-        "/region",
-        "/a/../b",
-        "/%2e%2e/%2E",
-        "//x//y",
-        "/a%2Fb",
-        "/a%5Cb",
-        "/%41%7e",
-        "/%",
-        "/%zz",
-        "/a?",
-        "/?#",
-        "/.",
-        "/..",
-        "/a/./b/../../..",
-        "*",
-        "http://other/x",
-    ];
-    const HEADERS: &[(&str, &[&str])] = &[
-        (
-            "x-forwarded-for",
-            &[
-                "1.2.3.4",
-                "garbage, ::1",
-                " , ,",
-                "[::1]:80, 10.0.0.1",
-                "999.1.1.1, 1.1.1.1, 2.2.2.2",
-                "",
-            ],
-        ),
-        (
-            "x-request-id",
-            &[
-                "",
-                "abc",
-                "\u{7f}",
-                "a b c",
-                "0123456789abcdef0123456789abcdef0123456789",
-            ],
-        ),
-        (
-            "traceparent",
-            &[
-                "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
-                "00-00000000000000000000000000000000-b7ad6b7169203331-01",
-                "ff-x-y-z",
-                "00-0af7651916cd43dd8448eb211c80319c-0000000000000000-01",
-                "",
-                "00--",
-            ],
-        ),
-        ("tracestate", &["a=b", ",,,", "=x"]),
-        (
-            "grpc-timeout",
-            &["99999999H", "1n", "0m", "x", "12345678901S", "1"],
-        ),
-        (
-            "host",
-            &[
-                ":",
-                "[::1",
-                "a:99999",
-                "",
-                "*",
-                "a..b",
-                "UPPER.Local:80",
-                "rewritten.local",
-            ],
-        ),
-        ("cookie", &["sid=1", "sid=", "; ;", "sid=a; sid=b", "=; x"]),
-        ("x-user", &["alice", ""]),
-        ("x-region", &["eu", "us", "", "nowhere"]),
-        ("x-a", &["v1", "w"]),
-        ("x-drop", &["1"]),
-        ("te", &["trailers", "gzip", "trailers, deflate"]),
-        (
-            "connection",
-            &["keep-alive, x-a", "upgrade", "close, close"],
-        ),
-        ("upgrade", &["websocket", "h2c"]),
-        ("expect", &["100-continue", "200-ok"]),
-        ("x-wasmesh-route", &["forged"]),
-        ("accept-encoding", &["gzip", "*"]),
-    ];
-    let mut seed = 0x51ed_270b_2e48_9f03u64;
+const METHODS: &[&str] = &[
+    "GET", "POST", "HEAD", "DELETE", "OPTIONS", "PROPFIND", "X-ODD",
+];
+const PATHS: &[&str] = &[
+    "/",
+    "/direct",
+    "/old/a",
+    "/re/abc",
+    "/q?k",
+    "/q?k=1&k=2",
+    "/hash/x",
+    "/region",
+    "/a/../b",
+    "/%2e%2e/%2E",
+    "//x//y",
+    "/a%2Fb",
+    "/a%5Cb",
+    "/%41%7e",
+    "/%",
+    "/%zz",
+    "/a?",
+    "/?#",
+    "/.",
+    "/..",
+    "/a/./b/../../..",
+    "*",
+    "http://other/x",
+];
+const HEADERS: &[(&str, &[&str])] = &[
+    (
+        "x-forwarded-for",
+        &[
+            "1.2.3.4",
+            "garbage, ::1",
+            " , ,",
+            "[::1]:80, 10.0.0.1",
+            "999.1.1.1, 1.1.1.1, 2.2.2.2",
+            "",
+        ],
+    ),
+    (
+        "x-request-id",
+        &[
+            "",
+            "abc",
+            "\u{7f}",
+            "a b c",
+            "0123456789abcdef0123456789abcdef0123456789",
+        ],
+    ),
+    (
+        "traceparent",
+        &[
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            "00-00000000000000000000000000000000-b7ad6b7169203331-01",
+            "ff-x-y-z",
+            "00-0af7651916cd43dd8448eb211c80319c-0000000000000000-01",
+            "",
+            "00--",
+        ],
+    ),
+    ("tracestate", &["a=b", ",,,", "=x"]),
+    (
+        "grpc-timeout",
+        &["99999999H", "1n", "0m", "x", "12345678901S", "1"],
+    ),
+    (
+        "host",
+        &[
+            ":",
+            "[::1",
+            "a:99999",
+            "",
+            "*",
+            "a..b",
+            "UPPER.Local:80",
+            "rewritten.local",
+        ],
+    ),
+    ("cookie", &["sid=1", "sid=", "; ;", "sid=a; sid=b", "=; x"]),
+    ("x-user", &["alice", ""]),
+    ("x-region", &["eu", "us", "", "nowhere"]),
+    ("x-a", &["v1", "w"]),
+    ("x-drop", &["1"]),
+    ("te", &["trailers", "gzip", "trailers, deflate"]),
+    (
+        "connection",
+        &["keep-alive, x-a", "upgrade", "close, close"],
+    ),
+    ("upgrade", &["websocket", "h2c"]),
+    ("expect", &["100-continue", "200-ok"]),
+    ("x-wasmesh-route", &["forged"]),
+    ("accept-encoding", &["gzip", "*"]),
+];
+/// A request built from the tables above: method, path, headers, and the body (`None`,
+/// or its framing: `true` chunked).
+struct RandomRequest {
+    method: &'static str,
+    path: &'static str,
+    headers: Vec<(&'static str, &'static str)>,
+    body: Option<bool>,
+}
+
+fn random_requests(mut seed: u64) -> impl Iterator<Item = RandomRequest> {
     let mut next = move || {
         seed ^= seed << 13;
         seed ^= seed >> 7;
         seed ^= seed << 17;
         seed
     };
-    let mut pick = |n: usize| (next() % n as u64) as usize;
-    let mut statuses = std::collections::BTreeMap::new();
-    for i in 0..1500 {
+    std::iter::repeat_with(move || {
+        let mut pick = |n: usize| (next() % n as u64) as usize;
         let method = METHODS[pick(METHODS.len())];
         let path = PATHS[pick(PATHS.len())];
-        let mut req = format!("{method} {path} HTTP/1.1\r\n");
-        let mut host = false;
-        for _ in 0..pick(6) {
-            let (name, values) = HEADERS[pick(HEADERS.len())];
-            host |= name == "host";
-            req.push_str(&format!("{name}: {}\r\n", values[pick(values.len())]));
+        let headers = (0..pick(6))
+            .map(|_| {
+                let (name, values) = HEADERS[pick(HEADERS.len())];
+                (name, values[pick(values.len())])
+            })
+            .collect();
+        let body = match pick(4) {
+            0 => Some(false),
+            1 => Some(true),
+            _ => None,
+        };
+        RandomRequest {
+            method,
+            path,
+            headers,
+            body,
         }
-        if !host && pick(4) != 0 {
+    })
+}
+
+/// Requests built from the parts that reach the request path's logic (paths with dot
+/// segments and escapes, forwarding headers, trace context, gRPC timeouts, hosts,
+/// cookies, odd methods, framing), over HTTP/1.1: every request gets an answer with a
+/// status line, nothing panics, and the proxy stays ready. The tests run the debug build,
+/// where arithmetic overflow panics too.
+#[tokio::test]
+async fn random_requests_always_get_an_answer() {
+    let (up, proxy) = logic_setup().await;
+    let l = proxy.listener("in");
+    let mut statuses = std::collections::BTreeMap::new();
+    for (i, r) in random_requests(0x51ed_270b_2e48_9f03)
+        .take(1500)
+        .enumerate()
+    {
+        let mut req = format!("{} {} HTTP/1.1\r\n", r.method, r.path);
+        for (name, value) in &r.headers {
+            req.push_str(&format!("{name}: {value}\r\n"));
+        }
+        if !r.headers.iter().any(|(n, _)| *n == "host") && i % 4 != 0 {
             req.push_str("Host: app.local\r\n");
         }
-        match pick(4) {
-            0 => req.push_str("Content-Length: 3\r\nConnection: close\r\n\r\nabc"),
-            1 => req.push_str(
+        match r.body {
+            Some(false) => req.push_str("Content-Length: 3\r\nConnection: close\r\n\r\nabc"),
+            Some(true) => req.push_str(
                 "Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
             ),
-            _ => req.push_str("Connection: close\r\n\r\n"),
+            None => req.push_str("Connection: close\r\n\r\n"),
         }
         let r = RawConn::exchange(l, req.as_bytes()).await;
         // The final answer (after any `100 Continue`).
@@ -518,6 +554,60 @@ async fn random_requests_always_get_an_answer() {
     }
     // The mix reached the upstream and the proxy's own answers alike.
     for s in [200, 204, 308, 400, 504] {
+        assert!(statuses.contains_key(&s), "no {s} among {statuses:?}");
+    }
+    assert!(up.request_count() > 50, "{statuses:?}");
+    assert_eq!(proxy.admin_get("/ready").await.status, 200);
+    let stderr = proxy.stderr();
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+/// The same over HTTP/2, all on one connection: every request legal in HTTP/2 (no
+/// connection-specific headers, a parseable URI) gets a response, and the connection
+/// survives them all.
+#[tokio::test]
+async fn random_h2_requests_always_get_an_answer() {
+    let (up, proxy) = logic_setup().await;
+    let l = proxy.listener("in");
+    let mut conn = Conn::h2(l).await;
+    let mut statuses = std::collections::BTreeMap::new();
+    for (i, r) in random_requests(0x3c6e_f372_fe94_f82b)
+        .take(1500)
+        .enumerate()
+    {
+        let host = r
+            .headers
+            .iter()
+            .find(|(n, _)| *n == "host")
+            .map_or("app.local", |(_, v)| *v);
+        if format!("http://{host}{}", r.path)
+            .parse::<http::Uri>()
+            .is_err()
+        {
+            continue;
+        }
+        let mut req = Req::new(r.method, r.path).host(host);
+        for (name, value) in &r.headers {
+            let h2_illegal = matches!(*name, "connection" | "upgrade" | "host" | "keep-alive")
+                || (*name == "te" && *value != "trailers");
+            if h2_illegal || http::HeaderValue::from_str(value).is_err() {
+                continue;
+            }
+            req = req.header(name, value);
+        }
+        if r.body.is_some() {
+            req = req.body("abc");
+        }
+        let resp = match conn.try_send(req).await {
+            Ok(resp) => resp,
+            Err(e) => panic!(
+                "request {i} ({} {} {:?}) failed: {e}",
+                r.method, r.path, r.headers
+            ),
+        };
+        *statuses.entry(resp.status).or_insert(0u32) += 1;
+    }
+    for s in [200, 204, 308] {
         assert!(statuses.contains_key(&s), "no {s} among {statuses:?}");
     }
     assert!(up.request_count() > 50, "{statuses:?}");
