@@ -26,6 +26,12 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
 
+/// The longest an upstream's `retry-after` is waited for before a retry; past it the
+/// client gets the answer (with its `retry-after`) at once, even on a route without a
+/// timeout. The header is the upstream's to set, so it must not be able to park a request
+/// for a day.
+const MAX_RETRY_WAIT: Duration = Duration::from_secs(300);
+
 /// Send the prepared upstream request (`parts` already carry the upstream's URI and
 /// headers) to `cluster`, starting with `first`. `ctx` carries the request's affinity hash
 /// and region for the load balancer.
@@ -165,8 +171,10 @@ pub(crate) async fn forward(
             Err(_) => None,
         }
         .unwrap_or_else(|| p.back_off(retries + 1));
-        if deadline.is_some_and(|d| Instant::now() + wait >= d) {
-            // No time left for another attempt: answer with this one.
+        // No time left for another attempt (or an upstream's `retry-after` past any
+        // sensible wait): answer with this one.
+        let retry_at = Instant::now().checked_add(wait);
+        if wait > MAX_RETRY_WAIT || retry_at.is_none_or(|at| deadline.is_some_and(|d| at >= d)) {
             return result.map_err(Attempt::into_error);
         }
         drop(result);

@@ -182,7 +182,8 @@ fn httpdate_parse(s: &str) -> Option<SystemTime> {
         "Dec" => 12,
         _ => return None,
     };
-    let year: i64 = it.next()?.parse().ok()?;
+    // Four digits (RFC 9110 §5.6.7), which also keeps the arithmetic below in range.
+    let year: i64 = it.next().filter(|y| y.len() == 4)?.parse().ok()?;
     let mut hms = it.next()?.split(':').map(|x| x.parse::<u64>().ok());
     let (h, m, sec) = (hms.next()??, hms.next()??, hms.next()??);
     if it.next()? != "GMT" || !(1..=31).contains(&day) || h > 23 || m > 59 || sec > 60 {
@@ -355,6 +356,21 @@ mod tests {
         );
         h.insert(http::header::RETRY_AFTER, "soon".parse().expect("value"));
         assert_eq!(retry_after(&h), None);
+        // The upstream's to set: out-of-range values are refused or kept as they are,
+        // never a panic (the caller bounds the wait).
+        h.insert(
+            http::header::RETRY_AFTER,
+            "Sun, 06 Nov 300000000000 08:49:37 GMT"
+                .parse()
+                .expect("value"),
+        );
+        assert_eq!(retry_after(&h), None);
+        h.insert(
+            http::header::RETRY_AFTER,
+            "18446744073709551615".parse().expect("value"),
+        );
+        assert_eq!(retry_after(&h), Some(Duration::from_secs(u64::MAX)));
+        assert!(httpdate_parse("Fri, 31 Dec 9999 23:59:60 GMT").is_some());
     }
 
     #[test]

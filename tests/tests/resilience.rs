@@ -306,6 +306,38 @@ async fn retry_after_is_honoured_within_the_route_timeout() {
     assert_eq!(r.status, 503);
     assert_eq!(r.text(), "busy");
     assert_eq!(up.request_count(), 3);
+
+    // Past what the clock can hold, in either form: the 503 now, not a dropped request.
+    // A wait that long is not waited for.
+    up.push(retry_after("18446744073709551615"));
+    let r = Req::get("/").send(proxy.listener("in")).await;
+    assert_eq!(r.status, 503);
+    // A date that is not one is no retry-after: the back-off, then the retry.
+    up.push(retry_after("Sun, 06 Nov 300000000000 08:49:37 GMT"));
+    let r = Req::get("/").send(proxy.listener("in")).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(up.request_count(), 6);
+    assert!(!proxy.stderr().contains("panicked"), "{}", proxy.stderr());
+}
+
+#[tokio::test]
+async fn an_upstream_cannot_park_a_request_with_retry_after() {
+    // No route timeout: a retry-after over 5 minutes is not waited for.
+    let up = Upstream::named("up").await;
+    let proxy = Proxy::start(manifest(
+        json!({"timeout": "0s", "retry_policy": fast_retries("5xx", 1)}),
+        vec![cluster("up", up.addr())],
+    ))
+    .await;
+    up.push(Behavior::Respond {
+        status: 503,
+        headers: vec![("retry-after".into(), "86400".into())],
+        body: Bytes::from_static(b"busy"),
+    });
+    let r = Req::get("/").send(proxy.listener("in")).await;
+    assert_eq!((r.status, r.text().as_str()), (503, "busy"));
+    assert_eq!(r.header("retry-after"), Some("86400"), "the client sees it");
+    assert_eq!(up.request_count(), 1);
 }
 
 #[tokio::test]
