@@ -42,8 +42,10 @@ pub enum CaCommand {
     Init {
         #[arg(long)]
         dir: PathBuf,
-        /// Lifetime of the CA certificate.
-        #[arg(long, default_value_t = crate::ca::DEFAULT_CA_DAYS)]
+        /// Lifetime of the CA certificate, in days (at most 100 years, as X.509 dates end
+        /// in 9999).
+        #[arg(long, default_value_t = crate::ca::DEFAULT_CA_DAYS,
+              value_parser = clap::value_parser!(u32).range(1..=36_500))]
         days: u32,
         /// Replace an existing CA in DIR.
         #[arg(long)]
@@ -60,11 +62,12 @@ pub enum CaCommand {
         /// Where to write: PREFIX.crt and PREFIX.key.
         #[arg(long)]
         out: PathBuf,
-        /// Lifetime in days (default: 24 hours).
-        #[arg(long, conflicts_with = "hours")]
+        /// Lifetime in days (default: 24 hours; at most 36500).
+        #[arg(long, conflicts_with = "hours",
+              value_parser = clap::value_parser!(u32).range(1..=36_500))]
         days: Option<u32>,
-        /// Lifetime in hours (default: 24).
-        #[arg(long)]
+        /// Lifetime in hours (default: 24; at most 876000).
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=876_000))]
         hours: Option<u32>,
     },
 }

@@ -236,6 +236,21 @@ async fn ca_issues_one_spiffe_uri_san_with_a_short_lifetime_and_private_keys() {
         .expect("run");
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a SPIFFE ID"));
+    // A lifetime past X.509's last date is refused by name, not a panic.
+    let out = std::process::Command::new(wasmesh_e2e::binary::wasmesh_bin())
+        .args([
+            "ca",
+            "init",
+            "--dir",
+            &m.ca.dir.join("long").display().to_string(),
+            "--days",
+            "4000000000",
+        ])
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--days") && err.contains("1..=36500"), "{err}");
 }
 
 #[tokio::test]
