@@ -358,7 +358,7 @@ impl Response {
         raw_resp::status()
     }
 
-    /// Change the status (100..=999).
+    /// Change the status (200..=599, a final one).
     ///
     /// ```ignore
     /// resp.set_status(503)?;

@@ -130,6 +130,16 @@ async fn every_sdk_capability_through_the_proxy() {
         "{line}"
     );
 
+    // A local answer with an interim (1xx) status is a filter error, not an answer the
+    // client would take for a preamble and wait behind.
+    for interim in ["100", "101", "199"] {
+        let r = Req::get("/x")
+            .header("x-testkit-do", &format!("respond:{interim}"))
+            .send(addr)
+            .await;
+        assert_eq!(r.status, 500, "{interim}: {}", r.text());
+    }
+
     // Delay, with its flag.
     let t0 = Instant::now();
     let r = Req::get("/solo/d")

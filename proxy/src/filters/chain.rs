@@ -841,8 +841,7 @@ fn prefetch(
 }
 
 fn to_local(r: wt::LocalResponse) -> Result<LocalResponse, String> {
-    let status =
-        StatusCode::from_u16(r.status).map_err(|_| format!("invalid status {}", r.status))?;
+    let status = super::host::final_status(r.status)?;
     let mut headers = HeaderMap::with_capacity(r.headers.len());
     for (n, v) in &r.headers {
         let name = HeaderName::from_bytes(n.as_bytes())

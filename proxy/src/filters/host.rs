@@ -569,6 +569,18 @@ fn write_addr(out: &mut String, a: std::net::SocketAddr) {
     }
 }
 
+/// A status a filter gives a response: a final one, 200..=599 (RFC 9110 §15: 1xx are
+/// interim, and a client takes one sent as the answer for a preamble and waits on; codes
+/// past 599 are not HTTP).
+pub(super) fn final_status(status: u16) -> Result<http::StatusCode, String> {
+    match status {
+        200..=599 => http::StatusCode::from_u16(status).map_err(|e| e.to_string()),
+        _ => Err(format!(
+            "invalid status {status}: a filter's answer needs 200..=599"
+        )),
+    }
+}
+
 /// `v` in decimal, appended to `out`.
 fn push_decimal(out: &mut String, v: u32) {
     out.push_str(crate::text::u64_decimal(v.into(), &mut [0; 20]));
@@ -746,8 +758,7 @@ impl wit_response::Host for HostState {
         self.call.resp.as_ref().map_or(0, |r| r.status.as_u16())
     }
     fn set_status(&mut self, status: u16) -> Result<(), String> {
-        let s =
-            http::StatusCode::from_u16(status).map_err(|_| format!("invalid status {status}"))?;
+        let s = final_status(status)?;
         self.response_mut()?.status = s;
         Ok(())
     }
