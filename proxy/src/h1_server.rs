@@ -834,23 +834,25 @@ fn encode_head(
     } else if is_head || status == StatusCode::NOT_MODIFIED {
         // The Content-Length, if any, describes the GET's body: kept as it is.
         Framing::None
-    } else if let Some(n) = h
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| parse_decimal(trim_ows(v.as_bytes())))
-    {
+    } else if let Some(n) = single_length(h) {
         Framing::Length(n)
-    } else if let Some(n) = exact {
-        h.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
-        Framing::Length(n)
-    } else if client == Version::HTTP_11 {
-        h.insert(
-            header::TRANSFER_ENCODING,
-            HeaderValue::from_static("chunked"),
-        );
-        Framing::Chunked
     } else {
-        close = true;
-        Framing::Close
+        // No usable Content-Length (none, unparseable, or several: a filter may have
+        // added one): the framing is chosen here and written once.
+        h.remove(header::CONTENT_LENGTH);
+        if let Some(n) = exact {
+            h.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+            Framing::Length(n)
+        } else if client == Version::HTTP_11 {
+            h.insert(
+                header::TRANSFER_ENCODING,
+                HeaderValue::from_static("chunked"),
+            );
+            Framing::Chunked
+        } else {
+            close = true;
+            Framing::Close
+        }
     };
     let switching = status == StatusCode::SWITCHING_PROTOCOLS;
     if !switching {
@@ -884,6 +886,15 @@ fn encode_head(
         framing,
         keep_alive: !close,
     }
+}
+
+/// The response's Content-Length when it has exactly one that is a number. Two, even
+/// equal, are not passed on: a client that reads the second would frame the body
+/// differently.
+fn single_length(h: &http::HeaderMap) -> Option<u64> {
+    let mut all = h.get_all(header::CONTENT_LENGTH).iter();
+    let n = parse_decimal(trim_ows(all.next()?.as_bytes()))?;
+    all.next().is_none().then_some(n)
 }
 
 /// Why a response could not be written whole.
@@ -1463,6 +1474,60 @@ mod tests {
         let (mut c, task) = echo_server(settings());
         c.write_all(H2_PREFACE).await.expect("write");
         assert!(task.await.expect("server task"), "served as HTTP/2");
+    }
+
+    #[test]
+    fn a_response_goes_out_with_one_framing() {
+        // Headers as a filter may leave them: repeated or conflicting lengths, a
+        // Transfer-Encoding of its own. The client must see exactly one framing.
+        fn head(headers: &[(&str, &str)], exact: Option<u64>) -> (String, Framing) {
+            let mut b = http::Response::builder().status(200);
+            for (k, v) in headers {
+                b = b.header(*k, *v);
+            }
+            let (mut parts, ()) = b.body(()).expect("response").into_parts();
+            let mut wbuf = BytesMut::new();
+            let out = encode_head(&mut wbuf, &mut parts, false, Version::HTTP_11, false, exact);
+            let text = String::from_utf8_lossy(&wbuf).to_lowercase();
+            (text, out.framing)
+        }
+        let count = |t: &str, h: &str| t.matches(&format!("\r\n{h}:")).count();
+        let (t, f) = head(&[("content-length", "3"), ("content-length", "3")], Some(3));
+        assert_eq!(
+            (count(&t, "content-length"), f),
+            (1, Framing::Length(3)),
+            "{t}"
+        );
+        let (t, f) = head(&[("content-length", "3"), ("content-length", "9")], None);
+        assert_eq!(
+            (
+                count(&t, "content-length"),
+                count(&t, "transfer-encoding"),
+                f
+            ),
+            (0, 1, Framing::Chunked),
+            "{t}"
+        );
+        let (t, f) = head(
+            &[("content-length", "abc"), ("transfer-encoding", "gzip")],
+            Some(3),
+        );
+        assert_eq!(
+            (
+                count(&t, "content-length"),
+                count(&t, "transfer-encoding"),
+                f
+            ),
+            (1, 0, Framing::Length(3)),
+            "{t}"
+        );
+        assert!(t.contains("\r\ncontent-length: 3\r\n"), "{t}");
+        let (t, f) = head(&[("content-length", "7")], Some(3));
+        assert_eq!(
+            f,
+            Framing::Length(7),
+            "a stated length is the body's to meet: {t}"
+        );
     }
 
     #[tokio::test]
