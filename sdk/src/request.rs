@@ -257,7 +257,8 @@ impl Request {
         raw::headers()
     }
 
-    /// Replace header `name` with one value. Request hooks only.
+    /// Replace header `name` with one value. Request hooks only. `content-length` and
+    /// `transfer-encoding` are refused: the proxy frames the message from its body.
     ///
     /// ```ignore
     /// req.set_header("x-tenant", "acme")?;
@@ -394,7 +395,8 @@ impl Response {
         raw_resp::headers()
     }
 
-    /// Replace header `name` with one value.
+    /// Replace header `name` with one value. `content-length` and `transfer-encoding`
+    /// are refused: the proxy frames the message from its body.
     ///
     /// ```ignore
     /// resp.set_header("cache-control", "no-store")?;

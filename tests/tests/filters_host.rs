@@ -200,6 +200,19 @@ async fn every_sdk_capability_through_the_proxy() {
         app.last().header("x-testkit-header"),
         Some("error: invalid header name \"bad name\"")
     );
+    // Framing headers are the proxy's: a filter's Content-Length is refused, and the
+    // request goes out with its own.
+    let r = Req::post("/solo/h")
+        .header("x-testkit-do", "header:content-length=99")
+        .body("abc")
+        .send(addr)
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        app.last().header("x-testkit-header"),
+        Some("error: content-length is set by the proxy from the body")
+    );
+    assert_eq!(app.last().header("content-length"), Some("3"));
 
     // Callout to a cluster the filter lists.
     let r = Req::get("/solo/c")

@@ -848,6 +848,10 @@ fn to_local(r: wt::LocalResponse) -> Result<LocalResponse, String> {
             .map_err(|_| format!("invalid header name {n:?}"))?;
         let value =
             HeaderValue::from_str(v).map_err(|_| format!("invalid value for header {n:?}"))?;
+        // The answer's framing follows its body (see `HeaderNames::get`).
+        if name == CONTENT_LENGTH || name == http::header::TRANSFER_ENCODING {
+            continue;
+        }
         headers.append(name, value);
     }
     Ok(LocalResponse {

@@ -330,6 +330,12 @@ impl HeaderNames {
         }
         let h = HeaderName::from_bytes(n)
             .map_err(|_| format!("invalid header name {:?}", String::from_utf8_lossy(n)))?;
+        // A message's framing is the proxy's: it follows the body (a replaced body gets its
+        // own length), and a second or stale length from a filter would have the peer
+        // frame the message differently.
+        if h == http::header::CONTENT_LENGTH || h == http::header::TRANSFER_ENCODING {
+            return Err(format!("{h} is set by the proxy from the body"));
+        }
         if self.0.len() < Self::MAX {
             self.0.push((n.into(), h.clone()));
         }
