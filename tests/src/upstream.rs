@@ -48,6 +48,9 @@ pub enum Behavior {
     ResetBeforeResponse,
     /// Answer 200 with `Content-Length: 2 * sent`, send `sent` bytes, then break off.
     ResetMidResponse { sent: usize },
+    /// 200 with `Content-Length: 2 * sent`, send `sent` bytes, then nothing more (the
+    /// connection stays open).
+    StallBody { sent: usize },
     /// 200 with a body of `len` bytes of [`crate::pattern_chunk`], streamed in 64 KiB chunks.
     Stream { len: u64 },
     /// 200 with a body of [`crate::pattern_chunk`]s of these sizes, one frame each, with a
@@ -330,6 +333,20 @@ async fn handle(
                 }
                 c
             });
+            let mut r = Response::new(BodyExt::boxed(StreamBody::new(stream)));
+            r.headers_mut().insert(
+                http::header::CONTENT_LENGTH,
+                http::HeaderValue::from(sent * 2),
+            );
+            r
+        }
+        Behavior::StallBody { sent } => {
+            let first =
+                futures_util::stream::iter([Ok::<_, BoxError>(Frame::data(Bytes::from(vec![
+                    b'x';
+                    sent
+                ])))]);
+            let stream = first.chain(futures_util::stream::pending());
             let mut r = Response::new(BodyExt::boxed(StreamBody::new(stream)));
             r.headers_mut().insert(
                 http::header::CONTENT_LENGTH,

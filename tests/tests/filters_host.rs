@@ -226,6 +226,22 @@ async fn every_sdk_capability_through_the_proxy() {
         app.last().header("x-testkit-callout"),
         Some("200 upstream auth")
     );
+    // A callout whose answer stalls mid-body ends at the callout's timeout (500 ms in
+    // testkit), and the filter hears it as a failure.
+    auth.push(Behavior::StallBody { sent: 4 });
+    let t0 = Instant::now();
+    let r = Req::get("/solo/c")
+        .header("x-testkit-do", "callout:auth:/check")
+        .send(addr)
+        .await;
+    assert_eq!(r.status, 200);
+    assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+    let heard = app
+        .last()
+        .header("x-testkit-callout")
+        .unwrap_or_default()
+        .to_string();
+    assert!(heard.contains("timed out"), "{heard}");
 
     // Filter-defined metrics.
     let n = proxy
