@@ -291,6 +291,11 @@ impl Proxy {
         metric_value(&self.metrics().await, name, labels)
     }
 
+    /// The proxy's stdout so far (the access log, one line per request).
+    pub fn stdout_text(&self) -> String {
+        std::fs::read_to_string(&self.stdout_path).unwrap_or_default()
+    }
+
     /// The access log lines written so far, parsed.
     pub fn access_log_lines(&self) -> Vec<Value> {
         let text = std::fs::read_to_string(&self.stdout_path).unwrap_or_default();

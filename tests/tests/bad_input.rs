@@ -513,6 +513,25 @@ fn random_requests(mut seed: u64) -> impl Iterator<Item = RandomRequest> {
     })
 }
 
+/// Every access-log line so far is one JSON object, whatever bytes the requests carried
+/// (a marker request, logged last, shows the writer has caught up).
+async fn assert_access_log_is_json(proxy: &Proxy) {
+    Req::get("/direct")
+        .header("x-request-id", "log-marker")
+        .send(proxy.listener("in"))
+        .await;
+    proxy.log_for_request_id("log-marker").await;
+    let text = proxy.stdout_text();
+    let mut lines = 0;
+    for line in text.lines().filter(|l| l.starts_with('{')) {
+        lines += 1;
+        let v: serde_json::Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("access log line is not JSON ({e}): {line}"));
+        assert!(v.is_object(), "{line}");
+    }
+    assert!(lines > 100, "{lines} access log lines");
+}
+
 /// Requests built from the parts that reach the request path's logic (paths with dot
 /// segments and escapes, forwarding headers, trace context, gRPC timeouts, hosts,
 /// cookies, odd methods, framing), over HTTP/1.1: every request gets an answer with a
@@ -557,6 +576,7 @@ async fn random_requests_always_get_an_answer() {
         assert!(statuses.contains_key(&s), "no {s} among {statuses:?}");
     }
     assert!(up.request_count() > 50, "{statuses:?}");
+    assert_access_log_is_json(&proxy).await;
     assert_eq!(proxy.admin_get("/ready").await.status, 200);
     let stderr = proxy.stderr();
     assert!(!stderr.contains("panicked"), "{stderr}");
@@ -611,6 +631,7 @@ async fn random_h2_requests_always_get_an_answer() {
         assert!(statuses.contains_key(&s), "no {s} among {statuses:?}");
     }
     assert!(up.request_count() > 50, "{statuses:?}");
+    assert_access_log_is_json(&proxy).await;
     assert_eq!(proxy.admin_get("/ready").await.status, 200);
     let stderr = proxy.stderr();
     assert!(!stderr.contains("panicked"), "{stderr}");
