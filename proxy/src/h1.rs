@@ -237,7 +237,7 @@ impl Outgoing {
         };
         if let Some(n) = length {
             b.put_slice(b"content-length: ");
-            b.put_slice(crate::text::u64_decimal(n, &mut [0; 20]).as_bytes());
+            b.put_slice(crate::text::u64_decimal(n, &mut [0; 20]));
             b.put_slice(b"\r\n");
         }
         b.put_slice(b"\r\n");

@@ -892,6 +892,11 @@ fn encode_head(
 /// equal, are not passed on: a client that reads the second would frame the body
 /// differently.
 fn single_length(h: &http::HeaderMap) -> Option<u64> {
+    // No name with two values in the whole map (the common case, two field reads): one
+    // lookup is enough.
+    if h.len() == h.keys_len() {
+        return parse_decimal(trim_ows(h.get(header::CONTENT_LENGTH)?.as_bytes()));
+    }
     let mut all = h.get_all(header::CONTENT_LENGTH).iter();
     let n = parse_decimal(trim_ows(all.next()?.as_bytes()))?;
     all.next().is_none().then_some(n)

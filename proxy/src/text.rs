@@ -3,16 +3,17 @@
 
 /// `v` in decimal, written into `buf`.
 pub fn u16_decimal(v: u16, buf: &mut [u8; 5]) -> &str {
-    decimal(u64::from(v), buf)
+    // ASCII digits: always UTF-8.
+    std::str::from_utf8(decimal(u64::from(v), buf)).unwrap_or_default()
 }
 
-/// `v` in decimal, written into `buf`.
-pub fn u64_decimal(v: u64, buf: &mut [u8; 20]) -> &str {
+/// `v` in decimal ASCII digits, written into `buf`.
+pub fn u64_decimal(v: u64, buf: &mut [u8; 20]) -> &[u8] {
     decimal(v, buf)
 }
 
 /// `v` in decimal, written at the end of `buf` (which must have room for it).
-fn decimal(mut v: u64, buf: &mut [u8]) -> &str {
+fn decimal(mut v: u64, buf: &mut [u8]) -> &[u8] {
     let mut i = buf.len();
     loop {
         i -= 1;
@@ -24,8 +25,7 @@ fn decimal(mut v: u64, buf: &mut [u8]) -> &str {
             break;
         }
     }
-    // ASCII digits: always UTF-8.
-    std::str::from_utf8(buf.get(i..).unwrap_or_default()).unwrap_or_default()
+    buf.get(i..).unwrap_or_default()
 }
 
 /// `v` without leading and trailing spaces and tabs (HTTP's optional whitespace).
@@ -141,7 +141,10 @@ mod tests {
             assert_eq!(super::u16_decimal(v, &mut [0; 5]), v.to_string());
         }
         for v in [0u64, 9, 10, 1 << 32, 10_000_000_000_000_000_000, u64::MAX] {
-            assert_eq!(super::u64_decimal(v, &mut [0; 20]), v.to_string());
+            assert_eq!(
+                super::u64_decimal(v, &mut [0; 20]),
+                v.to_string().as_bytes()
+            );
         }
     }
 }

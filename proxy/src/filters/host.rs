@@ -587,9 +587,17 @@ pub(super) fn final_status(status: u16) -> Result<http::StatusCode, String> {
     }
 }
 
-/// `v` in decimal, appended to `out`.
+/// `v` (at most 99999: an octet or a port) in decimal, appended to `out`, without a
+/// buffer in between: five of these write a client address on every request that asks.
 fn push_decimal(out: &mut String, v: u32) {
-    out.push_str(crate::text::u64_decimal(v.into(), &mut [0; 20]));
+    let mut started = false;
+    for div in [10_000, 1_000, 100, 10, 1] {
+        let d = (v / div) % 10;
+        if d != 0 || started || div == 1 {
+            out.push(char::from(b'0' + d as u8));
+            started = true;
+        }
+    }
 }
 
 fn lossy(v: &HeaderValue) -> String {

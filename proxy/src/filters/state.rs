@@ -161,7 +161,7 @@ fn write_decimal(out: &mut Vec<u8>, n: i64) {
     if n < 0 {
         out.push(b'-');
     }
-    out.extend_from_slice(crate::text::u64_decimal(n.unsigned_abs(), &mut [0; 20]).as_bytes());
+    out.extend_from_slice(crate::text::u64_decimal(n.unsigned_abs(), &mut [0; 20]));
 }
 
 /// A decimal number of ASCII digits only (what [`write_decimal`] writes for a
