@@ -44,6 +44,16 @@ pub fn temp_dir(tag: &str) -> PathBuf {
 
 /// Fill in what every test manifest needs but no test cares about: an admin endpoint on a
 /// free port and one data-plane worker (predictable on 2 cores).
+/// Why [`Proxy::try_start`] did not give a running proxy.
+#[derive(Debug)]
+pub struct StartFailure {
+    /// The exit status, when the process exited (not when it was only late).
+    pub status: Option<ExitStatus>,
+    pub stderr: String,
+    /// The whole story, with the manifest.
+    pub message: String,
+}
+
 fn with_test_defaults(mut m: Value) -> Value {
     if let Some(obj) = m.as_object_mut() {
         obj.entry("admin")
@@ -70,6 +80,15 @@ impl Proxy {
 
     /// [`Proxy::start`] with extra environment variables (e.g. `WASMESH_LOG`).
     pub async fn start_with(manifest: Value, env: &[(&str, &str)]) -> Proxy {
+        match Self::try_start(manifest, env).await {
+            Ok(p) => p,
+            Err(f) => panic!("{}", f.message),
+        }
+    }
+
+    /// Start the proxy as [`Proxy::start_with`] does; why it did not start (it exited, or
+    /// was not ready in time) is an `Err` instead of a panic.
+    pub async fn try_start(manifest: Value, env: &[(&str, &str)]) -> Result<Proxy, StartFailure> {
         let manifest = with_test_defaults(manifest);
         let expected: Vec<String> = manifest["listeners"]
             .as_array()
@@ -121,24 +140,33 @@ impl Proxy {
         let deadline = tokio::time::Instant::now() + START_TIMEOUT;
         let mut admin = None;
         let mut listeners = HashMap::new();
-        let fail = |why: &str, text: &Arc<Mutex<String>>| -> ! {
+        let fail = |why: &str, status: Option<ExitStatus>, text: &Arc<Mutex<String>>| {
             let captured = text.lock().map(|s| s.clone()).unwrap_or_default();
-            panic!("wasmesh did not start: {why}\n--- manifest ---\n{}\n--- stderr so far ---\n{captured}", pretty(&manifest));
+            StartFailure {
+                status,
+                message: format!("wasmesh did not start: {why}\n--- manifest ---\n{}\n--- stderr so far ---\n{captured}", pretty(&manifest)),
+                stderr: captured,
+            }
         };
         while admin.is_none() || !expected.iter().all(|n| listeners.contains_key(n)) {
             let line = match tokio::time::timeout_at(deadline, rx.recv()).await {
                 Ok(Some(line)) => line,
                 Ok(None) => {
                     let status = child.wait().ok();
-                    fail(&format!("the process exited ({status:?})"), &stderr_text)
+                    return Err(fail(
+                        &format!("the process exited ({status:?})"),
+                        status,
+                        &stderr_text,
+                    ));
                 }
                 Err(_) => {
                     let _ = child.kill();
                     let _ = child.wait();
-                    fail(
+                    return Err(fail(
                         &format!("no addresses after {START_TIMEOUT:?}"),
+                        None,
                         &stderr_text,
-                    )
+                    ));
                 }
             };
             if let Some(a) = line.strip_prefix("admin listening on ") {
@@ -171,20 +199,28 @@ impl Proxy {
             }
             if let Ok(Some(status)) = proxy.child.try_wait() {
                 proxy.exit = Some(status);
-                panic!(
-                    "wasmesh exited before it was ready ({status})\n{}",
-                    proxy.stderr()
-                );
+                return Err(StartFailure {
+                    status: Some(status),
+                    message: format!(
+                        "wasmesh exited before it was ready ({status})\n{}",
+                        proxy.stderr()
+                    ),
+                    stderr: proxy.stderr(),
+                });
             }
             if tokio::time::Instant::now() > deadline {
-                panic!(
-                    "wasmesh /ready never answered 200 within {START_TIMEOUT:?}\n{}",
-                    proxy.stderr()
-                );
+                return Err(StartFailure {
+                    status: None,
+                    message: format!(
+                        "wasmesh /ready never answered 200 within {START_TIMEOUT:?}\n{}",
+                        proxy.stderr()
+                    ),
+                    stderr: proxy.stderr(),
+                });
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        proxy
+        Ok(proxy)
     }
 
     /// Run `wasmesh run` with a manifest expected to fail at start; its exit status and

@@ -35,3 +35,189 @@ async fn a_port_in_use_fails_the_start_naming_the_listener() {
         "{stderr}"
     );
 }
+
+/// A manifest using most sections, on loopback only (the README's example, with its
+/// addresses made local), with the sizes the proxy allocates from spelled out so that
+/// mutations reach them.
+fn rich_manifest() -> serde_json::Value {
+    json!({
+        "workers": 1,
+        "node": {"workload": "checkout", "namespace": "shop",
+                 "locality": {"region": "us-west", "zone": "us-west-1a"}},
+        "admin": {"address": "127.0.0.1:0"},
+        "access_log": {"enabled": true, "path": "stdout", "buffer_lines": 16384},
+        "drain_timeout": "2s",
+        "filter_engine": {"call_deadline": "100ms", "max_instance_memory_mib": 64},
+        "listeners": [
+            {"name": "inbound", "address": "127.0.0.1:0", "direction": "inbound",
+             "xff_num_trusted_hops": 0,
+             "limits": {"max_connections": 10000, "max_request_headers_kb": 60,
+                        "max_headers_count": 100, "request_headers_timeout": "10s",
+                        "idle_timeout": "300s", "http2_max_concurrent_streams": 100},
+             "path_normalization": {"merge_slashes": true, "escaped_slashes": "keep"},
+             "routes": [
+                {"name": "health", "match": {"path": "/healthz"},
+                 "direct_response": {"status": 200, "body": "ok\n"}},
+                {"name": "legacy", "match": {"prefix": "/v1/"},
+                 "redirect": {"path": "/v2/", "status": 301}},
+                {"name": "api",
+                 "match": {"authority": "*.shop.local", "prefix": "/api/", "methods": ["GET", "POST"],
+                           "headers": [{"name": "x-canary", "present": false}],
+                           "query": [{"name": "debug", "exact": "1"}]},
+                 "cluster": "checkout", "prefix_rewrite": "/", "host_rewrite": "checkout.internal",
+                 "request_headers": {"set": {"x-env": "prod"}, "remove": ["x-debug"]},
+                 "response_headers": {"add": {"x-served-by": "wasmesh"}},
+                 "timeout": "15s",
+                 "retry_policy": {"retry_on": "5xx", "num_retries": 2, "per_try_timeout": "1s"},
+                 "hash_policy": [{"header": {"header_name": "x-user"}}]},
+                {"name": "canary", "match": {"prefix": "/"},
+                 "weighted_clusters": [{"name": "checkout", "weight": 90},
+                                       {"name": "checkout-v2", "weight": 10}]}
+             ]},
+            {"name": "postgres", "address": "127.0.0.1:0", "protocol": "tcp", "cluster": "db"}
+        ],
+        "clusters": [
+            {"name": "checkout", "lb_policy": "ring_hash", "protocol": "http1",
+             "connect_timeout": "1s",
+             "circuit_breakers": {"max_connections": 1024, "max_requests": 100},
+             "outlier_detection": {"consecutive_5xx": 5, "base_ejection_time": "30s"},
+             "endpoints": [{"address": "127.0.0.1:9", "weight": 1,
+                            "locality": {"region": "us-west", "zone": "us-west-1a"}}]},
+            {"name": "checkout-v2", "protocol": "http2",
+             "endpoints": [{"address": "127.0.0.1:10"}]},
+            {"name": "db", "endpoints": [{"address": "127.0.0.1:11"}]}
+        ]
+    })
+}
+
+/// Mutated versions of a rich manifest (values of the wrong type, out of range, empty,
+/// huge; fields removed), addresses left alone: each one either starts and becomes ready,
+/// or is refused with exit status 1 and its errors. Never a panic, an abort or a hang:
+/// `wasmesh check` passing a manifest that then crashes the proxy is what this catches.
+#[tokio::test]
+async fn mutated_manifests_start_or_are_refused() {
+    use serde_json::Value;
+    fn paths(v: &Value, path: &mut Vec<Value>, out: &mut Vec<Vec<Value>>) {
+        out.push(path.clone());
+        match v {
+            Value::Object(m) => {
+                for (k, x) in m {
+                    if k == "address" {
+                        continue; // loopback only, as the tests must
+                    }
+                    path.push(Value::String(k.clone()));
+                    paths(x, path, out);
+                    path.pop();
+                }
+            }
+            Value::Array(a) => {
+                for (i, x) in a.iter().enumerate() {
+                    path.push(json!(i));
+                    paths(x, path, out);
+                    path.pop();
+                }
+            }
+            _ => {}
+        }
+    }
+    fn at<'a>(v: &'a mut Value, path: &[Value]) -> Option<&'a mut Value> {
+        path.iter().try_fold(v, |v, p| match p {
+            Value::String(k) => v.get_mut(k.as_str()),
+            Value::Number(i) => v.get_mut(usize::try_from(i.as_u64()?).ok()?),
+            _ => None,
+        })
+    }
+    // Mostly values of the leaf's own type (to get past parsing to the checks and the
+    // start), sometimes another type.
+    let numbers = [
+        json!(0),
+        json!(-1),
+        json!(1),
+        json!(65536),
+        json!(4_294_967_296u64),
+        json!(u64::MAX),
+        json!(1.5),
+    ];
+    let strings = [
+        json!(""),
+        json!("0s"),
+        json!("1ms"),
+        json!("10000000000000000000s"),
+        json!("(("),
+        json!("*"),
+    ];
+    let others = [json!(null), json!(true), json!([]), json!({})];
+    let base = rich_manifest();
+    // The base itself starts.
+    drop(
+        Proxy::try_start(base.clone(), &[])
+            .await
+            .unwrap_or_else(|f| panic!("{}", f.message)),
+    );
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let (mut started, mut refused) = (0, 0);
+    for case in 0..600 {
+        let mut m = base.clone();
+        for _ in 0..1 + next() % 2 {
+            let mut all = Vec::new();
+            paths(&m, &mut Vec::new(), &mut all);
+            let path = &all[(next() % all.len() as u64) as usize];
+            let Some((last, parent)) = path.split_last() else {
+                continue;
+            };
+            if next() % 4 == 0 {
+                match (at(&mut m, parent), last) {
+                    (Some(Value::Object(o)), Value::String(k)) => {
+                        o.remove(k);
+                    }
+                    (Some(Value::Array(a)), Value::Number(i)) => {
+                        let i = usize::try_from(i.as_u64().unwrap_or(0)).unwrap_or(0);
+                        if i < a.len() {
+                            a.remove(i);
+                        }
+                    }
+                    _ => {}
+                }
+            } else if let Some(v) = at(&mut m, path) {
+                let pool: &[Value] = match (v.is_number(), v.is_string(), next() % 5) {
+                    (_, _, 0) => &others,
+                    (true, _, _) => &numbers,
+                    (_, true, _) => &strings,
+                    _ => &others,
+                };
+                *v = pool[(next() % pool.len() as u64) as usize].clone();
+            }
+        }
+        match Proxy::try_start(m.clone(), &[]).await {
+            Ok(proxy) => {
+                started += 1;
+                assert!(
+                    !proxy.stderr().contains("panicked"),
+                    "case {case}: {}",
+                    proxy.stderr()
+                );
+            }
+            Err(f) => {
+                refused += 1;
+                assert_eq!(
+                    f.status.and_then(|s| s.code()),
+                    Some(1),
+                    "case {case}: neither started nor refused cleanly\n{}",
+                    f.message
+                );
+                assert!(!f.stderr.contains("panicked"), "case {case}: {}", f.message);
+            }
+        }
+    }
+    eprintln!("started {started}, refused {refused}");
+    assert!(
+        started > 10 && refused > 10,
+        "started {started}, refused {refused}"
+    );
+}
