@@ -788,3 +788,104 @@ async fn hot_swap_under_load_never_mixes_versions_and_frees_old_ones() {
     );
     let _ = Path::new(&dir);
 }
+
+/// Random sequences of testkit commands (host calls with odd arguments: statuses outside
+/// HTTP's range, invalid header names and values, framing headers, bad paths, unknown
+/// clusters, bad effect buffers, two actions, traps, memory bombs), in a chain of two,
+/// fail-closed and fail-open: every request is answered, the proxy itself never panics,
+/// and it is still ready at the end.
+#[tokio::test]
+async fn random_filter_commands_are_always_answered() {
+    let app = Upstream::named("app").await;
+    let dir = wasm_filters::filter_dir(&["testkit"]);
+    let proxy = Proxy::start(json!({
+        "filter_dir": dir,
+        "filters": [
+            with(testkit("a", "v1", json!({"hooks": ["request_headers", "request_body",
+                 "response_headers", "response_body", "done"]})), json!({"clusters": ["app"]})),
+            with(testkit("b", "v2", json!({})), json!({"failure_mode": "fail_open"})),
+        ],
+        "listeners": [{"name": "in", "address": "127.0.0.1:0", "filters": ["a", "b"],
+            "routes": [{"match": {"prefix": "/"}, "cluster": "app"}]}],
+        "clusters": [cluster("app", app.addr())],
+    }))
+    .await;
+    let addr = proxy.listener("in");
+    const COMMANDS: &[&str] = &[
+        "respond:0",
+        "respond:1",
+        "respond:100",
+        "respond:101",
+        "respond:204",
+        "respond:304",
+        "respond:599",
+        "respond:600",
+        "respond:65535",
+        "respond:x",
+        "delay:0",
+        "delay:3",
+        "trap",
+        "oom",
+        "resp-trap",
+        "cluster:app",
+        "cluster:nope",
+        "cluster:",
+        "incr:k",
+        "get:k",
+        "get:",
+        "path:/x",
+        "path:no-slash",
+        "path:",
+        "path://a/../b",
+        "path:/%zz",
+        "header:a=b",
+        "header:bad name=v",
+        "header:content-length=9",
+        "header:host=evil",
+        "header:transfer-encoding=chunked",
+        "append:x-a=1",
+        "append:=v",
+        "bad-effects",
+        "two-actions",
+        "eprint:hello",
+        "print:hi",
+        "callout:app:/c",
+        "callout:nope:/x",
+        "callout:app:no-slash",
+    ];
+    let mut seed = 0x2f8a_41c3_77d1_09e5u64;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let mut statuses = std::collections::BTreeMap::new();
+    for i in 0..1000 {
+        let n = 1 + next() % 3;
+        let cmds: Vec<&str> = (0..n)
+            .map(|_| COMMANDS[(next() % COMMANDS.len() as u64) as usize])
+            .collect();
+        let mut req = if next() % 2 == 0 {
+            Req::post("/r").body("payload")
+        } else {
+            Req::get("/r")
+        };
+        req = req.header("x-testkit-do", &cmds.join(","));
+        let r = Conn::h1(addr)
+            .await
+            .try_send(req)
+            .await
+            .unwrap_or_else(|e| panic!("request {i} ({cmds:?}) got no answer: {e}"));
+        *statuses.entry(r.status).or_insert(0u32) += 1;
+    }
+    for s in [200, 204, 500, 599] {
+        assert!(statuses.contains_key(&s), "no {s} among {statuses:?}");
+    }
+    assert_eq!(proxy.admin_get("/ready").await.status, 200);
+    let stderr = proxy.stderr();
+    assert!(
+        !stderr.contains("thread 'wasmesh") && !stderr.contains("thread 'main'"),
+        "{stderr}"
+    );
+}
