@@ -154,16 +154,20 @@ pub fn ca(command: &CaCommand) -> (String, i32) {
 /// `wasmesh check`: the errors, one a line, and the exit code.
 pub fn check(manifest: &std::path::Path) -> (String, i32) {
     match crate::config::load(manifest) {
-        Ok(m) => (
-            format!(
+        Ok(m) => {
+            let mut out: String = crate::config::warnings(&m)
+                .iter()
+                .map(|w| format!("{}: warning: {w}\n", manifest.display()))
+                .collect();
+            out.push_str(&format!(
                 "{}: OK ({}, {}, {})\n",
                 manifest.display(),
                 count(m.listeners.len(), "listener"),
                 count(m.clusters.len(), "cluster"),
                 count(m.filters.len(), "filter")
-            ),
-            0,
-        ),
+            ));
+            (out, 0)
+        }
         Err(errs) => {
             let n = errs.0.len();
             (

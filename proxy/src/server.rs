@@ -125,6 +125,9 @@ pub async fn run(
     crate::tls::install_crypto_provider();
     crate::memory::spawn_idle_trim();
     let manifest = config::load(manifest_path)?;
+    for w in config::warnings(&manifest) {
+        tracing::warn!(manifest = %manifest_path.display(), "{w}");
+    }
     let workers = manifest
         .workers
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
@@ -507,6 +510,9 @@ pub async fn reload(shared: &Arc<Shared>) -> Result<(), String> {
 
 async fn reload_inner(shared: &Arc<Shared>) -> Result<(), String> {
     let manifest = config::load(&shared.manifest_path).map_err(|e| e.to_string())?;
+    for w in config::warnings(&manifest) {
+        tracing::warn!(manifest = %shared.manifest_path.display(), "{w}");
+    }
     let prev = shared.snapshot();
     if manifest == prev.manifest {
         return Ok(());

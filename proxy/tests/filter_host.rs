@@ -55,7 +55,7 @@ fn harness_with(deadline: Duration, mem_mib: usize) -> Harness {
     let spec = FilterEngineSpec {
         call_deadline: deadline,
         max_instance_memory_mib: mem_mib,
-        instances_per_worker: 1,
+        instances_per_worker: None,
         cache_dir: Some(temp_dir("cache")),
     };
     let mut registry = prometheus_client::registry::Registry::default();

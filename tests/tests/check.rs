@@ -72,6 +72,11 @@ fn a_valid_manifest_is_summarised() {
 }
 
 #[test]
+fn a_setting_that_does_nothing_is_a_warning_not_an_error() {
+    check_golden("check_warning", 0);
+}
+
+#[test]
 fn yaml_manifests_are_checked_like_json() {
     check_golden("check_yaml_ok", 0);
     check_golden("check_yaml_type", 1);

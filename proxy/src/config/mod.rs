@@ -83,6 +83,19 @@ pub fn load(file: &Path) -> Result<Manifest, ConfigErrors> {
     }
 }
 
+/// What is accepted in a valid manifest but does nothing, for `wasmesh check` and the log.
+pub fn warnings(m: &Manifest) -> Vec<String> {
+    let mut w = Vec::new();
+    if m.filter_engine.instances_per_worker.is_some() {
+        w.push(
+            "filter_engine.instances_per_worker is ignored: one instance per filter version \
+             and worker thread serves every request of that thread"
+                .to_string(),
+        );
+    }
+    w
+}
+
 /// Whether a manifest file is YAML (by its extension); anything else is read as JSON.
 pub fn is_yaml(file: &Path) -> bool {
     matches!(

@@ -1075,9 +1075,11 @@ pub struct FilterEngineSpec {
     /// Linear memory one filter instance may grow to, in MiB.
     #[serde(default = "default_instance_memory_mib")]
     pub max_instance_memory_mib: usize,
-    /// Instances kept per filter per worker thread.
-    #[serde(default = "default_instances_per_worker")]
-    pub instances_per_worker: usize,
+    /// Accepted for manifests written for earlier versions, and ignored: one instance per
+    /// filter version and worker thread serves every request of that thread (calls are
+    /// synchronous). Setting it makes the load log a warning.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instances_per_worker: Option<usize>,
     /// Directory for compiled filters (keyed by content hash and engine version).
     /// Default: `$XDG_CACHE_HOME/wasmesh` or `~/.cache/wasmesh`.
     #[serde(default)]
@@ -1089,7 +1091,7 @@ impl Default for FilterEngineSpec {
         Self {
             call_deadline: default_call_deadline(),
             max_instance_memory_mib: default_instance_memory_mib(),
-            instances_per_worker: default_instances_per_worker(),
+            instances_per_worker: None,
             cache_dir: None,
         }
     }
@@ -1100,9 +1102,6 @@ fn default_call_deadline() -> Duration {
 }
 fn default_instance_memory_mib() -> usize {
     64
-}
-fn default_instances_per_worker() -> usize {
-    4
 }
 
 /// How spans reach a collector (the `tracing` section). `OTEL_*` environment variables
