@@ -83,6 +83,55 @@ pub fn load(file: &Path) -> Result<Manifest, ConfigErrors> {
     }
 }
 
+/// Deeper flow collections than this are refused before the YAML parser sees them: its
+/// scanner takes time quadratic in the nesting depth (100,000 `[` took over 20 s), and
+/// the deserializer stops at 128 levels anyway.
+const MAX_FLOW_DEPTH: usize = 128;
+
+/// The line where YAML flow collections (`[...]`, `{...}`) nest past [`MAX_FLOW_DEPTH`],
+/// if they do. Brackets inside quoted scalars and comments do not count.
+fn too_deep_flow(text: &str) -> Option<usize> {
+    let (mut depth, mut line) = (0usize, 1usize);
+    let mut quote: Option<u8> = None;
+    let mut prev = b'\n';
+    let mut bytes = text.bytes();
+    while let Some(b) = bytes.next() {
+        match (quote, b) {
+            (_, b'\n') => {
+                line += 1;
+                // A single-quoted or double-quoted scalar may span lines; a comment ends here.
+            }
+            (Some(b'"'), b'\\') => {
+                bytes.next();
+            }
+            (Some(q), _) if b == q => quote = None,
+            (Some(_), _) => {}
+            (None, b'\'' | b'"') => quote = Some(b),
+            (None, b'#') if prev.is_ascii_whitespace() => {
+                // A comment: skip to the end of the line.
+                for c in bytes.by_ref() {
+                    if c == b'\n' {
+                        line += 1;
+                        break;
+                    }
+                }
+                prev = b'\n';
+                continue;
+            }
+            (None, b'[' | b'{') => {
+                depth += 1;
+                if depth > MAX_FLOW_DEPTH {
+                    return Some(line);
+                }
+            }
+            (None, b']' | b'}') => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+        prev = b;
+    }
+    None
+}
+
 /// What is accepted in a valid manifest but does nothing, for `wasmesh check` and the log.
 pub fn warnings(m: &Manifest) -> Vec<String> {
     let mut w = Vec::new();
@@ -133,6 +182,13 @@ pub fn parse(file: &Path, text: &str) -> Result<Manifest, ConfigError> {
 }
 
 fn parse_yaml(file: &Path, text: &str) -> Result<Manifest, ConfigError> {
+    if let Some(line) = too_deep_flow(text) {
+        return Err(ConfigError {
+            file: file.to_path_buf(),
+            path: String::new(),
+            message: format!("`[` and `{{` nested more than {MAX_FLOW_DEPTH} deep at line {line}"),
+        });
+    }
     let de = serde_yaml_ng::Deserializer::from_str(text);
     serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
@@ -1215,6 +1271,33 @@ mod tests {
             assert!(e.iter().any(|x| x == w), "missing {w:?} in {e:#?}");
         }
         assert_eq!(e.len(), want.len(), "{e:#?}");
+    }
+
+    #[test]
+    fn yaml_flow_nesting_is_bounded_before_parsing() {
+        let file = Path::new("m.yaml");
+        let deep = format!("a: {}{}\n", "[".repeat(100_000), "]".repeat(100_000));
+        let t = std::time::Instant::now();
+        let e = parse(file, &deep).expect_err("too deep");
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(5),
+            "{:?}",
+            t.elapsed()
+        );
+        assert_eq!(
+            e.to_string(),
+            "m.yaml: `[` and `{` nested more than 128 deep at line 1"
+        );
+        // Brackets in quotes and comments do not count, and ordinary nesting passes on to
+        // the parser (which then names the unknown field).
+        let fine = format!(
+            "# {}\nx: '{}'\ny: \"{}\"\nz: [[1], {{a: [2]}}]\n",
+            "[".repeat(500),
+            "[".repeat(500),
+            "{".repeat(500)
+        );
+        let e = parse(file, &fine).expect_err("unknown field");
+        assert!(e.to_string().contains("unknown field `x`"), "{e}");
     }
 
     /// The complete example in the README, without its comments.
