@@ -37,35 +37,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 
-/// splitmix64: small, seedable, and enough to spread test cases.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-    fn chance(&mut self, percent: u64) -> bool {
-        self.next() % 100 < percent
-    }
-    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
-        &items[self.below(items.len())]
-    }
-    fn token(&mut self, alphabet: &[u8], max: usize) -> String {
-        let n = 1 + self.below(max);
-        (0..n).map(|_| *self.pick(alphabet) as char).collect()
-    }
-    fn bytes(&mut self, max: usize) -> Vec<u8> {
-        let n = self.below(max + 1);
-        (0..n).map(|_| self.next() as u8).collect()
-    }
-}
+use wasmesh_e2e::generate::Rng;
 
 /// The cases to run: every seed from a fixed base, or the one seed asked for.
 fn seeds(salt: u64) -> Vec<u64> {
@@ -118,7 +90,7 @@ fn mutate(rng: &mut Rng, wire: &mut Vec<u8>, from: usize) -> Option<usize> {
         let byte = if rng.chance(70) {
             *rng.pick(INTERESTING)
         } else {
-            rng.next() as u8
+            rng.next_u64() as u8
         };
         match rng.below(3) {
             0 => wire[at] = byte,

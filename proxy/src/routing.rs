@@ -527,18 +527,11 @@ mod tests {
             "/", "/", ".", "..", "a", "b", "%2e", "%2E", "%2f", "%2F", "%5c", "\\", "%41", "%25",
             "%252e", "~", "-", "%7e",
         ];
-        let mut seed = 0x2545_f491_4f6c_dd1du64;
-        let mut next = move || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed
-        };
+        let mut rng = wasmesh_e2e::generate::Rng(0x2545_f491_4f6c_dd1d);
         for case in 0..20_000 {
-            let n = 1 + next() % 10;
             let mut path = String::from("/");
-            for _ in 0..n {
-                path.push_str(PIECES[(next() % PIECES.len() as u64) as usize]);
+            for _ in 0..1 + rng.below(10) {
+                path.push_str(rng.pick::<&str>(PIECES));
             }
             for merge_slashes in [true, false] {
                 for escaped_slashes in [

@@ -28,6 +28,7 @@ pub mod balance;
 pub mod binary;
 pub mod client;
 pub mod filter_builds;
+pub mod generate;
 pub mod mtls;
 pub mod otlp;
 pub mod proxy;

@@ -482,24 +482,18 @@ struct RandomRequest {
     body: Option<bool>,
 }
 
-fn random_requests(mut seed: u64) -> impl Iterator<Item = RandomRequest> {
-    let mut next = move || {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        seed
-    };
+fn random_requests(seed: u64) -> impl Iterator<Item = RandomRequest> {
+    let mut rng = wasmesh_e2e::generate::Rng(seed);
     std::iter::repeat_with(move || {
-        let mut pick = |n: usize| (next() % n as u64) as usize;
-        let method = METHODS[pick(METHODS.len())];
-        let path = PATHS[pick(PATHS.len())];
-        let headers = (0..pick(6))
+        let method = *rng.pick(METHODS);
+        let path = *rng.pick(PATHS);
+        let headers = (0..rng.below(6))
             .map(|_| {
-                let (name, values) = HEADERS[pick(HEADERS.len())];
-                (name, values[pick(values.len())])
+                let (name, values) = *rng.pick(HEADERS);
+                (name, *rng.pick(values))
             })
             .collect();
-        let body = match pick(4) {
+        let body = match rng.below(4) {
             0 => Some(false),
             1 => Some(true),
             _ => None,
@@ -511,6 +505,25 @@ fn random_requests(mut seed: u64) -> impl Iterator<Item = RandomRequest> {
             body,
         }
     })
+}
+
+/// What the random-request tests check at the end: the mix reached the upstream and the
+/// proxy's own answers alike (`want` among the statuses), every access-log line is JSON,
+/// nothing panicked and the proxy is still ready.
+async fn after_random_requests(
+    up: &Upstream,
+    proxy: &Proxy,
+    statuses: &std::collections::BTreeMap<u16, u32>,
+    want: &[u16],
+) {
+    for s in want {
+        assert!(statuses.contains_key(s), "no {s} among {statuses:?}");
+    }
+    assert!(up.request_count() > 50, "{statuses:?}");
+    assert_access_log_is_json(proxy).await;
+    assert_eq!(proxy.admin_get("/ready").await.status, 200);
+    let stderr = proxy.stderr();
+    assert!(!stderr.contains("panicked"), "{stderr}");
 }
 
 /// Every access-log line so far is one JSON object, whatever bytes the requests carried
@@ -571,15 +584,7 @@ async fn random_requests_always_get_an_answer() {
         );
         *statuses.entry(status.unwrap_or(0)).or_insert(0u32) += 1;
     }
-    // The mix reached the upstream and the proxy's own answers alike.
-    for s in [200, 204, 308, 400, 504] {
-        assert!(statuses.contains_key(&s), "no {s} among {statuses:?}");
-    }
-    assert!(up.request_count() > 50, "{statuses:?}");
-    assert_access_log_is_json(&proxy).await;
-    assert_eq!(proxy.admin_get("/ready").await.status, 200);
-    let stderr = proxy.stderr();
-    assert!(!stderr.contains("panicked"), "{stderr}");
+    after_random_requests(&up, &proxy, &statuses, &[200, 204, 308, 400, 504]).await;
 }
 
 /// The same over HTTP/2, all on one connection: every request legal in HTTP/2 (no
@@ -627,12 +632,5 @@ async fn random_h2_requests_always_get_an_answer() {
         };
         *statuses.entry(resp.status).or_insert(0u32) += 1;
     }
-    for s in [200, 204, 308] {
-        assert!(statuses.contains_key(&s), "no {s} among {statuses:?}");
-    }
-    assert!(up.request_count() > 50, "{statuses:?}");
-    assert_access_log_is_json(&proxy).await;
-    assert_eq!(proxy.admin_get("/ready").await.status, 200);
-    let stderr = proxy.stderr();
-    assert!(!stderr.contains("panicked"), "{stderr}");
+    after_random_requests(&up, &proxy, &statuses, &[200, 204, 308]).await;
 }

@@ -853,20 +853,11 @@ async fn random_filter_commands_are_always_answered() {
         "callout:nope:/x",
         "callout:app:no-slash",
     ];
-    let mut seed = 0x2f8a_41c3_77d1_09e5u64;
-    let mut next = move || {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        seed
-    };
+    let mut rng = wasmesh_e2e::generate::Rng(0x2f8a_41c3_77d1_09e5);
     let mut statuses = std::collections::BTreeMap::new();
     for i in 0..1000 {
-        let n = 1 + next() % 3;
-        let cmds: Vec<&str> = (0..n)
-            .map(|_| COMMANDS[(next() % COMMANDS.len() as u64) as usize])
-            .collect();
-        let mut req = if next() % 2 == 0 {
+        let cmds: Vec<&str> = (0..1 + rng.below(3)).map(|_| *rng.pick(COMMANDS)).collect();
+        let mut req = if rng.chance(50) {
             Req::post("/r").body("payload")
         } else {
             Req::get("/r")

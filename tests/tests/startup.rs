@@ -96,57 +96,7 @@ fn rich_manifest() -> serde_json::Value {
 /// `wasmesh check` passing a manifest that then crashes the proxy is what this catches.
 #[tokio::test]
 async fn mutated_manifests_start_or_are_refused() {
-    use serde_json::Value;
-    fn paths(v: &Value, path: &mut Vec<Value>, out: &mut Vec<Vec<Value>>) {
-        out.push(path.clone());
-        match v {
-            Value::Object(m) => {
-                for (k, x) in m {
-                    if k == "address" {
-                        continue; // loopback only, as the tests must
-                    }
-                    path.push(Value::String(k.clone()));
-                    paths(x, path, out);
-                    path.pop();
-                }
-            }
-            Value::Array(a) => {
-                for (i, x) in a.iter().enumerate() {
-                    path.push(json!(i));
-                    paths(x, path, out);
-                    path.pop();
-                }
-            }
-            _ => {}
-        }
-    }
-    fn at<'a>(v: &'a mut Value, path: &[Value]) -> Option<&'a mut Value> {
-        path.iter().try_fold(v, |v, p| match p {
-            Value::String(k) => v.get_mut(k.as_str()),
-            Value::Number(i) => v.get_mut(usize::try_from(i.as_u64()?).ok()?),
-            _ => None,
-        })
-    }
-    // Mostly values of the leaf's own type (to get past parsing to the checks and the
-    // start), sometimes another type.
-    let numbers = [
-        json!(0),
-        json!(-1),
-        json!(1),
-        json!(65536),
-        json!(4_294_967_296u64),
-        json!(u64::MAX),
-        json!(1.5),
-    ];
-    let strings = [
-        json!(""),
-        json!("0s"),
-        json!("1ms"),
-        json!("10000000000000000000s"),
-        json!("(("),
-        json!("*"),
-    ];
-    let others = [json!(null), json!(true), json!([]), json!({})];
+    use wasmesh_e2e::generate::{mutate_json, Replacements, Rng};
     let base = rich_manifest();
     // The base itself starts.
     drop(
@@ -154,46 +104,13 @@ async fn mutated_manifests_start_or_are_refused() {
             .await
             .unwrap_or_else(|f| panic!("{}", f.message)),
     );
-    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
-    let mut next = move || {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        seed
-    };
+    let with = Replacements::default();
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
     let (mut started, mut refused) = (0, 0);
     for case in 0..600 {
         let mut m = base.clone();
-        for _ in 0..1 + next() % 2 {
-            let mut all = Vec::new();
-            paths(&m, &mut Vec::new(), &mut all);
-            let path = &all[(next() % all.len() as u64) as usize];
-            let Some((last, parent)) = path.split_last() else {
-                continue;
-            };
-            if next() % 4 == 0 {
-                match (at(&mut m, parent), last) {
-                    (Some(Value::Object(o)), Value::String(k)) => {
-                        o.remove(k);
-                    }
-                    (Some(Value::Array(a)), Value::Number(i)) => {
-                        let i = usize::try_from(i.as_u64().unwrap_or(0)).unwrap_or(0);
-                        if i < a.len() {
-                            a.remove(i);
-                        }
-                    }
-                    _ => {}
-                }
-            } else if let Some(v) = at(&mut m, path) {
-                let pool: &[Value] = match (v.is_number(), v.is_string(), next() % 5) {
-                    (_, _, 0) => &others,
-                    (true, _, _) => &numbers,
-                    (_, true, _) => &strings,
-                    _ => &others,
-                };
-                *v = pool[(next() % pool.len() as u64) as usize].clone();
-            }
-        }
+        // Addresses stay on loopback, as the tests must.
+        mutate_json(&mut rng, &mut m, &with, &|k| k == "address");
         match Proxy::try_start(m.clone(), &[]).await {
             Ok(proxy) => {
                 started += 1;
@@ -215,7 +132,6 @@ async fn mutated_manifests_start_or_are_refused() {
             }
         }
     }
-    eprintln!("started {started}, refused {refused}");
     assert!(
         started > 10 && refused > 10,
         "started {started}, refused {refused}"

@@ -210,21 +210,17 @@ mod tests {
         valid.push(4);
         s(&mut valid, "x-h");
         s(&mut valid, "v");
-        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = move || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed
-        };
+        let mut rng = wasmesh_e2e::generate::Rng(0x9e37_79b9_7f4a_7c15);
         for _ in 0..50_000 {
             let mut b = valid.clone();
-            for _ in 0..1 + next() % 4 {
-                let at = (next() % b.len() as u64) as usize;
-                let byte = *[0u8, 1, 4, 7, 0xff, 0x80, 12]
-                    .get((next() % 8) as usize)
-                    .unwrap_or(&(next() as u8));
-                match next() % 3 {
+            for _ in 0..1 + rng.below(4) {
+                let at = rng.below(b.len());
+                let byte = if rng.chance(80) {
+                    *rng.pick(&[0u8, 1, 4, 7, 0xff, 0x80, 12])
+                } else {
+                    rng.next_u64() as u8
+                };
+                match rng.below(3) {
                     0 => b[at] = byte,
                     1 => b.insert(at, byte),
                     _ => {
