@@ -37,7 +37,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 
-use wasmesh_e2e::generate::Rng;
+use wasmesh_e2e::generate::{mutate_bytes, Rng};
 
 /// The cases to run: every seed from a fixed base, or the one seed asked for.
 fn seeds(salt: u64) -> Vec<u64> {
@@ -75,33 +75,9 @@ fn cuts(rng: &mut Rng, len: usize) -> Vec<Vec<usize>> {
     out
 }
 
-/// Replace, insert or drop bytes at or after `from`; `None` if the stream is too short.
+/// Replace, insert or drop bytes at or after `from` (see `mutate_bytes`).
 fn mutate(rng: &mut Rng, wire: &mut Vec<u8>, from: usize) -> Option<usize> {
-    if wire.len() <= from {
-        return None;
-    }
-    const INTERESTING: &[u8] = b"\r\n\0 \t:;,0fFx-+\x7f\x80\xff";
-    let mut first = usize::MAX;
-    for _ in 0..1 + rng.below(3) {
-        if wire.len() <= from {
-            break;
-        }
-        let at = from + rng.below(wire.len() - from);
-        let byte = if rng.chance(70) {
-            *rng.pick(INTERESTING)
-        } else {
-            rng.next_u64() as u8
-        };
-        match rng.below(3) {
-            0 => wire[at] = byte,
-            1 => wire.insert(at, byte),
-            _ => {
-                wire.remove(at);
-            }
-        }
-        first = first.min(at);
-    }
-    Some(first)
+    mutate_bytes(rng, wire, from, b"\r\n\0 \t:;,0fFx-+\x7f\x80\xff")
 }
 
 // ---------------------------------------------------------------------------------------

@@ -44,6 +44,41 @@ impl Rng {
     }
 }
 
+/// Replace, insert or drop one to three bytes of `buf` at or after `from` (the new byte
+/// mostly from `interesting`); where the first change is, or `None` if `buf` has nothing
+/// at or after `from`.
+pub fn mutate_bytes(
+    rng: &mut Rng,
+    buf: &mut Vec<u8>,
+    from: usize,
+    interesting: &[u8],
+) -> Option<usize> {
+    if buf.len() <= from {
+        return None;
+    }
+    let mut first = usize::MAX;
+    for _ in 0..1 + rng.below(3) {
+        if buf.len() <= from {
+            break;
+        }
+        let at = from + rng.below(buf.len() - from);
+        let byte = if rng.chance(70) && !interesting.is_empty() {
+            *rng.pick(interesting)
+        } else {
+            rng.next_u64() as u8
+        };
+        match rng.below(3) {
+            0 => buf[at] = byte,
+            1 => buf.insert(at, byte),
+            _ => {
+                buf.remove(at);
+            }
+        }
+        first = first.min(at);
+    }
+    Some(first)
+}
+
 /// Replacement values for a mutated leaf: mostly of the leaf's own type (so that the
 /// document gets past parsing to the checks behind it), sometimes of another.
 pub struct Replacements {

@@ -213,24 +213,7 @@ mod tests {
         let mut rng = wasmesh_e2e::generate::Rng(0x9e37_79b9_7f4a_7c15);
         for _ in 0..50_000 {
             let mut b = valid.clone();
-            for _ in 0..1 + rng.below(4) {
-                let at = rng.below(b.len());
-                let byte = if rng.chance(80) {
-                    *rng.pick(&[0u8, 1, 4, 7, 0xff, 0x80, 12])
-                } else {
-                    rng.next_u64() as u8
-                };
-                match rng.below(3) {
-                    0 => b[at] = byte,
-                    1 => b.insert(at, byte),
-                    _ => {
-                        b.remove(at);
-                        if b.is_empty() {
-                            b.push(byte);
-                        }
-                    }
-                }
-            }
+            wasmesh_e2e::generate::mutate_bytes(&mut rng, &mut b, 0, &[0, 1, 4, 7, 0xff, 0x80, 12]);
             // Each entry takes at least its tag byte, and an error ends the iteration.
             assert!(decode(&b).count() <= b.len());
             let _ = decode_labels(&b);
