@@ -110,6 +110,19 @@ enum Meant {
 const PATH: &[u8] = b"abcxyz019-._~/?=&";
 const VALUE: &[u8] = b"abc XYZ 019-._~/?=&;,()\"";
 
+/// Chunked bodies that break their own framing (each is a whole body as sent).
+const BAD_CHUNKED: &[&[u8]] = &[
+    b"zz\r\nab\r\n0\r\n\r\n",
+    b"3\r\nabcX\r\n0\r\n\r\n",
+    b"11111111111111111\r\n",
+    b"-1\r\n",
+    b"3 xyz\r\nabc\r\n0\r\n\r\n",
+    b"3;a\rb\r\nabc\r\n0\r\n\r\n",
+    b"3;a\nabc\r\n0\r\n\r\n",
+    b"3\r\nabc\r\n0\r\nbad trailer\r\n\r\n",
+    b"3\r\nabc\r\n",
+];
+
 /// A request that smuggling would have the server read from a body.
 const SMUGGLED: &[u8] = b"GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n";
 
@@ -236,16 +249,7 @@ fn request(rng: &mut Rng) -> (Vec<u8>, Meant) {
             // A chunked body that breaks its own framing.
             head.push_str("Transfer-Encoding: chunked\r\n\r\n");
             wire.extend_from_slice(head.as_bytes());
-            let bad: &[&[u8]] = &[
-                b"zz\r\nab\r\n0\r\n\r\n",
-                b"3\r\nabcX\r\n0\r\n\r\n",
-                b"11111111111111111\r\n",
-                b"-1\r\n",
-                b"0\r\nbad trailer\r\n\r\n",
-                b"3 xyz\r\nabc\r\n0\r\n\r\n",
-                b"3;a\rb\r\nabc\r\n0\r\n\r\n",
-                b"3;a\nabc\r\n0\r\n\r\n",
-            ];
+            let bad = BAD_CHUNKED;
             wire.extend_from_slice(rng.pick::<&[u8]>(bad));
             Meant::BadBody { method, target }
         }
@@ -764,15 +768,7 @@ fn response(rng: &mut Rng) -> (Vec<u8>, bool, Option<Decoded>) {
         3 if !bodiless => {
             head.push_str("transfer-encoding: chunked\r\n\r\n");
             wire.extend_from_slice(head.as_bytes());
-            let bad: &[&[u8]] = &[
-                b"zz\r\nab\r\n0\r\n\r\n",
-                b"3\r\nabcX\r\n0\r\n\r\n",
-                b"11111111111111111\r\n",
-                b"3 xyz\r\nabc\r\n0\r\n\r\n",
-                b"3;a\rb\r\nabc\r\n0\r\n\r\n",
-                b"3\r\nabc\r\n0\r\nbad trailer\r\n\r\n",
-                b"3\r\nabc\r\n",
-            ];
+            let bad = BAD_CHUNKED;
             wire.extend_from_slice(rng.pick::<&[u8]>(bad));
             return (wire, head_request, Some(Decoded::Failed));
         }
