@@ -33,8 +33,9 @@ use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 use tokio::io::AsyncWrite;
 
-/// The largest response head accepted (status line and headers).
-const MAX_HEAD: usize = 64 * 1024;
+/// The largest response head accepted (status line and headers); HTTP/2 upstreams get
+/// the same limit (`pool`).
+pub(crate) const MAX_HEAD: usize = 64 * 1024;
 /// The most response headers accepted.
 const MAX_HEADERS: usize = 128;
 /// Extra room in a response's header map (see `parse_head`).

@@ -152,6 +152,10 @@ impl ClusterPools {
             .timer(hyper_util::rt::TokioTimer::new())
             .keep_alive_interval(Duration::from_secs(30))
             .keep_alive_while_idle(true)
+            // As for HTTP/1.1 upstreams (`h1::MAX_HEAD`). hyper's default is 16 KiB, which
+            // refused over HTTP/2 a response head the same upstream could send over
+            // HTTP/1.1.
+            .max_header_list_size(crate::h1::MAX_HEAD as u32)
             .handshake(io)
             .await
             .map_err(PoolError::Handshake)?;

@@ -28,7 +28,7 @@ async fn upstream_failures_map_to_status_flag_and_reason() {
             {"match": {"prefix": "/refused"}, "cluster": "refused"},
             {"match": {"prefix": "/reset"}, "cluster": "reset"},
             {"match": {"prefix": "/hang"}, "cluster": "hang", "timeout": "250ms"},
-            {"match": {"prefix": "/nodns"}, "cluster": "nodns"},
+            {"match": {"prefix": "/nohealthy"}, "cluster": "nohealthy"},
             {"match": {"prefix": "/h2reset"}, "cluster": "h2reset"},
         ]}],
         "clusters": [
@@ -36,7 +36,12 @@ async fn upstream_failures_map_to_status_flag_and_reason() {
             cluster("reset", reset.addr()),
             cluster("hang", hang.addr()),
             h2_cluster("h2reset", reset.addr()),
-            {"name": "nodns", "endpoints": [{"address": "does-not-exist.invalid:80"}]},
+            // No healthy endpoint: its only one fails its health check (a new endpoint
+            // is unhealthy until a check passes), and no panic mode. (An unresolvable DNS
+            // name would do too, but the tests must not query a resolver off loopback.)
+            {"name": "nohealthy", "healthy_panic_threshold": 0,
+             "health_check": {"path": "/h", "interval": "1s", "timeout": "200ms"},
+             "endpoints": [{"address": refused_addr().to_string()}]},
         ],
     }))
     .await;
@@ -46,7 +51,7 @@ async fn upstream_failures_map_to_status_flag_and_reason() {
         ("/reset", 503, "UR", "upstream reset before response\n"),
         ("/h2reset", 503, "UR", "upstream reset before response\n"),
         ("/hang", 504, "UT", "upstream request timeout\n"),
-        ("/nodns", 503, "UH", "no healthy upstream\n"),
+        ("/nohealthy", 503, "UH", "no healthy upstream\n"),
         ("/no-such-route", 404, "NR", "no route matched\n"),
     ] {
         let id = format!("fail{}", path.replace('/', "-"));
@@ -73,15 +78,52 @@ async fn upstream_failures_map_to_status_flag_and_reason() {
         1.0
     );
     let clusters = proxy.admin_get("/clusters").await.json();
-    let nodns = clusters
+    let nohealthy = clusters
         .as_array()
-        .and_then(|a| a.iter().find(|c| c["name"] == "nodns"))
-        .expect("nodns");
+        .and_then(|a| a.iter().find(|c| c["name"] == "nohealthy"))
+        .expect("nohealthy");
     assert_eq!(
-        nodns["endpoints"].as_array().map(Vec::len),
-        Some(0),
-        "an unresolvable name has no endpoints"
+        nohealthy["endpoints"][0]["health"], "unhealthy",
+        "{nohealthy}"
     );
+}
+
+#[tokio::test]
+async fn an_upstream_response_head_over_64_kib_is_refused_on_both_protocols() {
+    let up = Upstream::named("big").await;
+    let proxy = Proxy::start(json!({
+        "listeners": [{"name": "in", "address": "127.0.0.1:0", "routes": [
+            {"match": {"prefix": "/h1"}, "cluster": "h1"},
+            {"match": {"prefix": "/h2"}, "cluster": "h2"},
+        ]}],
+        "clusters": [cluster("h1", up.addr()), h2_cluster("h2", up.addr())],
+    }))
+    .await;
+    for path in ["/h1", "/h2"] {
+        up.push(Behavior::Respond {
+            status: 200,
+            headers: vec![("x-big".into(), "a".repeat(100 * 1024))],
+            body: bytes::Bytes::from_static(b"never"),
+        });
+        let (r, log) = call(&proxy, path, &format!("big{}", path.replace('/', "-"))).await;
+        assert!(
+            r.status == 502 || r.status == 503,
+            "{path}: {} {}",
+            r.status,
+            r.text()
+        );
+        assert!(r.header("x-big").is_none(), "{path}");
+        assert_ne!(r.text(), "never", "{path}");
+        assert_eq!(log["status"], r.status, "{path}: {log}");
+    }
+    // Just under the limit passes.
+    up.push(Behavior::Respond {
+        status: 200,
+        headers: vec![("x-big".into(), "a".repeat(60 * 1024))],
+        body: bytes::Bytes::from_static(b"fits"),
+    });
+    let r = Req::get("/h2").send(proxy.listener("in")).await;
+    assert_eq!((r.status, r.text().as_str()), (200, "fits"));
 }
 
 #[tokio::test]
