@@ -18,7 +18,9 @@
 //!   attacker put behind it is never read as a request;
 //! - a mutated stream (bytes replaced, inserted or dropped) still yields only complete,
 //!   well-formed responses, and the requests that came whole before the first mutated byte
-//!   are served as they were.
+//!   are served as they were;
+//! - a request encoded for the upstream (`Outgoing`) reads back, as a strict server reads
+//!   it, with one framing, the body it was given and nothing behind it.
 //!
 //! `WASMESH_FUZZ_CASES` sets the number of streams per test (default 1,500);
 //! `WASMESH_FUZZ_SEED` runs the one case a failure names.
@@ -36,7 +38,6 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
-
 use wasmesh_e2e::generate::{mutate_bytes, Rng};
 
 /// The cases to run: every seed from a fixed base, or the one seed asked for.
