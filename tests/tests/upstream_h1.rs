@@ -613,3 +613,134 @@ async fn bodies_that_stall_past_the_stream_idle_timeout_are_cut_and_flagged() {
         3.0
     );
 }
+
+/// One generated upstream response: its bytes, whether the upstream closes after it, and
+/// what the client must get when it was not mutated (status and body).
+fn random_response(rng: &mut wasmesh_e2e::generate::Rng) -> (Vec<u8>, bool, (u16, Vec<u8>)) {
+    let status = *rng.pick(&[200u16, 201, 404, 500, 503]);
+    let body = rng.bytes(300);
+    let mut head = format!("HTTP/1.1 {status} X\r\n");
+    if rng.chance(20) {
+        head = format!("HTTP/1.1 100 Continue\r\n\r\n{head}");
+    }
+    for i in 0..rng.below(4) {
+        head.push_str(&format!(
+            "x-h{i}: {}\r\n",
+            rng.token(b"abc XYZ 019-._~/?=&", 12)
+        ));
+    }
+    let mut wire;
+    let mut close = false;
+    match rng.below(3) {
+        0 => {
+            head.push_str(&format!("content-length: {}\r\n\r\n", body.len()));
+            wire = head.into_bytes();
+            wire.extend_from_slice(&body);
+        }
+        1 => {
+            head.push_str("transfer-encoding: chunked\r\n\r\n");
+            wire = head.into_bytes();
+            for piece in body.chunks(1 + rng.below(100)) {
+                wire.extend_from_slice(format!("{:x}\r\n", piece.len()).as_bytes());
+                wire.extend_from_slice(piece);
+                wire.extend_from_slice(b"\r\n");
+            }
+            wire.extend_from_slice(b"0\r\n\r\n");
+        }
+        _ => {
+            // Delimited by the close.
+            head.push_str("connection: close\r\n\r\n");
+            wire = head.into_bytes();
+            wire.extend_from_slice(&body);
+            close = true;
+        }
+    }
+    (wire, close, (status, body))
+}
+
+/// Upstream responses generated and mutated (bytes replaced, inserted, dropped; extra
+/// bytes behind a response), through the proxy's pooled HTTP/1.1 client: every request
+/// gets an answer, an unmutated response arrives exactly, a connection left with stray
+/// bytes is not reused for the next request, and the proxy never panics.
+#[tokio::test]
+async fn random_upstream_responses_are_relayed_or_refused() {
+    use wasmesh_e2e::generate::{mutate_bytes, Rng};
+    // What the upstream answers next, and whether that answer was mutated.
+    type Script = Arc<Mutex<VecDeque<(Vec<u8>, bool)>>>;
+    let script: Script = Arc::new(Mutex::new(VecDeque::new()));
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let s = script.clone();
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            let s = s.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                while read_request(&mut sock, &mut buf, true).await.is_some() {
+                    let next = s.lock().expect("lock").pop_front();
+                    let Some((wire, close)) = next else { return };
+                    if sock.write_all(&wire).await.is_err() || close {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let proxy = Proxy::start(json!({
+        "listeners": [{"name": "in", "address": "127.0.0.1:0",
+                       "routes": [{"cluster": "up", "timeout": "2s"}]}],
+        "clusters": [{"name": "up", "endpoints": [{"address": addr.to_string()}]}],
+    }))
+    .await;
+    let l = proxy.listener("in");
+    let mut rng = Rng(0x6a09_e667_f3bc_c908);
+    let (mut exact, mut answered, mut broken) = (0, 0, 0);
+    let mut conn = Conn::h1(l).await;
+    for i in 0..1500 {
+        let (mut wire, close, want) = random_response(&mut rng);
+        let mutated = rng.chance(40);
+        // Stray bytes behind a whole response, on a connection the upstream keeps open:
+        // the proxy must not reuse it, or the next request would get "stray" back.
+        let stray = mutated && rng.chance(30);
+        if stray {
+            wire.extend_from_slice(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nstray");
+        } else if mutated {
+            let from = rng.below(wire.len());
+            mutate_bytes(&mut rng, &mut wire, from, b"\r\n\0 :;0fx-\x80");
+        }
+        let upstream_closes = close || (mutated && !stray);
+        script
+            .lock()
+            .expect("lock")
+            .push_back((wire, upstream_closes));
+        match (mutated, conn.try_send(Req::get(&format!("/r{i}"))).await) {
+            (false, Ok(r)) => {
+                assert_eq!(
+                    (r.status, r.body.to_vec(), r.body_error),
+                    (want.0, want.1, None),
+                    "response {i}"
+                );
+                exact += 1;
+            }
+            (false, Err(e)) => panic!("response {i} was valid and did not arrive: {e}"),
+            (true, Ok(r)) if r.body_error.is_none() => answered += 1,
+            // A body that broke off after the head reached the client ends the client's
+            // connection: that is how HTTP/1.1 says "incomplete".
+            (true, _) => broken += 1,
+        }
+        if mutated {
+            // After a broken exchange the proxy may close the client's connection (it
+            // must, when a body broke off): the next request starts on a new one.
+            conn = Conn::h1(l).await;
+        }
+        // Whatever the upstream sent, nothing of it is left queued for the next request.
+        script.lock().expect("lock").clear();
+    }
+    assert!(
+        exact > 500 && answered > 100 && broken > 20,
+        "exact {exact}, answered {answered}, broken {broken}"
+    );
+    assert_eq!(proxy.admin_get("/ready").await.status, 200);
+    let stderr = proxy.stderr();
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
