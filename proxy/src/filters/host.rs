@@ -703,15 +703,12 @@ impl wit_request::Host for HostState {
         let req = self.request_mut()?;
         let pq: http::uri::PathAndQuery =
             path.parse().map_err(|_| format!("invalid path {path:?}"))?;
-        let mut parts = std::mem::take(&mut req.uri).into_parts();
+        // Built from a copy: on an error the request keeps its URI.
+        let mut parts = req.uri.clone().into_parts();
         parts.path_and_query = Some(pq);
-        match Uri::from_parts(parts) {
-            Ok(uri) => {
-                req.uri = uri;
-                Ok(())
-            }
-            Err(e) => Err(format!("invalid path {path:?}: {e}")),
-        }
+        let uri = Uri::from_parts(parts).map_err(|e| format!("invalid path {path:?}: {e}"))?;
+        req.uri = uri;
+        Ok(())
     }
     fn body(&mut self) -> Vec<u8> {
         match (self.call.phase, &self.call.body) {
