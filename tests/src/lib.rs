@@ -153,3 +153,20 @@ pub fn cluster(name: &str, addr: std::net::SocketAddr) -> serde_json::Value {
 pub fn h2_cluster(name: &str, addr: std::net::SocketAddr) -> serde_json::Value {
     serde_json::json!({"name": name, "protocol": "http2", "endpoints": [{"address": addr.to_string()}]})
 }
+
+/// A manifest with one listener `in` whose paths under `{prefix}h1` go to cluster `h1`
+/// (HTTP/1.1, at `h1`) and under `{prefix}h2` to cluster `h2` (HTTP/2, at `h2`): for
+/// tests that run the same case over both upstream protocols.
+pub fn h1_and_h2_manifest(
+    prefix: &str,
+    h1: std::net::SocketAddr,
+    h2: std::net::SocketAddr,
+) -> serde_json::Value {
+    serde_json::json!({
+        "listeners": [{"name": "in", "address": "127.0.0.1:0", "routes": [
+            {"match": {"prefix": format!("{prefix}h1")}, "cluster": "h1"},
+            {"match": {"prefix": format!("{prefix}h2")}, "cluster": "h2"},
+        ]}],
+        "clusters": [cluster("h1", h1), h2_cluster("h2", h2)],
+    })
+}

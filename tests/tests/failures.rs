@@ -5,7 +5,7 @@ use serde_json::json;
 use std::time::Duration;
 use wasmesh_e2e::client::{Conn, Req};
 use wasmesh_e2e::upstream::refused_addr;
-use wasmesh_e2e::{cluster, h2_cluster, Behavior, Proxy, Upstream};
+use wasmesh_e2e::{cluster, h1_and_h2_manifest, h2_cluster, Behavior, Proxy, Upstream};
 
 /// Send `GET path` with a request id and return (response, its access log line).
 async fn call(proxy: &Proxy, path: &str, id: &str) -> (wasmesh_e2e::Resp, serde_json::Value) {
@@ -91,14 +91,7 @@ async fn upstream_failures_map_to_status_flag_and_reason() {
 #[tokio::test]
 async fn an_upstream_response_head_over_64_kib_is_refused_on_both_protocols() {
     let up = Upstream::named("big").await;
-    let proxy = Proxy::start(json!({
-        "listeners": [{"name": "in", "address": "127.0.0.1:0", "routes": [
-            {"match": {"prefix": "/h1"}, "cluster": "h1"},
-            {"match": {"prefix": "/h2"}, "cluster": "h2"},
-        ]}],
-        "clusters": [cluster("h1", up.addr()), h2_cluster("h2", up.addr())],
-    }))
-    .await;
+    let proxy = Proxy::start(h1_and_h2_manifest("/", up.addr(), up.addr())).await;
     for path in ["/h1", "/h2"] {
         up.push(Behavior::Respond {
             status: 200,
@@ -133,14 +126,7 @@ async fn reset_mid_response_truncates_and_is_flagged() {
     for u in [&h1, &h2] {
         u.set_default(Behavior::ResetMidResponse { sent: 10_000 });
     }
-    let proxy = Proxy::start(json!({
-        "listeners": [{"name": "in", "address": "127.0.0.1:0", "routes": [
-            {"match": {"prefix": "/h1"}, "cluster": "h1"},
-            {"match": {"prefix": "/h2"}, "cluster": "h2"},
-        ]}],
-        "clusters": [cluster("h1", h1.addr()), h2_cluster("h2", h2.addr())],
-    }))
-    .await;
+    let proxy = Proxy::start(h1_and_h2_manifest("/", h1.addr(), h2.addr())).await;
     let l = proxy.listener("in");
 
     // HTTP/1.1 client: the headers said 20 000 bytes; 10 000 came, then the connection closed.

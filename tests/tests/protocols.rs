@@ -11,7 +11,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::Message;
 use wasmesh_e2e::client::{Conn, Req};
 use wasmesh_e2e::upstream::TcpEcho;
-use wasmesh_e2e::{cluster, h2_cluster, Behavior, Proxy, Upstream};
+use wasmesh_e2e::{cluster, h1_and_h2_manifest, h2_cluster, Behavior, Proxy, Upstream};
 
 #[tokio::test]
 async fn every_downstream_and_upstream_protocol_pair() {
@@ -19,14 +19,7 @@ async fn every_downstream_and_upstream_protocol_pair() {
     let h2 = Upstream::named("h2").await;
     h1.set_default(Behavior::Echo);
     h2.set_default(Behavior::Echo);
-    let proxy = Proxy::start(json!({
-        "listeners": [{"name": "in", "address": "127.0.0.1:0", "routes": [
-            {"match": {"prefix": "/to-h1"}, "cluster": "h1"},
-            {"match": {"prefix": "/to-h2"}, "cluster": "h2"},
-        ]}],
-        "clusters": [cluster("h1", h1.addr()), h2_cluster("h2", h2.addr())],
-    }))
-    .await;
+    let proxy = Proxy::start(h1_and_h2_manifest("/to-", h1.addr(), h2.addr())).await;
     let l = proxy.listener("in");
 
     for (down, up_path, up, up_version) in [
