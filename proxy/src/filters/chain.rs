@@ -848,8 +848,8 @@ fn to_local(r: wt::LocalResponse) -> Result<LocalResponse, String> {
             .map_err(|_| format!("invalid header name {n:?}"))?;
         let value =
             HeaderValue::from_str(v).map_err(|_| format!("invalid value for header {n:?}"))?;
-        // The answer's framing follows its body (see `HeaderNames::get`).
-        if name == CONTENT_LENGTH || name == http::header::TRANSFER_ENCODING {
+        // The answer's framing follows its body.
+        if super::host::is_framing(&name) {
             continue;
         }
         headers.append(name, value);

@@ -330,10 +330,7 @@ impl HeaderNames {
         }
         let h = HeaderName::from_bytes(n)
             .map_err(|_| format!("invalid header name {:?}", String::from_utf8_lossy(n)))?;
-        // A message's framing is the proxy's: it follows the body (a replaced body gets its
-        // own length), and a second or stale length from a filter would have the peer
-        // frame the message differently.
-        if h == http::header::CONTENT_LENGTH || h == http::header::TRANSFER_ENCODING {
+        if is_framing(&h) {
             return Err(format!("{h} is set by the proxy from the body"));
         }
         if self.0.len() < Self::MAX {
@@ -573,6 +570,13 @@ fn write_addr(out: &mut String, a: std::net::SocketAddr) {
             let _ = write!(out, "{v6}");
         }
     }
+}
+
+/// Headers a filter may not set: a message's framing is the proxy's, following the body
+/// (a replaced body gets its own length); a second or stale length from a filter would
+/// have the peer frame the message differently.
+pub(super) fn is_framing(name: &HeaderName) -> bool {
+    name == http::header::CONTENT_LENGTH || name == http::header::TRANSFER_ENCODING
 }
 
 /// A status a filter gives a response: a final one, 200..=599 (RFC 9110 §15: 1xx are
