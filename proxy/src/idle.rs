@@ -7,7 +7,7 @@
 //! small response that came with its head, never arms it. The timer is allocated on the
 //! first wait, so requests that never wait pay nothing.
 //!
-//! Upgraded connections (WebSocket) have no bodies: [`tunnel`] ends them when no byte has
+//! Upgraded connections (WebSocket) have no bodies: `tunnel` ends them when no byte has
 //! moved either way for the timeout.
 
 use crate::cluster::BoxError;

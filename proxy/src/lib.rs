@@ -1,17 +1,24 @@
 //! wasmesh: a service-mesh sidecar proxy whose policy lives in WebAssembly filters.
 //!
 //! Where things happen:
-//! - [`config`]: the manifest's types, loading and validation;
+//! - [`config`]: the manifest's types, loading and validation; [`reload`]: what triggers
+//!   a reload;
 //! - [`server`]: life cycle (build, bind, serve, reload, drain) and process-wide state;
-//! - [`listener`]: sockets, worker threads and downstream connections;
-//! - [`proxy`]: the HTTP request path, top to bottom;
-//! - [`routing`]: route matching and path normalization; [`framing`]: HTTP/1 request
-//!   framing followed on the wire (Content-Length with Transfer-Encoding);
-//! - [`cluster`]: endpoints, load balancing and upstream connection pools; [`health`]:
-//!   outlier detection and active health checks; [`lb`]: hashing and locality algorithms;
+//! - [`listener`]: sockets, worker threads and downstream connections; [`h1_server`]:
+//!   downstream HTTP/1.1, including its request framing (Content-Length with
+//!   Transfer-Encoding, chunked coding);
+//! - [`proxy`]: the HTTP request path, top to bottom; [`routing`]: route matching and
+//!   path normalization; [`forward`]: the upstream leg with its retries ([`retry`]) and
+//!   mirrors ([`mirror`]);
+//! - [`cluster`]: endpoints and load balancing; [`pool`] and [`h1`]: upstream connection
+//!   pools and HTTP/1.1 exchanges; [`health`]: outlier detection and active health
+//!   checks; [`lb`]: hashing and locality algorithms; [`breaker`]: circuit breakers;
 //! - [`filters`]: the WebAssembly filter host;
 //! - [`tls`]: mesh mTLS (SPIFFE identities, rotation); [`ca`]: `wasmesh ca`;
-//! - [`telemetry`]: metrics and access log; [`admin`]: the admin endpoint.
+//! - [`telemetry`]: metrics, access log and traces ([`trace`]: the trace context a request
+//!   carries); [`admin`]: the admin endpoint;
+//! - per-thread memory kept off the allocator's slow paths: [`buf_pool`], [`header_pool`],
+//!   [`heap`], [`memory`].
 
 pub mod admin;
 pub mod breaker;

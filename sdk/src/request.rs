@@ -267,7 +267,8 @@ impl Request {
         raw::set_header(name, value)
     }
 
-    /// Append a value to header `name`. Request hooks only.
+    /// Append a value to header `name`. Same rules as [`set_header`](Self::set_header).
+    /// Request hooks only.
     ///
     /// ```ignore
     /// req.add_header("via", "wasmesh")?;
@@ -276,7 +277,8 @@ impl Request {
         raw::add_header(name, value)
     }
 
-    /// Remove every value of header `name`. Request hooks only.
+    /// Remove every value of header `name`. `content-length` and `transfer-encoding` are
+    /// refused, as in [`set_header`](Self::set_header). Request hooks only.
     ///
     /// ```ignore
     /// req.remove_header("cookie")?;
@@ -405,7 +407,7 @@ impl Response {
         raw_resp::set_header(name, value)
     }
 
-    /// Append a value to header `name`.
+    /// Append a value to header `name`. Same rules as [`set_header`](Self::set_header).
     ///
     /// ```ignore
     /// resp.add_header("vary", "x-user")?;
@@ -414,7 +416,8 @@ impl Response {
         raw_resp::add_header(name, value)
     }
 
-    /// Remove every value of header `name`.
+    /// Remove every value of header `name`. `content-length` and `transfer-encoding` are
+    /// refused, as in [`set_header`](Self::set_header).
     ///
     /// ```ignore
     /// resp.remove_header("server")?;

@@ -2,8 +2,8 @@
 //!
 //! Every struct rejects unknown fields so a typo is an error, not a silently ignored
 //! setting. Defaults live here, next to the field they apply to, and are the ones the
-//! README documents. Nothing in this module is used on the request path: `resolve`
-//! turns a [`Manifest`] into the runtime [`super::Config`].
+//! README documents. Nothing in this module is used on the request path:
+//! [`crate::server::build`] turns a [`Manifest`] into the runtime configuration.
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;

@@ -173,7 +173,7 @@ impl RequestCtx {
 }
 
 /// Key/value pairs set along a request (its bag of properties, its attributes), at most
-/// [`MAX_ITEMS`], each key and value at most [`MAX_ITEM_LEN`] bytes. Clearing keeps the
+/// `MAX_ITEMS`, each key and value at most `MAX_ITEM_LEN` bytes. Clearing keeps the
 /// strings, so that the next request's values are written into the same memory.
 #[derive(Default)]
 pub struct Pairs {

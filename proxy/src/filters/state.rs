@@ -102,7 +102,7 @@ fn increment_item(
     Ok(next)
 }
 
-/// What [`SharedState::take_token`] decided (the WIT's `token-decision`).
+/// What [`SharedState::take_token_at`] decided (the WIT's `token-decision`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TokenDecision {
     pub allowed: bool,
@@ -288,8 +288,8 @@ impl SharedState {
         })
     }
 
-    /// Take a token from the bucket at `key` at time `now` (monotonic nanoseconds): see
-    /// the WIT's `state-take-token`.
+    /// [`Self::take_token_at`] with the clock read here: for tests, which drive `now`.
+    #[cfg(test)]
     pub fn take_token(
         &self,
         key: &str,
@@ -300,8 +300,9 @@ impl SharedState {
         self.take_token_at(key, Instant::now(), now, burst, interval_ns)
     }
 
-    /// [`Self::take_token`] at `instant`, the moment `now` stands for: the host reads the
-    /// clock once per call.
+    /// Take a token from the bucket at `key` at time `now` (monotonic nanoseconds): see
+    /// the WIT's `state-take-token`. `instant` is the moment `now` stands for (the key's
+    /// expiry is kept as an `Instant`): the host reads the clock once per call.
     pub fn take_token_at(
         &self,
         key: &str,

@@ -1067,7 +1067,7 @@ impl RequestTrace {
 
     /// The trace id and the proxy's SERVER span id; when tracing is off, the caller's
     /// trace id and span id from the request's headers, if any. Render them with
-    /// [`TraceIds::hex`] only where they are shown (a filter asks, the access log).
+    /// [`TraceIds::trace_hex`] and [`TraceIds::span_hex`] only where they are shown (a filter asks, the access log).
     pub fn ids(&self, headers: &HeaderMap) -> Option<TraceIds> {
         match &self.inner {
             Some((_, s)) => Some(TraceIds {
