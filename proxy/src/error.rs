@@ -33,6 +33,10 @@ pub enum ProxyError {
     /// The request body stalled longer than the listener's `stream_idle_timeout`.
     #[error("stream idle timeout")]
     StreamIdleTimeout,
+    /// CONNECT asks for a tunnel, which wasmesh does not make (raw TCP goes through TCP
+    /// listeners).
+    #[error("CONNECT is not supported")]
+    ConnectUnsupported,
 }
 
 impl ProxyError {
@@ -53,6 +57,9 @@ impl ProxyError {
             ProxyError::Draining => (StatusCode::SERVICE_UNAVAILABLE, "DR"),
             // Envoy answers a stream idle timeout before the response with 408.
             ProxyError::StreamIdleTimeout => (StatusCode::REQUEST_TIMEOUT, "SI"),
+            // 501: the method is one no resource here supports (RFC 9110 §15.6.2). Envoy
+            // answers a CONNECT no route accepts with 404 `NR`; the flag is the same.
+            ProxyError::ConnectUnsupported => (StatusCode::NOT_IMPLEMENTED, "NR"),
         }
     }
 

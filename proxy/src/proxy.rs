@@ -185,6 +185,7 @@ async fn serve(
     // connection after the answer.
     check_framing(&parts.headers).map_err(|e| (e, None))?;
     check_host(&parts).map_err(|e| (e, None))?;
+    check_target(&parts).map_err(|e| (e, None))?;
     if parts.headers.len() > lc.spec.limits.max_headers_count {
         // hyper enforces the count for HTTP/1.1 only; HTTP/2 requests are counted here.
         return Err((ProxyError::TooManyHeaders, None));
@@ -604,9 +605,13 @@ fn local_error(e: ProxyError, x: &mut Exchange) -> Response<Body> {
     );
     if matches!(
         e,
-        ProxyError::BadRequest(_) | ProxyError::DownstreamBody(_) | ProxyError::StreamIdleTimeout
+        ProxyError::BadRequest(_)
+            | ProxyError::DownstreamBody(_)
+            | ProxyError::StreamIdleTimeout
+            | ProxyError::ConnectUnsupported
     ) {
-        // The connection's framing may be unreliable after a bad request.
+        // The connection's framing may be unreliable after a bad request (after a CONNECT,
+        // the client may already be sending what it meant for the tunnel).
         resp.headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
@@ -664,6 +669,22 @@ fn check_host(parts: &http::request::Parts) -> Result<(), ProxyError> {
         }
         _ => Ok(()),
     }
+}
+
+/// A target this proxy can forward. CONNECT asks for a tunnel: forwarded as a request, an
+/// upstream's 2xx would turn the client's connection into a tunnel the proxy still parses
+/// as HTTP. An HTTP/2 request needs a `:path` (RFC 9113 §8.3.1), which the h2 crate does
+/// not insist on; without `:authority` either, its URI is empty and its path would reach
+/// an HTTP/1.1 upstream as an empty request target. (With `:authority` and `:scheme`, the
+/// URI cannot tell a missing `:path` from `/`, and `/` is what is forwarded.)
+fn check_target(parts: &http::request::Parts) -> Result<(), ProxyError> {
+    if parts.method == http::Method::CONNECT {
+        return Err(ProxyError::ConnectUnsupported);
+    }
+    if parts.uri.path().is_empty() {
+        return Err(ProxyError::BadRequest("missing path"));
+    }
+    Ok(())
 }
 
 fn strip_internal_headers(h: &mut HeaderMap) {

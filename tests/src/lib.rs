@@ -33,6 +33,7 @@ pub mod mtls;
 pub mod otlp;
 pub mod proxy;
 pub mod raw;
+pub mod raw_h2;
 pub mod upstream;
 pub mod wasm_filters;
 
