@@ -207,8 +207,10 @@ fn http2_builder(limits: &ListenerLimits) -> hyper::server::conn::http2::Builder
         .max_local_error_reset_streams(Some(256))
         .max_send_buf_size(256 * 1024)
         .keep_alive_interval(Some(Duration::from_secs(60)))
-        .keep_alive_timeout(Duration::from_secs(20))
-        .enable_connect_protocol();
+        .keep_alive_timeout(Duration::from_secs(20));
+    // No `enable_connect_protocol`: extended CONNECT (RFC 8441, WebSocket over HTTP/2)
+    // is not bridged to an upstream, and a client told it may use it would not fall back
+    // to the HTTP/1.1 Upgrade that is.
     b
 }
 

@@ -148,6 +148,28 @@ impl RawH2 {
         }
     }
 
+    /// The server's first SETTINGS frame, as (identifier, value) pairs.
+    pub async fn server_settings(&mut self, wait: Duration) -> Vec<(u16, u32)> {
+        let deadline = tokio::time::Instant::now() + wait;
+        while let Ok(Some((kind, flags, _, payload))) =
+            tokio::time::timeout_at(deadline, self.read_frame()).await
+        {
+            if kind == SETTINGS && flags & ACK == 0 {
+                self.frame(SETTINGS, ACK, 0, &[]).await;
+                return payload
+                    .chunks_exact(6)
+                    .map(|c| {
+                        (
+                            u16::from_be_bytes([c[0], c[1]]),
+                            u32::from_be_bytes([c[2], c[3], c[4], c[5]]),
+                        )
+                    })
+                    .collect();
+            }
+        }
+        panic!("no SETTINGS from the server");
+    }
+
     async fn frame(&mut self, kind: u8, flags: u8, stream_id: u32, payload: &[u8]) {
         let len = u32::try_from(payload.len()).expect("frame fits");
         let mut f = Vec::with_capacity(9 + payload.len());

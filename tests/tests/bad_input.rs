@@ -454,6 +454,23 @@ async fn http2_requests_that_would_smuggle_into_http1_are_refused() {
         ),
         "{outcome:?}"
     );
+    // Nor does it offer extended CONNECT (RFC 8441): SETTINGS_ENABLE_CONNECT_PROTOCOL is
+    // not sent, so `:protocol` is malformed and browsers keep WebSockets on HTTP/1.1.
+    let mut c = RawH2::connect(l).await;
+    let settings = c.server_settings(Duration::from_secs(5)).await;
+    assert!(!settings.contains(&(0x8, 1)), "{settings:?}");
+    let websocket = H2Case::raw_fields(
+        "extended-connect",
+        &[
+            (b":method", b"CONNECT"),
+            (b":protocol", b"websocket"),
+            (b":scheme", b"http"),
+            (b":authority", b"x"),
+            (b":path", b"/h2-ws"),
+        ],
+    );
+    let outcome = websocket.run(l).await;
+    assert!(outcome.refused(), "{outcome:?}");
     let r = RawConn::exchange(
         l,
         b"CONNECT 127.0.0.1:9 HTTP/1.1\r\nHost: 127.0.0.1:9\r\n\r\n",
