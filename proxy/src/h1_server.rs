@@ -120,6 +120,14 @@ impl Rejection {
 #[derive(Clone, Copy, Debug)]
 pub struct CanUpgrade;
 
+/// Set by the server on a request whose framing cannot be trusted (RFC 9112 §6.1, §6.3):
+/// Content-Length beside Transfer-Encoding, a transfer coding other than `chunked` last,
+/// an invalid or conflicting Content-Length, Transfer-Encoding in HTTP/1.0. No byte of its
+/// body was read; the request path answers 400 and the connection closes after it. The
+/// text says which.
+#[derive(Clone, Copy, Debug)]
+pub struct UntrustedFraming(pub &'static str);
+
 /// Put on a 101 response by the request path: once the 101 is written, the client's
 /// connection is spliced to this (the upstream's switched connection).
 #[derive(Clone)]
@@ -356,6 +364,7 @@ fn parse_head(
     let mut headers = crate::header_pool::take(slots.len() + SPARE_HEADERS);
     let mut content_length: Option<u64> = None;
     let mut lengths_disagree = false;
+    let mut lengths_repeated = false;
     let mut te = false;
     let mut chunked = false;
     let mut te_bad = false;
@@ -372,9 +381,14 @@ fn parse_head(
             HeaderValue::from_maybe_shared(slice(slot.value)).map_err(|_| HeadError::Bad)?;
         let v = value.as_bytes();
         if name == header::CONTENT_LENGTH {
-            match parse_decimal(trim_ows(v)) {
-                Some(n) if content_length.is_none_or(|m| m == n) => content_length = Some(n),
-                _ => lengths_disagree = true,
+            // One decimal number; repeated or listed (`5, 5`), the same number each time
+            // (RFC 9110 §8.6), sent on as one.
+            lengths_repeated |= content_length.is_some() || v.contains(&b',');
+            for item in list_items(v) {
+                match parse_decimal(item) {
+                    Some(n) if content_length.is_none_or(|m| m == n) => content_length = Some(n),
+                    _ => lengths_disagree = true,
+                }
             }
         } else if name == header::TRANSFER_ENCODING {
             // Only `chunked`, last, is understood; anything else cannot be framed.
@@ -399,12 +413,20 @@ fn parse_head(
         headers.remove(header::EXPECT);
     }
     // Framing that cannot be trusted (RFC 9112 §6.1, §6.3): no body is read, the request
-    // path refuses the request, and the connection closes after the answer.
-    let untrusted = (te && content_length.is_some())
-        || te_bad
-        || lengths_disagree
-        || (te && version == Version::HTTP_10);
-    let body = if untrusted {
+    // path refuses the request (see `UntrustedFraming`), and the connection closes after
+    // the answer.
+    let untrusted = if te && content_length.is_some() {
+        Some("both Content-Length and Transfer-Encoding")
+    } else if te_bad {
+        Some("unsupported Transfer-Encoding")
+    } else if lengths_disagree {
+        Some("invalid or conflicting Content-Length")
+    } else if te && version == Version::HTTP_10 {
+        Some("Transfer-Encoding in an HTTP/1.0 request")
+    } else {
+        None
+    };
+    let body = if untrusted.is_some() {
         BodyKind::Done
     } else if te && chunked {
         BodyKind::Chunked(Chunk::Size)
@@ -414,12 +436,26 @@ fn parse_head(
             Some(n) => BodyKind::Length(n),
         }
     };
-    let keep_alive = !untrusted && !close && (version == Version::HTTP_11 || keep_alive_token);
+    let keep_alive =
+        untrusted.is_none() && !close && (version == Version::HTTP_11 || keep_alive_token);
     let mut parts = Request::new(()).into_parts().0;
     parts.method = method;
     parts.uri = uri;
     parts.version = version;
     parts.headers = headers;
+    match (untrusted, content_length) {
+        (Some(why), _) => {
+            parts.extensions.insert(UntrustedFraming(why));
+        }
+        // An HTTP/2 upstream would get every line as it came: several content-length
+        // fields are malformed there (RFC 9113 §8.1.1).
+        (None, Some(n)) if lengths_repeated => {
+            parts
+                .headers
+                .insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+        }
+        _ => {}
+    }
     Ok(Some(Head {
         parts,
         body,
@@ -1227,20 +1263,38 @@ mod tests {
             &b"POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n"[..],
             b"POST / HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n",
             b"POST / HTTP/1.1\r\nContent-Length: 3x\r\n\r\n",
+            b"POST / HTTP/1.1\r\nContent-Length: +3\r\n\r\n",
+            b"POST / HTTP/1.1\r\nContent-Length: 3, 4\r\n\r\n",
+            b"POST / HTTP/1.1\r\nContent-Length: \r\n\r\n",
             b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n",
         ] {
             let h = head(untrusted);
-            assert_eq!(
-                h.body,
-                BodyKind::Done,
-                "{:?}",
-                String::from_utf8_lossy(untrusted)
-            );
+            let what = String::from_utf8_lossy(untrusted);
+            assert_eq!(h.body, BodyKind::Done, "{what:?}");
             assert!(!h.keep_alive);
+            assert!(
+                h.parts.extensions.get::<UntrustedFraming>().is_some(),
+                "the request path must refuse it: {what:?}"
+            );
         }
-        // Repeated equal lengths are one length (RFC 9110 §8.6).
-        let h = head(b"POST / HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\n");
-        assert_eq!(h.body, BodyKind::Length(3));
+        // Repeated or listed equal lengths are one length (RFC 9110 §8.6), sent on as one.
+        for repeated in [
+            &b"POST / HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\n"[..],
+            b"POST / HTTP/1.1\r\nContent-Length: 3, 3\r\n\r\n",
+            b"POST / HTTP/1.1\r\nContent-Length: 3,3\r\nContent-Length: 3\r\n\r\n",
+        ] {
+            let h = head(repeated);
+            let what = String::from_utf8_lossy(repeated);
+            assert_eq!(h.body, BodyKind::Length(3), "{what:?}");
+            let lengths: Vec<_> = h
+                .parts
+                .headers
+                .get_all(header::CONTENT_LENGTH)
+                .iter()
+                .collect();
+            assert_eq!(lengths, ["3"], "{what:?}");
+            assert!(h.parts.extensions.get::<UntrustedFraming>().is_none());
+        }
 
         assert!(!head(b"GET / HTTP/1.0\r\n\r\n").keep_alive);
         assert!(head(b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n").keep_alive);

@@ -183,6 +183,9 @@ async fn serve(
     // 1. Reject what must never reach an upstream (request smuggling, bad paths). Over
     // HTTP/1.1 the server has not read a body of such a request and closes the
     // connection after the answer.
+    if let Some(u) = parts.extensions.get::<crate::h1_server::UntrustedFraming>() {
+        return Err((ProxyError::BadRequest(u.0), None));
+    }
     check_framing(&parts.headers).map_err(|e| (e, None))?;
     check_host(&parts).map_err(|e| (e, None))?;
     check_target(&parts).map_err(|e| (e, None))?;

@@ -171,6 +171,63 @@ async fn conflicting_content_lengths_are_refused() {
     assert_eq!(up.request_count(), 0, "{:?}", up.requests());
 }
 
+/// A Content-Length that is not one decimal number, or Transfer-Encoding in HTTP/1.0, is
+/// framing the server cannot trust (RFC 9112 §6.1, §6.3): 400 and close, as for a
+/// conflict. (A front end that reads `+44` as 44 and a back end that reads no body would
+/// disagree on where the next request starts.)
+#[tokio::test]
+async fn invalid_content_length_and_http10_chunked_are_refused() {
+    let (up, proxy) = setup().await;
+    let cases: &[(&str, &str)] = &[
+        ("plus", "Content-Length: +5\r\n"),
+        ("hex", "Content-Length: 0x5\r\n"),
+        ("list", "Content-Length: 5, 6\r\n"),
+        ("space", "Content-Length: 5 5\r\n"),
+        ("negative", "Content-Length: -5\r\n"),
+        ("overflow", "Content-Length: 99999999999999999999\r\n"),
+        ("empty", "Content-Length: \r\n"),
+    ];
+    for (name, framing) in cases {
+        let req = format!(
+            "POST /cl-{name} HTTP/1.1\r\nHost: x\r\n{framing}\r\nhelloGET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n"
+        );
+        let r = RawConn::exchange(proxy.listener("in"), req.as_bytes()).await;
+        assert_eq!(r.statuses(), vec![400], "{name}: {}", r.text());
+        assert!(r.closed, "{name}: the connection must close");
+        let path = format!("/cl-{name}");
+        let log = proxy
+            .log_entry(&format!("access log line for {path}"), |e| {
+                e["path"] == path
+            })
+            .await;
+        assert_eq!(log["status"], 400, "{name}: {log}");
+        assert_eq!(log["response_flags"], "DPE", "{name}: {log}");
+    }
+    let req = b"POST /http10-chunked HTTP/1.0\r\nHost: x\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\nGET /smuggled HTTP/1.0\r\nHost: x\r\n\r\n";
+    let r = RawConn::exchange(proxy.listener("in"), req).await;
+    assert_eq!(r.statuses(), vec![400], "{}", r.text());
+    assert!(r.closed);
+    assert_eq!(up.request_count(), 0, "{:?}", up.requests());
+
+    // Whitespace around a valid length is allowed (RFC 9110 §5.5), and so is the same
+    // length repeated or listed (§8.6): the upstream gets it once.
+    for (name, framing) in [
+        ("ows", "Content-Length:  5 \r\n"),
+        ("repeated", "Content-Length: 5\r\nContent-Length: 5\r\n"),
+        ("listed", "Content-Length: 5, 5\r\n"),
+    ] {
+        let req = format!(
+            "POST /cl-ok-{name} HTTP/1.1\r\nHost: x\r\n{framing}Connection: close\r\n\r\nhello"
+        );
+        let r = RawConn::exchange(proxy.listener("in"), req.as_bytes()).await;
+        assert_eq!(r.status(), Some(200), "{name}: {}", r.text());
+        assert!(r.text().ends_with("hello"), "{name}: {}", r.text());
+        let q = up.last();
+        assert_eq!(q.path, format!("/cl-ok-{name}"));
+        assert_eq!(q.header_all("content-length"), ["5"], "{name}: {q:?}");
+    }
+}
+
 #[tokio::test]
 async fn invalid_chunked_encoding_smuggles_nothing() {
     let (up, proxy) = setup().await;
