@@ -22,7 +22,7 @@
 //! the rest of the request is dropped and so is the connection.
 
 use crate::cluster::{Body, BoxError, UpstreamConn};
-use crate::text::{chunk_size, has_token, last_token_is, parse_decimal, trim_ows};
+use crate::text::{chunk_size, has_token, last_token_is, list_items, parse_decimal};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode, Version};
 use http_body::{Body as _, Frame, SizeHint};
@@ -663,6 +663,7 @@ fn parse_head(
         let mut map = crate::header_pool::take(n + SPARE_HEADERS);
         let mut te_chunked = None;
         let mut lengths: Option<Result<u64, ()>> = None;
+        let mut lengths_repeated = false;
         let mut close = version == Version::HTTP_10;
         for &(ns, nl, vs, vl) in &spans[..n] {
             let (ns, nl, vs, vl) = (ns as usize, nl as usize, vs as usize, vl as usize);
@@ -674,12 +675,17 @@ fn parse_head(
                 // The final coding decides; anything but chunked reads to the close.
                 te_chunked = Some(last_token_is(value.as_bytes(), b"chunked"));
             } else if name == header::CONTENT_LENGTH {
-                let v = parse_decimal(trim_ows(value.as_bytes())).ok_or(());
-                lengths = Some(match (lengths, v) {
-                    (None, v) => v,
-                    (Some(Ok(a)), Ok(b)) if a == b => Ok(a),
-                    _ => Err(()),
-                });
+                // One decimal number; repeated or listed (`5, 5`), the same number each
+                // time (RFC 9110 §8.6), passed on as one.
+                lengths_repeated |= lengths.is_some() || value.as_bytes().contains(&b',');
+                for item in list_items(value.as_bytes()) {
+                    let v = parse_decimal(item).ok_or(());
+                    lengths = Some(match (lengths, v) {
+                        (None, v) => v,
+                        (Some(Ok(a)), Ok(b)) if a == b => Ok(a),
+                        _ => Err(()),
+                    });
+                }
             } else if name == header::CONNECTION {
                 if has_token(value.as_bytes(), b"close") {
                     close = true;
@@ -694,6 +700,9 @@ fn parse_head(
             // Transfer-Encoding overrides Content-Length (RFC 9112 §6.3): a length passed
             // on would cut the body short downstream.
             map.remove(header::CONTENT_LENGTH);
+        } else if let (Some(Ok(n)), true) = (lengths, lengths_repeated) {
+            // An HTTP/2 client would get every line: several are malformed there.
+            map.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
         }
         let kind = if head_request
             || status == StatusCode::NO_CONTENT
@@ -1153,6 +1162,28 @@ mod tests {
         .expect("complete");
         assert_eq!((kind, keep), (BodyKind::Chunked(Chunk::Size), false));
         assert!(p.headers.get(header::CONTENT_LENGTH).is_none());
+        // The same length repeated or listed is one length, passed on once; a length that
+        // is not a number, or two that differ, is an invalid response.
+        for wire in [
+            &b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\ncontent-length: 3\r\n\r\n"[..],
+            b"HTTP/1.1 200 OK\r\ncontent-length: 3, 3\r\n\r\n",
+        ] {
+            let (p, kind, keep) = head(wire, false).expect("ok").expect("complete");
+            assert_eq!((kind, keep), (BodyKind::Length(3), true));
+            let lengths: Vec<_> = p.headers.get_all(header::CONTENT_LENGTH).iter().collect();
+            assert_eq!(lengths, ["3"]);
+        }
+        for wire in [
+            &b"HTTP/1.1 200 OK\r\ncontent-length: 3, 4\r\n\r\n"[..],
+            b"HTTP/1.1 200 OK\r\ncontent-length: +3\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\ncontent-length: \r\n\r\n",
+        ] {
+            assert!(
+                head(wire, false).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(wire)
+            );
+        }
         // Connection: close, HTTP/1.0 with and without keep-alive.
         for (wire, want) in [
             (
