@@ -919,10 +919,37 @@ fn prepare_upstream_request(
                 .unwrap_or_default()
         }
     };
+    if parts.version == Version::HTTP_2
+        && cluster.spec.protocol == crate::config::UpstreamProtocol::Http1
+    {
+        join_cookie_crumbs(&mut parts.headers);
+    }
     parts.version = match cluster.spec.protocol {
         crate::config::UpstreamProtocol::Http1 => Version::HTTP_11,
         crate::config::UpstreamProtocol::Http2 => Version::HTTP_2,
     };
+}
+
+/// HTTP/2 clients may send each cookie as its own `cookie` field (browsers do, for HPACK);
+/// an HTTP/1.1 upstream must get them as one line, joined by "; " (RFC 9113 §8.2.3).
+fn join_cookie_crumbs(h: &mut HeaderMap) {
+    let mut crumbs = h.get_all(header::COOKIE).iter();
+    let Some(first) = crumbs.next() else {
+        return;
+    };
+    let mut rest = crumbs.peekable();
+    if rest.peek().is_none() {
+        return;
+    }
+    let mut joined = first.as_bytes().to_vec();
+    for c in rest {
+        joined.extend_from_slice(b"; ");
+        joined.extend_from_slice(c.as_bytes());
+    }
+    // Joined valid values with "; " are a valid value.
+    if let Ok(v) = HeaderValue::from_bytes(&joined) {
+        h.insert(header::COOKIE, v);
+    }
 }
 
 /// `x-forwarded-for` with `hop` appended: every value the client sent (several header
@@ -1098,6 +1125,26 @@ mod tests {
             Some(&b"trailers"[..])
         );
         assert!(h.get("x-kept").is_some());
+    }
+
+    #[test]
+    fn cookie_crumbs_are_joined() {
+        let mut h = HeaderMap::new();
+        join_cookie_crumbs(&mut h);
+        assert!(h.is_empty());
+        h.append(header::COOKIE, HeaderValue::from_static("a=1"));
+        join_cookie_crumbs(&mut h);
+        assert_eq!(
+            h.get_all(header::COOKIE).iter().collect::<Vec<_>>(),
+            ["a=1"]
+        );
+        h.append(header::COOKIE, HeaderValue::from_static("b=2"));
+        h.append(header::COOKIE, HeaderValue::from_static("c=3"));
+        join_cookie_crumbs(&mut h);
+        assert_eq!(
+            h.get_all(header::COOKIE).iter().collect::<Vec<_>>(),
+            ["a=1; b=2; c=3"]
+        );
     }
 
     #[test]

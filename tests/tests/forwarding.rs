@@ -5,7 +5,7 @@
 use serde_json::json;
 use wasmesh_e2e::client::Req;
 use wasmesh_e2e::raw::RawConn;
-use wasmesh_e2e::{cluster, Proxy, Upstream};
+use wasmesh_e2e::{cluster, h1_and_h2_manifest, Proxy, Upstream};
 
 async fn setup() -> (Upstream, Proxy) {
     let up = Upstream::start().await;
@@ -202,4 +202,31 @@ async fn the_upstream_sees_the_host_the_proxy_routed_on() {
     // HTTP/1.0 needs no Host.
     let r = RawConn::exchange(l, b"GET /old HTTP/1.0\r\n\r\n").await;
     assert_eq!(r.status(), Some(200), "{}", r.text());
+}
+
+/// Browsers send each cookie as its own field over HTTP/2; an HTTP/1.1 upstream gets them
+/// as one `cookie` line joined by "; " (RFC 9113 §8.2.3). An HTTP/2 upstream gets the fields.
+#[tokio::test]
+async fn http2_cookie_crumbs_are_joined_for_an_http1_upstream() {
+    let (h1, h2) = (Upstream::start().await, Upstream::start().await);
+    let proxy = Proxy::start(h1_and_h2_manifest("/", h1.addr(), h2.addr())).await;
+    let l = proxy.listener("in");
+    let crumbs = |r: Req| {
+        r.header("cookie", "a=1")
+            .header("cookie", "b=2")
+            .header("cookie", "c=3")
+    };
+
+    let r = crumbs(Req::get("/h1/x")).send_h2(l).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(h1.last().header_all("cookie"), ["a=1; b=2; c=3"]);
+
+    let r = crumbs(Req::get("/h2/x")).send_h2(l).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(h2.last().header_all("cookie").len(), 3, "{:?}", h2.last());
+
+    // HTTP/1.1 clients send one line (RFC 6265 §5.4); it passes as it came.
+    let r = Req::get("/h1/y").header("cookie", "a=1; b=2").send(l).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(h1.last().header_all("cookie"), ["a=1; b=2"]);
 }
