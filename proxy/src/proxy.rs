@@ -218,8 +218,10 @@ async fn serve(
         }
     }
 
-    // 2. Route.
+    // 2. Route. A fully qualified name (`admin.local.`) is the name without its dot: a
+    // route on `admin.local` must not be passed by the dot.
     let host = host_without_port(&x.authority);
+    let host = host.strip_suffix('.').unwrap_or(host);
     let routes = &lc.routes;
     let (path, query) = split_path(&parts.uri);
     let view = RequestView {
@@ -661,17 +663,52 @@ fn check_framing(h: &HeaderMap) -> Result<(), ProxyError> {
     Ok(())
 }
 
-/// One host per request (RFC 9112 §3.2): several Host lines, or none in HTTP/1.1, is a 400,
-/// since routing and the upstream could otherwise disagree on which host was meant.
+/// One valid host per request (RFC 9112 §3.2): several Host lines, none in HTTP/1.1, or an
+/// invalid one is a 400, since routing and the upstream could otherwise disagree on which
+/// host was meant.
 fn check_host(parts: &http::request::Parts) -> Result<(), ProxyError> {
     let mut hosts = parts.headers.get_all(header::HOST).iter();
     match (hosts.next(), hosts.next()) {
-        (_, Some(_)) => Err(ProxyError::BadRequest("multiple Host headers")),
+        (_, Some(_)) => return Err(ProxyError::BadRequest("multiple Host headers")),
         (None, None) if parts.version == Version::HTTP_11 && parts.uri.authority().is_none() => {
-            Err(ProxyError::BadRequest("missing Host header"))
+            return Err(ProxyError::BadRequest("missing Host header"))
         }
+        _ => {}
+    }
+    match request_authority(parts) {
+        Some(a) if !valid_authority(a.as_bytes()) => Err(ProxyError::BadRequest("invalid Host")),
         _ => Ok(()),
     }
+}
+
+/// `uri-host [":" port]` (RFC 9110 §7.2, RFC 3986 §3.2.2): no userinfo (`x@admin.local`,
+/// which HTTP/2 forbids too, RFC 9113 §8.3.1), no path or backslash, a port of digits. A
+/// route on `admin.local` must not be passed by a host an upstream may read as
+/// `admin.local` after all.
+fn valid_authority(a: &[u8]) -> bool {
+    let (host_ok, rest) = match a.split_first() {
+        Some((b'[', after)) => match after.iter().position(|&c| c == b']') {
+            Some(end) => (
+                end > 0
+                    && after[..end]
+                        .iter()
+                        .all(|&c| c.is_ascii_hexdigit() || c == b':' || c == b'.'),
+                &after[end + 1..],
+            ),
+            None => return false,
+        },
+        _ => {
+            let end = a.iter().position(|&c| c == b':').unwrap_or(a.len());
+            let reg_name = |c: &u8| c.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=%".contains(c);
+            (a[..end].iter().all(reg_name), &a[end..])
+        }
+    };
+    host_ok
+        && match rest.split_first() {
+            None => true,
+            Some((b':', port)) => port.iter().all(u8::is_ascii_digit),
+            Some(_) => false,
+        }
 }
 
 /// A target this proxy can forward. CONNECT asks for a tunnel: forwarded as a request, an
@@ -1125,6 +1162,41 @@ mod tests {
             Some(&b"trailers"[..])
         );
         assert!(h.get("x-kept").is_some());
+    }
+
+    #[test]
+    fn authorities() {
+        for ok in [
+            "admin.local",
+            "admin.local:8080",
+            "admin.local:",
+            "ADMIN.local.",
+            "127.0.0.1:80",
+            "[::1]",
+            "[::1]:443",
+            "[2001:db8::1]",
+            "a-b_c~d.e!f$g&h'i(j)k*l+m,n;o=p%41",
+            "",
+        ] {
+            assert!(valid_authority(ok.as_bytes()), "{ok:?}");
+        }
+        for bad in [
+            "x@admin.local",
+            "admin.local@evil",
+            "admin.local/x",
+            "admin.local\\x",
+            "admin.local:abc",
+            "admin.local:80:80",
+            "admin local",
+            "[::1",
+            "[]",
+            "[::1]x",
+            "[::1]:8x",
+            "[zz]",
+            "admin.local\u{7f}",
+        ] {
+            assert!(!valid_authority(bad.as_bytes()), "{bad:?}");
+        }
     }
 
     #[test]

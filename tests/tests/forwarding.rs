@@ -5,6 +5,7 @@
 use serde_json::json;
 use wasmesh_e2e::client::Req;
 use wasmesh_e2e::raw::RawConn;
+use wasmesh_e2e::raw_h2::RawH2;
 use wasmesh_e2e::{cluster, h1_and_h2_manifest, Proxy, Upstream};
 
 async fn setup() -> (Upstream, Proxy) {
@@ -197,6 +198,43 @@ async fn the_upstream_sees_the_host_the_proxy_routed_on() {
     // HTTP/1.1 without Host: 400 as well.
     let r = RawConn::exchange(l, b"GET /x HTTP/1.1\r\nConnection: close\r\n\r\n").await;
     assert_eq!(r.status(), Some(400), "{}", r.text());
+    assert_eq!(up.request_count(), before, "{:?}", up.requests());
+
+    // A host an upstream might still read as admin.local is not a way past its route:
+    // invalid ones are 400 (RFC 9112 §3.2), a trailing dot is the same name.
+    for host in [
+        "x@admin.local",
+        "admin.local@x",
+        "admin.local/x",
+        "admin.local\\x",
+        "admin.local:x",
+    ] {
+        let req = format!("GET /x HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+        let r = RawConn::exchange(l, req.as_bytes()).await;
+        assert_eq!(r.status(), Some(400), "{host}: {}", r.text());
+    }
+    for host in ["admin.local.", "ADMIN.LOCAL.:80"] {
+        let r = Req::get("/x").host(host).send(l).await;
+        assert_eq!(
+            (r.status, r.text()),
+            (403, "internal".to_string()),
+            "{host}"
+        );
+    }
+    let mut c = RawH2::connect(l).await;
+    c.headers(
+        1,
+        &[
+            (b":method", b"GET"),
+            (b":scheme", b"http"),
+            (b":authority", b"x@admin.local"),
+            (b":path", b"/x"),
+        ],
+        true,
+    )
+    .await;
+    let outcome = c.outcome(1, std::time::Duration::from_secs(5)).await;
+    assert!(outcome.refused(), "{outcome:?}");
     assert_eq!(up.request_count(), before, "{:?}", up.requests());
 
     // HTTP/1.0 needs no Host.
