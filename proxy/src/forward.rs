@@ -57,7 +57,8 @@ pub(crate) async fn forward(
     };
     x.inflight = Some(inflight);
 
-    let deadline = overall_timeout(route, &parts.headers).map(|t| Instant::now() + t);
+    // A gRPC client's deadline runs from when it sent the call.
+    let grpc_deadline = grpc_timeout(&parts.headers).map(|t| Instant::now() + t);
     // An upgrade cannot be replayed: the upstream may have switched protocols.
     let policy = route.retry.as_ref().filter(|_| !upgrade);
     let mut body = match policy {
@@ -84,6 +85,8 @@ pub(crate) async fn forward(
         }
     }
 
+    let deadline = Deadline::new(route.timeout, grpc_deadline, &mut body);
+
     let mut head = Some(parts);
     let mut tried: Vec<SocketAddr> = Vec::new();
     let mut endpoint = first;
@@ -106,7 +109,7 @@ pub(crate) async fn forward(
             .trace
             .start_client(endpoint.addr, &cluster.name, &mut parts);
         let req = Request::from_parts(parts, body.take());
-        let result = attempt(cluster, &endpoint, req, upgrade, per_try, deadline).await;
+        let result = attempt(cluster, &endpoint, req, upgrade, per_try, &deadline).await;
         span.end(match &result {
             Ok(r) => Ok(r.status()),
             Err(Attempt::Failed(_, e) | Attempt::Fatal(e)) => Err(e),
@@ -174,7 +177,7 @@ pub(crate) async fn forward(
         // No time left for another attempt (or an upstream's `retry-after` past any
         // sensible wait): answer with this one.
         let retry_at = Instant::now().checked_add(wait);
-        if wait > MAX_RETRY_WAIT || retry_at.is_none_or(|at| deadline.is_some_and(|d| at >= d)) {
+        if wait > MAX_RETRY_WAIT || retry_at.is_none_or(|at| deadline.at.is_some_and(|d| at >= d)) {
             return result.map_err(Attempt::into_error);
         }
         drop(result);
@@ -200,11 +203,113 @@ pub(crate) async fn forward(
     }
 }
 
-/// The route's timeout over all attempts, shortened by a gRPC client's `grpc-timeout`.
-fn overall_timeout(route: &Route, h: &HeaderMap) -> Option<Duration> {
-    match (route.timeout, grpc_timeout(h)) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
+/// When the attempts must have their answer (the response head). The route's timeout
+/// starts once the whole request has been received, as in Envoy: a long upload is bounded
+/// by the stream idle timeout, not by the route's. A body held for replay (and an empty
+/// one) is whole before the first attempt; a streamed one says when its last frame has
+/// passed. A gRPC client's `grpc-timeout` runs from the start, and the earlier of the two
+/// wins.
+struct Deadline {
+    /// Known now: the gRPC deadline, or the route's for a request already whole.
+    at: Option<Instant>,
+    /// The route's timeout, from when a streamed body ends.
+    after_body: Option<(Arc<Received>, Duration)>,
+}
+
+impl Deadline {
+    fn new(route: Option<Duration>, grpc: Option<Instant>, body: &mut ReqBody) -> Deadline {
+        let earliest = |a: Option<Instant>, b: Option<Instant>| match (a, b) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        match (route, body) {
+            (Some(t), ReqBody::Once(Some(streamed))) if !streamed.is_end_stream() => {
+                let received = Arc::new(Received::default());
+                let inner = std::mem::replace(streamed, crate::proxy::empty());
+                *streamed = ReceivedBody {
+                    inner,
+                    received: received.clone(),
+                }
+                .boxed_unsync();
+                Deadline {
+                    at: grpc,
+                    after_body: Some((received, t)),
+                }
+            }
+            (route, _) => Deadline {
+                at: earliest(grpc, route.and_then(|t| Instant::now().checked_add(t))),
+                after_body: None,
+            },
+        }
+    }
+}
+
+/// Set once the client's streamed request body has ended.
+#[derive(Default)]
+struct Received {
+    done: std::sync::atomic::AtomicBool,
+    notify: tokio::sync::Notify,
+}
+
+impl Received {
+    fn set(&self) {
+        if !self.done.swap(true, Ordering::AcqRel) {
+            self.notify.notify_waiters();
+        }
+    }
+
+    async fn wait(&self) {
+        loop {
+            let notified = self.notify.notified();
+            let mut notified = std::pin::pin!(notified);
+            // Registered before the check, so a `set` in between is not missed.
+            notified.as_mut().enable();
+            if self.done.load(Ordering::Acquire) {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The client's body on its way upstream, telling [`Received`] when it has ended.
+    struct ReceivedBody {
+        #[pin]
+        inner: Body,
+        received: Arc<Received>,
+    }
+}
+
+impl http_body::Body for ReceivedBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let mut this = self.project();
+        let r = this.inner.as_mut().poll_frame(cx);
+        // A sender of known length stops polling after the last byte: its end is seen
+        // through `is_end_stream`, not a final `None`.
+        let ended = match &r {
+            std::task::Poll::Ready(None) => true,
+            std::task::Poll::Ready(Some(Ok(_))) => this.inner.is_end_stream(),
+            _ => false,
+        };
+        if ended {
+            this.received.set();
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -232,10 +337,10 @@ async fn attempt(
     req: Request<Body>,
     upgrade: bool,
     per_try: Option<Duration>,
-    deadline: Option<Instant>,
+    deadline: &Deadline,
 ) -> Result<Response<UpBody>, Attempt> {
     let now = Instant::now();
-    let left = deadline.map(|d| d.saturating_duration_since(now));
+    let left = deadline.at.map(|d| d.saturating_duration_since(now));
     if left.is_some_and(|l| l.is_zero()) {
         return Err(route_timeout(cluster));
     }
@@ -258,16 +363,42 @@ async fn attempt(
     } else {
         crate::heap::pin_in_place(|| pools.send(endpoint.addr, req))
     };
-    let result = match limit {
-        Some(t) => tokio::time::timeout(t, sent).await.ok(),
-        None => Some(sent.await),
+    // `Err(true)`: this try's timeout ended it; `Err(false)`: the route's.
+    let result = match (&deadline.after_body, limit) {
+        (None, Some(t)) => tokio::time::timeout(t, sent).await.map_err(|_| is_per_try),
+        (None, None) => Ok(sent.await),
+        (Some((received, route)), _) => {
+            // The route's clock (and this try's) start once the client's body has ended;
+            // a gRPC deadline (`limit`) runs already.
+            let timer = async {
+                received.wait().await;
+                let start = Instant::now();
+                let route_at = start + *route;
+                let ends = [
+                    (deadline.at, false),
+                    (Some(route_at), false),
+                    (per_try.map(|p| start + p), true),
+                ];
+                let (at, per_try) = ends
+                    .into_iter()
+                    .filter_map(|(at, p)| at.map(|at| (at, p)))
+                    .min_by_key(|(at, _)| *at)
+                    .unwrap_or((route_at, false));
+                tokio::time::sleep_until(at).await;
+                per_try
+            };
+            tokio::select! {
+                r = sent => Ok(r),
+                per_try = timer => Err(per_try),
+            }
+        }
     };
     endpoint.active.fetch_sub(1, Ordering::Relaxed);
     active.dec();
     match result {
-        Some(Ok(resp)) => Ok(resp),
-        Some(Err(e)) => Err(classify(e)),
-        None if is_per_try => {
+        Ok(Ok(resp)) => Ok(resp),
+        Ok(Err(e)) => Err(classify(e)),
+        Err(true) => {
             cluster
                 .metrics()
                 .upstream_rq_per_try_timeout
@@ -278,7 +409,7 @@ async fn attempt(
                 ProxyError::UpstreamTimeout,
             ))
         }
-        None => Err(route_timeout(cluster)),
+        Err(false) => Err(route_timeout(cluster)),
     }
 }
 

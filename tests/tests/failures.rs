@@ -258,3 +258,78 @@ async fn a_client_gone_mid_response_is_logged_dc() {
     let sent = log["bytes_sent"].as_u64().expect("bytes_sent");
     assert!(sent > 0 && sent < 256 * 1024 * 1024, "{log}");
 }
+
+/// A body that sends `chunks` pieces of 1 KiB, `gap` apart.
+fn slow_body(chunks: usize, gap: Duration) -> wasmesh_e2e::client::ReqBody {
+    let frames = futures_util::stream::unfold(0, move |i| async move {
+        if i == chunks {
+            return None;
+        }
+        tokio::time::sleep(gap).await;
+        let frame = http_body::Frame::data(bytes::Bytes::from(vec![b'x'; 1024]));
+        Some((Ok::<_, wasmesh_e2e::client::BoxError>(frame), i + 1))
+    });
+    http_body_util::BodyExt::boxed(http_body_util::StreamBody::new(frames))
+}
+
+/// The route's timeout starts once the whole request has been received (Envoy's rule): an
+/// upload that takes longer than the timeout is not cut off by it, and the upstream then
+/// gets the full timeout for its answer. Over both client protocols, to both upstream
+/// protocols, all at once.
+#[tokio::test]
+async fn the_route_timeout_starts_when_the_request_body_has_arrived() {
+    let count = [Upstream::start().await, Upstream::start().await];
+    let slow = [Upstream::start().await, Upstream::start().await];
+    for up in &count {
+        up.set_default(Behavior::CountBody);
+    }
+    for up in &slow {
+        up.set_default(Behavior::Delay(Duration::from_secs(5)));
+    }
+    let route = |prefix: &str, cluster: &str| json!({"match": {"prefix": prefix}, "cluster": cluster, "timeout": "500ms"});
+    let proxy = Proxy::start(json!({
+        "listeners": [{"name": "in", "address": "127.0.0.1:0", "routes": [
+            route("/h1/count", "h1-count"), route("/h2/count", "h2-count"),
+            route("/h1/slow", "h1-slow"), route("/h2/slow", "h2-slow"),
+        ]}],
+        "clusters": [
+            cluster("h1-count", count[0].addr()), h2_cluster("h2-count", count[1].addr()),
+            cluster("h1-slow", slow[0].addr()), h2_cluster("h2-slow", slow[1].addr()),
+        ],
+    }))
+    .await;
+    let l = proxy.listener("in");
+    // 4 chunks 250 ms apart: the upload takes about 1 s, twice the route's timeout.
+    let (chunks, gap) = (4, Duration::from_millis(250));
+    let mut cases = Vec::new();
+    for upstream in ["h1", "h2"] {
+        for what in ["count", "slow"] {
+            for over_h2 in [false, true] {
+                let path = format!("/{upstream}/{what}");
+                cases.push(async move {
+                    let req = Req::post(&path).stream_body(slow_body(chunks, gap));
+                    let start = std::time::Instant::now();
+                    let r = if over_h2 {
+                        req.send_h2(l).await
+                    } else {
+                        req.send(l).await
+                    };
+                    (path, over_h2, r, start.elapsed())
+                });
+            }
+        }
+    }
+    for (path, over_h2, r, took) in futures_util::future::join_all(cases).await {
+        if path.ends_with("count") {
+            assert_eq!(r.status, 200, "{path} h2={over_h2}: {}", r.text());
+            assert!(r.text().contains("\"bytes\":4096"), "{path}: {}", r.text());
+        } else {
+            // Slow after the body: the timeout still applies, counted from the body's end.
+            assert_eq!(r.status, 504, "{path} h2={over_h2}: {}", r.text());
+            assert!(
+                took >= gap * chunks as u32 + Duration::from_millis(400),
+                "{path} h2={over_h2}: 504 after {took:?}, before the body's end + 500 ms"
+            );
+        }
+    }
+}
