@@ -245,6 +245,7 @@ async fn serve_http(
     // On mesh mTLS this proxy answers as its own SPIFFE ID (`destination_principal`).
     if matches!(io, Downstream::Tls(_)) {
         conn_info.local_identity = lc.tls.as_ref().map(|t| t.identity());
+        conn_info.tls = true;
     }
     serve_http_conn(shared, listener, lc, io, conn_info, activity, shutdown).await
 }

@@ -37,6 +37,8 @@ pub struct ConnInfo {
     /// The peer's IP as a header value, rendered once per connection: every request on
     /// it appends this hop to `x-forwarded-for`.
     pub peer_ip: HeaderValue,
+    /// The connection is TLS (public TLS or mesh mTLS): its requests are `https`.
+    pub tls: bool,
 }
 
 impl ConnInfo {
@@ -50,6 +52,16 @@ impl ConnInfo {
             peer_identity: None,
             local_identity: None,
             peer_ip,
+            tls: false,
+        }
+    }
+
+    /// The scheme the client used: what filters, redirects and `x-forwarded-proto` say.
+    pub fn scheme(&self) -> &'static str {
+        if self.tls {
+            "https"
+        } else {
+            "http"
         }
     }
 }
@@ -121,12 +133,7 @@ where
     let authority = request_authority(&parts).unwrap_or_default();
     let user_agent = parts.headers.get(header::USER_AGENT);
     let trace = shared.tracing.start_server(
-        &parts,
-        authority,
-        user_agent,
-        conn.peer,
-        conn.local,
-        conn.peer_identity.is_some(),
+        &parts, authority, user_agent, conn.peer, conn.local, conn.tls,
     );
     let trace_ids = trace.ids(&parts.headers);
     let mut x = Exchange {
@@ -245,7 +252,7 @@ async fn serve(
             let (path, query) = split_path(&parts.uri);
             let location = format!(
                 "{}://{}{}{}{}",
-                scheme.as_deref().unwrap_or("http"),
+                scheme.as_deref().unwrap_or(conn.scheme()),
                 rhost.as_deref().unwrap_or(x.authority.as_str()),
                 rpath.as_deref().unwrap_or(path),
                 if query.is_some() { "?" } else { "" },
@@ -281,7 +288,7 @@ async fn serve(
             source_addr: x.client,
             peer_identity: conn.peer_identity.clone(),
             route: route.name.clone(),
-            scheme: "http",
+            scheme: conn.scheme(),
             trace_ids: x.trace_ids,
         });
         if x.trace.is_recording() {
@@ -902,7 +909,10 @@ fn prepare_upstream_request(
     let xff = append_forwarded_for(h, &conn.peer_ip);
     h.insert(X_FORWARDED_FOR.clone(), xff);
     if !h.contains_key(&X_FORWARDED_PROTO) {
-        h.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+        h.insert(
+            X_FORWARDED_PROTO.clone(),
+            HeaderValue::from_static(conn.scheme()),
+        );
     }
     // The Host header: rewritten, or the authority we routed on (HTTP/2 clients send
     // :authority only; an absolute-form URI's authority wins over Host, RFC 9112 §3.2.2), so

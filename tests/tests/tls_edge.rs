@@ -106,9 +106,13 @@ async fn tls_connect(
 async fn get_over<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
     s: &mut S,
     host: &str,
+    path: &str,
 ) -> String {
     s.write_all(
-        format!("GET /hello HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n\r\n").as_bytes(),
+        format!(
+            "GET {path} HTTP/1.1\r\nhost: {host}\r\nx-forwarded-proto: http\r\nconnection: close\r\n\r\n"
+        )
+        .as_bytes(),
     )
     .await
     .expect("write");
@@ -161,9 +165,13 @@ async fn public_tls_picks_the_certificate_by_sni_and_negotiates_h2() {
     let api = dns_cert(&ca, "api", &["*.api.example.com"]);
     let up = Upstream::named("web").await;
     let proxy = Proxy::start(json!({
+        "filter_dir": wasmesh_e2e::wasm_filters::filter_dir(&["testkit"]),
+        "filters": [{"name": "kit", "file": "testkit.wasm", "config": {"do": "scheme"}}],
         "listeners": [{"name": "edge", "address": "127.0.0.1:0",
             "public_tls": {"certificates": [{"cert": shop.cert, "key": shop.key}, {"cert": api.cert, "key": api.key}]},
-            "routes": [{"match": {"prefix": "/"}, "cluster": "web"}]}],
+            "routes": [
+                {"match": {"prefix": "/old"}, "redirect": {"path": "/new"}},
+                {"match": {"prefix": "/"}, "cluster": "web", "filters": ["kit"]}]}],
         "clusters": [cluster("web", up.addr())],
     }))
     .await;
@@ -173,9 +181,26 @@ async fn public_tls_picks_the_certificate_by_sni_and_negotiates_h2() {
             .await
             .expect("shop handshake");
     assert_eq!(serial, serial_of(&shop.cert));
-    let text = get_over(&mut s, "shop.example.com").await;
+    let text = get_over(&mut s, "shop.example.com", "/hello").await;
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");
     assert!(text.ends_with("upstream web"), "{text}");
+    // The client came over TLS: the upstream hears `https`, a client's own claim aside, and
+    // a redirect keeps the scheme.
+    assert_eq!(up.last().header("x-forwarded-proto"), Some("https"));
+    assert_eq!(
+        up.last().header("x-testkit-scheme"),
+        Some("https"),
+        "what a filter reads"
+    );
+    let (mut s, _, _) = tls_connect(addr, "shop.example.com", &ca.bundle(), &[b"http/1.1"], None)
+        .await
+        .expect("shop handshake");
+    let text = get_over(&mut s, "shop.example.com", "/old").await;
+    assert!(
+        text.to_ascii_lowercase()
+            .contains("location: https://shop.example.com/new\r\n"),
+        "{text}"
+    );
 
     let (_, serial, alpn) = tls_connect(
         addr,

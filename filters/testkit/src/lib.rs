@@ -209,6 +209,10 @@ impl Filter for Testkit {
                     let r = r.map_or_else(|e| format!("error: {e}"), |()| "ok".to_string());
                     let _ = req.set_header("x-testkit-header", &r);
                 }
+                // The scheme the host reports, in x-testkit-scheme.
+                "scheme" => {
+                    let _ = req.set_header("x-testkit-scheme", &req.scheme());
+                }
                 "get" => {
                     let v = state::get(arg)
                         .map(|b| String::from_utf8_lossy(&b).into_owned())
