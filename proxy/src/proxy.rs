@@ -826,11 +826,20 @@ fn set_path(uri: &mut Uri, path: &str, query: Option<&str>) {
     *uri = Uri::from_parts(p).unwrap_or_default();
 }
 
+/// A protocol switch the proxy splices through (WebSocket and the like). `h2c` is not one:
+/// an upstream that switched would carry the client's next requests inside the tunnel,
+/// past this proxy's routes and filters ("h2c smuggling"); RFC 9113 §3.1 retired that
+/// upgrade anyway. Such a request goes on as a plain request, its `Upgrade` and
+/// `HTTP2-Settings` removed as hop-by-hop.
 fn is_upgrade(h: &HeaderMap) -> bool {
     h.contains_key(header::UPGRADE)
         && h.get_all(header::CONNECTION)
             .iter()
             .any(|v| crate::text::has_token(v.as_bytes(), b"upgrade"))
+        && !h
+            .get_all(header::UPGRADE)
+            .iter()
+            .any(|v| crate::text::has_token(v.as_bytes(), b"h2c"))
 }
 
 /// Remove hop-by-hop headers (RFC 9110 §7.6.1), including those named in `Connection`.

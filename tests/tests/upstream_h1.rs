@@ -168,6 +168,37 @@ async fn proxy_for(up: &Scripted) -> Proxy {
 
 const OK_HELLO: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\nx-up: 1\r\n\r\nhello";
 
+/// `Upgrade: h2c` is not passed on: an upstream that switched would tunnel the client's
+/// next requests past the proxy's routes and filters (h2c smuggling). The request goes on
+/// as a plain one. (WebSocket upgrades pass: `protocols.rs`.)
+#[tokio::test]
+async fn an_h2c_upgrade_is_not_passed_on() {
+    let serve_two = vec![
+        Step::Read,
+        Step::Write(OK_HELLO),
+        Step::Read,
+        Step::Write(OK_HELLO),
+    ];
+    let up = Scripted::start(vec![serve_two]).await;
+    let proxy = proxy_for(&up).await;
+    for upgrade in ["h2c", "websocket, h2c"] {
+        let r = Req::get("/h2c")
+            .header("connection", "Upgrade, HTTP2-Settings")
+            .header("upgrade", upgrade)
+            .header("http2-settings", "AAMAAABkAARAAAAAAAIAAAAA")
+            .send(proxy.listener("in"))
+            .await;
+        assert_eq!((r.status, r.text().as_str()), (200, "hello"), "{upgrade}");
+        let head = up.requests().pop().expect("request").to_ascii_lowercase();
+        for gone in ["upgrade:", "http2-settings:", "connection: upgrade"] {
+            assert!(
+                !head.contains(gone),
+                "{upgrade}: {gone} reached the upstream:\n{head}"
+            );
+        }
+    }
+}
+
 /// 160 requests at once, twice. The connections the first burst opened all wait in the
 /// pool for the second (no idle cap of the pool's own, as in Envoy): a fixed cap below
 /// the burst (it was 128) closed the rest after each burst and opened them again, which
