@@ -369,8 +369,9 @@ async fn attempt(
         (None, None) => Ok(sent.await),
         (Some((received, route)), _) => {
             // The route's clock (and this try's) start once the client's body has ended;
-            // a gRPC deadline (`limit`) runs already.
-            let timer = async {
+            // a gRPC deadline (`limit`) runs already. Boxed: inline, its state would size
+            // every request's future, bodiless ones included.
+            let timer = Box::pin(async {
                 received.wait().await;
                 let start = Instant::now();
                 let route_at = start + *route;
@@ -386,7 +387,7 @@ async fn attempt(
                     .unwrap_or((route_at, false));
                 tokio::time::sleep_until(at).await;
                 per_try
-            };
+            });
             tokio::select! {
                 r = sent => Ok(r),
                 per_try = timer => Err(per_try),

@@ -29,7 +29,9 @@ use std::time::Instant;
 #[derive(Clone)]
 pub struct ConnInfo {
     pub peer: SocketAddr,
-    pub local: SocketAddr,
+    /// The port the client connected to (only the port: this struct is copied into every
+    /// request's future).
+    pub local_port: u16,
     /// SPIFFE ID of an mTLS peer.
     pub peer_identity: Option<Arc<str>>,
     /// SPIFFE ID this proxy presented on the connection (mTLS listeners).
@@ -48,7 +50,7 @@ impl ConnInfo {
             .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
         Self {
             peer,
-            local,
+            local_port: local.port(),
             peer_identity: None,
             local_identity: None,
             peer_ip,
@@ -133,7 +135,12 @@ where
     let authority = request_authority(&parts).unwrap_or_default();
     let user_agent = parts.headers.get(header::USER_AGENT);
     let trace = shared.tracing.start_server(
-        &parts, authority, user_agent, conn.peer, conn.local, conn.tls,
+        &parts,
+        authority,
+        user_agent,
+        conn.peer,
+        conn.local_port,
+        conn.tls,
     );
     let trace_ids = trace.ids(&parts.headers);
     let mut x = Exchange {
@@ -675,18 +682,57 @@ fn check_framing(h: &HeaderMap) -> Result<(), ProxyError> {
 /// host was meant.
 fn check_host(parts: &http::request::Parts) -> Result<(), ProxyError> {
     let mut hosts = parts.headers.get_all(header::HOST).iter();
-    match (hosts.next(), hosts.next()) {
+    let host = hosts.next();
+    match (host, hosts.next()) {
         (_, Some(_)) => return Err(ProxyError::BadRequest("multiple Host headers")),
         (None, None) if parts.version == Version::HTTP_11 && parts.uri.authority().is_none() => {
             return Err(ProxyError::BadRequest("missing Host header"))
         }
         _ => {}
     }
-    match request_authority(parts) {
-        Some(a) if !valid_authority(a.as_bytes()) => Err(ProxyError::BadRequest("invalid Host")),
-        _ => Ok(()),
+    // What routing will use (`request_authority`): the URI's authority, else Host.
+    let authority = match (parts.uri.authority(), host) {
+        (Some(a), _) => a.as_str().as_bytes(),
+        (None, Some(h)) => h.as_bytes(),
+        (None, None) => return Ok(()),
+    };
+    if valid_authority(authority) {
+        Ok(())
+    } else {
+        Err(ProxyError::BadRequest("invalid Host"))
     }
 }
+
+/// The bytes of an RFC 3986 reg-name (unreserved, sub-delims, `%`), as a table: this runs
+/// on every request.
+const REG_NAME: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut i = 0;
+    while i < 256 {
+        let c = i as u8;
+        t[i] = c.is_ascii_alphanumeric()
+            || matches!(
+                c,
+                b'-' | b'.'
+                    | b'_'
+                    | b'~'
+                    | b'!'
+                    | b'$'
+                    | b'&'
+                    | b'\''
+                    | b'('
+                    | b')'
+                    | b'*'
+                    | b'+'
+                    | b','
+                    | b';'
+                    | b'='
+                    | b'%'
+            );
+        i += 1;
+    }
+    t
+};
 
 /// `uri-host [":" port]` (RFC 9110 §7.2, RFC 3986 §3.2.2): no userinfo (`x@admin.local`,
 /// which HTTP/2 forbids too, RFC 9113 §8.3.1), no path or backslash, a port of digits. A
@@ -705,9 +751,18 @@ fn valid_authority(a: &[u8]) -> bool {
             None => return false,
         },
         _ => {
-            let end = a.iter().position(|&c| c == b':').unwrap_or(a.len());
-            let reg_name = |c: &u8| c.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=%".contains(c);
-            (a[..end].iter().all(reg_name), &a[end..])
+            // One pass: the name up to the port's colon.
+            let mut end = a.len();
+            for (i, &c) in a.iter().enumerate() {
+                if c == b':' {
+                    end = i;
+                    break;
+                }
+                if !REG_NAME[usize::from(c)] {
+                    return false;
+                }
+            }
+            (true, &a[end..])
         }
     };
     host_ok

@@ -749,7 +749,7 @@ impl Tracing {
         authority: &str,
         user_agent: Option<&HeaderValue>,
         peer: SocketAddr,
-        local: SocketAddr,
+        local_port: u16,
         tls: bool,
     ) -> RequestTrace {
         let Some(a) = &self.active else {
@@ -780,7 +780,7 @@ impl Tracing {
             method,
             method_original: None,
             https: tls,
-            server_port: local.port(),
+            server_port: local_port,
             peer,
             version: protocol_version(parts.version),
             text: Text::default(),
@@ -808,7 +808,7 @@ impl Tracing {
         };
         if sampled {
             rec.start = SystemTime::now();
-            let (host, port) = split_authority(authority, local.port());
+            let (host, port) = split_authority(authority, local_port);
             let ua = user_agent.and_then(|v| v.to_str().ok());
             let path = parts.uri.path();
             let query = parts.uri.query();
