@@ -22,7 +22,7 @@
 //! the rest of the request is dropped and so is the connection.
 
 use crate::cluster::{Body, BoxError, UpstreamConn};
-use crate::text::{chunk_size, has_token, last_token_is, list_items, parse_decimal};
+use crate::text::{chunk_size, has_token, last_token_is, list_items, parse_decimal, trim_ows};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode, Version};
 use http_body::{Body as _, Frame, SizeHint};
@@ -677,14 +677,21 @@ fn parse_head(
             } else if name == header::CONTENT_LENGTH {
                 // One decimal number; repeated or listed (`5, 5`), the same number each
                 // time (RFC 9110 §8.6), passed on as one.
-                lengths_repeated |= lengths.is_some() || value.as_bytes().contains(&b',');
-                for item in list_items(value.as_bytes()) {
-                    let v = parse_decimal(item).ok_or(());
-                    lengths = Some(match (lengths, v) {
+                let v = value.as_bytes();
+                let listed = v.contains(&b',');
+                lengths_repeated |= lengths.is_some() || listed;
+                let mut note = |item: &[u8]| {
+                    lengths = Some(match (lengths, parse_decimal(item).ok_or(())) {
                         (None, v) => v,
                         (Some(Ok(a)), Ok(b)) if a == b => Ok(a),
                         _ => Err(()),
                     });
+                };
+                // Almost always one number: no list iterator for it.
+                if listed {
+                    list_items(v).for_each(note);
+                } else {
+                    note(trim_ows(v));
                 }
             } else if name == header::CONNECTION {
                 if has_token(value.as_bytes(), b"close") {

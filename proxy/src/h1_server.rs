@@ -383,12 +383,17 @@ fn parse_head(
         if name == header::CONTENT_LENGTH {
             // One decimal number; repeated or listed (`5, 5`), the same number each time
             // (RFC 9110 §8.6), sent on as one.
-            lengths_repeated |= content_length.is_some() || v.contains(&b',');
-            for item in list_items(v) {
-                match parse_decimal(item) {
-                    Some(n) if content_length.is_none_or(|m| m == n) => content_length = Some(n),
-                    _ => lengths_disagree = true,
-                }
+            let listed = v.contains(&b',');
+            lengths_repeated |= content_length.is_some() || listed;
+            let mut note = |item: &[u8]| match parse_decimal(item) {
+                Some(n) if content_length.is_none_or(|m| m == n) => content_length = Some(n),
+                _ => lengths_disagree = true,
+            };
+            // Almost always one number: no list iterator for it.
+            if listed {
+                list_items(v).for_each(note);
+            } else {
+                note(trim_ows(v));
             }
         } else if name == header::TRANSFER_ENCODING {
             // Only `chunked`, last, is understood; anything else cannot be framed.
