@@ -257,14 +257,23 @@ async fn serve(
             status,
         } => {
             let (path, query) = split_path(&parts.uri);
-            let location = format!(
-                "{}://{}{}{}{}",
-                scheme.as_deref().unwrap_or(conn.scheme()),
-                rhost.as_deref().unwrap_or(x.authority.as_str()),
+            let host = rhost.as_deref().unwrap_or(x.authority.as_str());
+            let target = format!(
+                "{}{}{}",
                 rpath.as_deref().unwrap_or(path),
                 if query.is_some() { "?" } else { "" },
                 query.unwrap_or_default(),
             );
+            // With no host to name (an HTTP/1.0 request without Host, and none configured),
+            // a relative reference (RFC 9110 §10.2.2) rather than `http:///path`.
+            let location = if host.is_empty() {
+                target
+            } else {
+                format!(
+                    "{}://{host}{target}",
+                    scheme.as_deref().unwrap_or(conn.scheme())
+                )
+            };
             let mut resp = Response::new(empty());
             *resp.status_mut() = *status;
             if let Ok(v) = HeaderValue::from_str(&location) {

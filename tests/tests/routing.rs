@@ -130,6 +130,11 @@ async fn direct_response_and_redirect() {
     let r = Req::get("/secure/a").host("site.local").send(l).await;
     assert_eq!(r.status, 301, "301 is the default redirect status");
     assert_eq!(r.header("location"), Some("https://example.test/secure/a"));
+
+    // No host to name (HTTP/1.0 without Host): a relative reference, not `http:///new`.
+    let r = wasmesh_e2e::raw::RawConn::exchange(l, b"GET /old/page HTTP/1.0\r\n\r\n").await;
+    assert_eq!(r.status(), Some(302), "{}", r.text());
+    assert!(r.text().contains("location: /new\r\n"), "{}", r.text());
 }
 
 #[tokio::test]
