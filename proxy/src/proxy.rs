@@ -785,9 +785,9 @@ fn valid_authority(a: &[u8]) -> bool {
 /// A target this proxy can forward. CONNECT asks for a tunnel: forwarded as a request, an
 /// upstream's 2xx would turn the client's connection into a tunnel the proxy still parses
 /// as HTTP. An HTTP/2 request needs a `:path` (RFC 9113 §8.3.1), which the h2 crate does
-/// not insist on; without `:authority` either, its URI is empty and its path would reach
-/// an HTTP/1.1 upstream as an empty request target. (With `:authority` and `:scheme`, the
-/// URI cannot tell a missing `:path` from `/`, and `/` is what is forwarded.)
+/// not insist on; without `:authority` either, its URI is empty (it would have gone on as
+/// a request for `/`). With `:authority` and `:scheme`, the URI cannot tell a missing
+/// `:path` from `/`, and `/` is what is forwarded.
 fn check_target(parts: &http::request::Parts) -> Result<(), ProxyError> {
     if parts.method == http::Method::CONNECT {
         return Err(ProxyError::ConnectUnsupported);
