@@ -194,6 +194,9 @@ async fn serve(
 ) -> Result<(Response<Body>, Option<ChainRun>), (ProxyError, Option<ChainRun>)> {
     let (mut parts, body) = req.into_parts();
 
+    // The request id first, so that a refused request is found in the log by it too.
+    x.request_id = Some(ensure_request_id(&mut parts.headers));
+
     // 1. Reject what must never reach an upstream (request smuggling, bad paths). Over
     // HTTP/1.1 the server has not read a body of such a request and closes the
     // connection after the answer.
@@ -208,7 +211,6 @@ async fn serve(
         return Err((ProxyError::TooManyHeaders, None));
     }
     strip_internal_headers(&mut parts.headers);
-    x.request_id = Some(ensure_request_id(&mut parts.headers));
     x.client = client_address(&parts.headers, conn.peer, lc.spec.xff_num_trusted_hops);
     if lc.spec.xff_num_trusted_hops == 0 {
         // An edge listener: the client cannot tell the upstream it came over TLS (Envoy
