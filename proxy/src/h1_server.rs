@@ -14,7 +14,7 @@
 //! - A request body is delimited by Content-Length or by chunked coding (which must be
 //!   the last transfer coding). A request with both, with a coding other than chunked,
 //!   or with Content-Lengths that disagree reaches the service with an empty body (the
-//!   request path answers it 400, see `proxy::check_framing`), and the connection closes
+//!   request path answers it 400, see `UntrustedFraming`), and the connection closes
 //!   after the answer: what follows on the wire cannot be trusted.
 //! - A response is delimited by its Content-Length, or the body's known size, or chunked
 //!   coding for an HTTP/1.1 client, or the connection's close for an HTTP/1.0 one. HEAD,

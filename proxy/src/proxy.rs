@@ -197,13 +197,13 @@ async fn serve(
     // The request id first, so that a refused request is found in the log by it too.
     x.request_id = Some(ensure_request_id(&mut parts.headers));
 
-    // 1. Reject what must never reach an upstream (request smuggling, bad paths). Over
-    // HTTP/1.1 the server has not read a body of such a request and closes the
-    // connection after the answer.
+    // 1. Reject what must never reach an upstream (request smuggling, bad paths). Framing
+    // is judged once, where it is read: the HTTP/1.1 server marks what it cannot trust (it
+    // has read no body of it and closes the connection after the answer); the h2 crate
+    // refuses Transfer-Encoding and lengths that disagree itself.
     if let Some(u) = parts.extensions.get::<crate::h1_server::UntrustedFraming>() {
         return Err((ProxyError::BadRequest(u.0), None));
     }
-    check_framing(&parts.headers).map_err(|e| (e, None))?;
     check_host(&parts).map_err(|e| (e, None))?;
     check_target(&parts).map_err(|e| (e, None))?;
     if parts.headers.len() > lc.spec.limits.max_headers_count {
@@ -658,34 +658,6 @@ fn local_response(local: LocalResponse, x: &mut Exchange) -> Response<Body> {
     *resp.status_mut() = local.status;
     *resp.headers_mut() = local.headers;
     resp
-}
-
-/// Conflicting framing is how request smuggling starts: refuse it (RFC 9112 §6.1, §6.3).
-fn check_framing(h: &HeaderMap) -> Result<(), ProxyError> {
-    let te = h.contains_key(header::TRANSFER_ENCODING);
-    if te && h.contains_key(header::CONTENT_LENGTH) {
-        return Err(ProxyError::BadRequest(
-            "both Content-Length and Transfer-Encoding",
-        ));
-    }
-    if te {
-        // hyper only accepts `chunked` last; anything else has ambiguous framing.
-        for v in h.get_all(header::TRANSFER_ENCODING) {
-            let v = v
-                .to_str()
-                .map_err(|_| ProxyError::BadRequest("bad Transfer-Encoding"))?;
-            if !crate::text::list_items(v.as_bytes()).all(|t| t.eq_ignore_ascii_case(b"chunked")) {
-                return Err(ProxyError::BadRequest("unsupported Transfer-Encoding"));
-            }
-        }
-    }
-    let mut cls = h.get_all(header::CONTENT_LENGTH).iter();
-    if let (Some(a), Some(b)) = (cls.next(), cls.next()) {
-        if a != b {
-            return Err(ProxyError::BadRequest("conflicting Content-Length"));
-        }
-    }
-    Ok(())
 }
 
 /// One valid host per request (RFC 9112 §3.2): several Host lines, none in HTTP/1.1, or an
@@ -1316,20 +1288,5 @@ mod tests {
         assert_eq!(client_address(&h, peer, 1).ip().to_string(), "10.0.0.2");
         assert_eq!(client_address(&h, peer, 3).ip().to_string(), "1.1.1.1");
         assert_eq!(client_address(&h, peer, 4), peer);
-    }
-
-    #[test]
-    fn smuggling_framing_refused() {
-        let mut h = HeaderMap::new();
-        h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("5"));
-        h.insert(
-            header::TRANSFER_ENCODING,
-            HeaderValue::from_static("chunked"),
-        );
-        assert!(check_framing(&h).is_err());
-        let mut h = HeaderMap::new();
-        h.append(header::CONTENT_LENGTH, HeaderValue::from_static("5"));
-        h.append(header::CONTENT_LENGTH, HeaderValue::from_static("6"));
-        assert!(check_framing(&h).is_err());
     }
 }
