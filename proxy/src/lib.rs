@@ -32,6 +32,7 @@ pub mod filters;
 pub mod forward;
 pub mod h1;
 pub mod h1_server;
+pub mod h2_headers;
 pub mod header_pool;
 pub mod health;
 pub mod heap;

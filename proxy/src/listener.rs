@@ -9,6 +9,7 @@
 use crate::cluster::Cluster;
 use crate::config::{ListenerLimits, ListenerProtocol};
 use crate::h1_server::{self, Served};
+use crate::h2_headers::{HeaderBlockClock, HeaderWatch};
 use crate::proxy::{self, ConnInfo};
 use crate::server::{ListenerRuntime, Shared};
 use crate::telemetry::metrics::{ListenerLabel, ReasonLabel};
@@ -363,6 +364,8 @@ async fn serve_http_conn(
         Served::Http2(io) => {
             // HTTP/2's idle timeout follows the bytes moving.
             activity.resume();
+            let headers = HeaderBlockClock::new();
+            let io = HeaderWatch::new(io, headers.clone());
             // Boxed (once per HTTP/2 connection): inline, hyper's connection state would
             // size every HTTP/1.1 connection's future too.
             Box::pin(serve_h2(
@@ -371,7 +374,7 @@ async fn serve_http_conn(
                 lc,
                 TokioIo::new(io),
                 conn_info,
-                activity,
+                H2Clocks { activity, headers },
                 shutdown,
             ))
             .await
@@ -379,20 +382,30 @@ async fn serve_http_conn(
     }
 }
 
-/// Serve an HTTP/2 connection until it ends, goes idle or the worker drains.
+/// What an HTTP/2 connection's serving loop times: any byte (the idle timeout) and the
+/// client's header blocks (the header timeout).
+struct H2Clocks {
+    activity: Arc<Activity>,
+    headers: Arc<HeaderBlockClock>,
+}
+
+/// Serve an HTTP/2 connection until it ends, goes idle, takes too long to send a
+/// request's headers, or the worker drains.
 async fn serve_h2<I>(
     shared: Arc<Shared>,
     listener: Arc<ListenerRuntime>,
     lc: Arc<crate::server::ListenerConfig>,
     io: I,
     conn_info: ConnInfo,
-    activity: Arc<Activity>,
+    clocks: H2Clocks,
     mut shutdown: watch::Receiver<bool>,
 ) where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
     let peer = conn_info.peer;
+    let H2Clocks { activity, headers } = clocks;
     let idle_timeout = lc.spec.limits.idle_timeout;
+    let header_timeout = lc.spec.limits.request_headers_timeout;
     let svc_shared = shared.clone();
     let svc_listener = listener.clone();
     let svc = service_fn(move |req| {
@@ -416,6 +429,9 @@ async fn serve_h2<I>(
     let mut draining = false;
     loop {
         let idle_at = activity.last() + idle_timeout;
+        // A header block the client has been sending for too long (a validated manifest
+        // has a non-zero timeout).
+        let headers_due = headers.open_since().map(|t| t + header_timeout);
         tokio::select! {
             r = conn.as_mut() => {
                 if let Err(e) = r {
@@ -436,6 +452,18 @@ async fn serve_h2<I>(
                 if activity.last() + idle_timeout <= Instant::now() {
                     draining = true;
                     conn.as_mut().graceful_shutdown();
+                }
+            }
+            // Re-arm: a block opened after this loop's deadlines were computed.
+            () = headers.opened(), if headers_due.is_none() => {}
+            _ = tokio::time::sleep_until(headers_due.unwrap_or(idle_at)), if headers_due.is_some() => {
+                if headers.open_since().is_some_and(|t| t + header_timeout <= Instant::now()) {
+                    // As the HTTP/1.1 server does: close, nothing reached the service.
+                    tracing::debug!(listener = %listener.name, %peer, timeout = ?header_timeout, "HTTP/2 header block not finished in time; closing the connection");
+                    shared.metrics.downstream_rq_rejected
+                        .get_or_create(&ReasonLabel { listener: listener.name.clone(), reason: "header_timeout" })
+                        .inc();
+                    return;
                 }
             }
         }

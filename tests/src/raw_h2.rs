@@ -13,15 +13,28 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-const DATA: u8 = 0x0;
-const HEADERS: u8 = 0x1;
+pub const DATA: u8 = 0x0;
+pub const HEADERS: u8 = 0x1;
 const RST_STREAM: u8 = 0x3;
 const SETTINGS: u8 = 0x4;
-const PING: u8 = 0x6;
+pub const PING: u8 = 0x6;
 const GOAWAY: u8 = 0x7;
-const END_STREAM: u8 = 0x1;
+pub const CONTINUATION: u8 = 0x9;
+pub const END_STREAM: u8 = 0x1;
 const ACK: u8 = 0x1;
-const END_HEADERS: u8 = 0x4;
+pub const END_HEADERS: u8 = 0x4;
+
+/// A header block of these fields, in this order, as given: HPACK literals without
+/// indexing, new names (RFC 7541 §6.2.2), so any byte can be sent.
+pub fn header_block_of(fields: &[(&[u8], &[u8])]) -> Vec<u8> {
+    let mut block = Vec::new();
+    for (name, value) in fields {
+        block.push(0x00);
+        encode_string(&mut block, name);
+        encode_string(&mut block, value);
+    }
+    block
+}
 
 /// How the server ended a stream.
 #[derive(Debug, PartialEq, Eq)]
@@ -71,15 +84,19 @@ impl RawH2 {
 
     /// A HEADERS frame (END_HEADERS set) with these fields, in this order, as given.
     pub async fn headers(&mut self, stream_id: u32, fields: &[(&[u8], &[u8])], end_stream: bool) {
-        let mut block = Vec::new();
-        for (name, value) in fields {
-            // Literal header field without indexing, new name (RFC 7541 §6.2.2).
-            block.push(0x00);
-            encode_string(&mut block, name);
-            encode_string(&mut block, value);
-        }
+        let block = header_block_of(fields);
         let flags = END_HEADERS | if end_stream { END_STREAM } else { 0 };
         self.frame(HEADERS, flags, stream_id, &block).await;
+    }
+
+    /// Any frame, as given (`kind` and `flags` from RFC 9113 §6).
+    pub async fn send_frame(&mut self, kind: u8, flags: u8, stream_id: u32, payload: &[u8]) {
+        self.frame(kind, flags, stream_id, payload).await;
+    }
+
+    /// Bytes as they are: a frame cut anywhere, or trickled.
+    pub async fn send_bytes(&mut self, bytes: &[u8]) {
+        self.write(bytes).await;
     }
 
     pub async fn data(&mut self, stream_id: u32, data: &[u8], end_stream: bool) {

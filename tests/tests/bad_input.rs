@@ -6,7 +6,7 @@ use serde_json::json;
 use std::time::{Duration, Instant};
 use wasmesh_e2e::client::{Conn, Req};
 use wasmesh_e2e::raw::RawConn;
-use wasmesh_e2e::raw_h2::{H2Outcome, RawH2};
+use wasmesh_e2e::raw_h2::{self, header_block_of, H2Outcome, RawH2};
 use wasmesh_e2e::{cluster, Behavior, Proxy, Upstream};
 
 async fn setup() -> (Upstream, Proxy) {
@@ -103,6 +103,114 @@ async fn slowloris_headers_time_out() {
         "closed after {took:?}"
     );
     assert_eq!(up.request_count(), 0);
+}
+
+/// Send one byte at a time, 100 ms apart, until the server ends the connection (or
+/// `limit` passes); then how it ended and when.
+async fn trickle_until_closed(c: &mut RawH2, limit: Duration) -> (H2Outcome, Duration) {
+    let start = Instant::now();
+    loop {
+        c.send_bytes(&[0]).await;
+        let o = c.outcome(1, Duration::from_millis(100)).await;
+        if o != H2Outcome::TimedOut || start.elapsed() > limit {
+            return (o, start.elapsed());
+        }
+    }
+}
+
+/// A frame's 9-byte header alone: its payload is sent separately.
+fn frame_head(kind: u8, flags: u8, stream_id: u32, len: usize) -> Vec<u8> {
+    let l = u32::try_from(len).expect("fits").to_be_bytes();
+    let id = stream_id.to_be_bytes();
+    vec![l[1], l[2], l[3], kind, flags, id[0], id[1], id[2], id[3]]
+}
+
+#[tokio::test]
+async fn http2_slowloris_header_blocks_time_out() {
+    let (up, proxy) = setup().await;
+    let l = proxy.listener("in");
+    let block = header_block_of(&[
+        (b":method", b"GET"),
+        (b":scheme", b"http"),
+        (b":path", b"/slow"),
+        (b":authority", b"x"),
+    ]);
+
+    // A header block that never ends while bytes keep moving, so the idle timeout (300 s)
+    // never fires: HEADERS without END_HEADERS, then a CONTINUATION whose payload trickles
+    // (one frame: h2's own limit on CONTINUATION floods is not what ends it); and a single
+    // HEADERS frame whose payload trickles. Before the header timeout covered HTTP/2, both
+    // kept their connections.
+    let mut continuation = RawH2::connect(l).await;
+    continuation
+        .send_frame(raw_h2::HEADERS, raw_h2::END_STREAM, 1, &block)
+        .await;
+    continuation
+        .send_bytes(&frame_head(
+            raw_h2::CONTINUATION,
+            raw_h2::END_HEADERS,
+            1,
+            4000,
+        ))
+        .await;
+    let mut trickled = RawH2::connect(l).await;
+    trickled
+        .send_bytes(&frame_head(
+            raw_h2::HEADERS,
+            raw_h2::END_HEADERS | raw_h2::END_STREAM,
+            1,
+            4000,
+        ))
+        .await;
+    let (a, b) = tokio::join!(
+        trickle_until_closed(&mut continuation, Duration::from_secs(5)),
+        trickle_until_closed(&mut trickled, Duration::from_secs(5)),
+    );
+    for (case, (outcome, took)) in [("HEADERS payload", b), ("CONTINUATION", a)] {
+        assert_eq!(
+            outcome,
+            H2Outcome::Closed,
+            "{case}: the connection is closed"
+        );
+        // request_headers_timeout is 1 s.
+        assert!(
+            took >= Duration::from_millis(800) && took < Duration::from_secs(4),
+            "{case}: closed after {took:?}"
+        );
+    }
+    assert_eq!(up.request_count(), 0);
+    assert_eq!(
+        proxy
+            .metric(
+                "wasmesh_downstream_rq_rejected_total",
+                &[("listener", "in"), ("reason", "header_timeout")]
+            )
+            .await,
+        2.0,
+    );
+
+    // What is not a slow header block keeps its connection: PINGs with no request for
+    // longer than the timeout, then a request whose block is split in two frames.
+    let mut patient = RawH2::connect(l).await;
+    for i in 0..8u8 {
+        patient.send_frame(raw_h2::PING, 0, 0, &[i; 8]).await;
+        assert_eq!(
+            patient.outcome(1, Duration::from_millis(200)).await,
+            H2Outcome::TimedOut
+        );
+    }
+    let (first, rest) = block.split_at(block.len() / 2);
+    patient
+        .send_frame(raw_h2::HEADERS, raw_h2::END_STREAM, 1, first)
+        .await;
+    patient
+        .send_frame(raw_h2::CONTINUATION, raw_h2::END_HEADERS, 1, rest)
+        .await;
+    match patient.outcome(1, Duration::from_secs(5)).await {
+        H2Outcome::Response { status, .. } => assert_eq!(status, Some(200)),
+        other => panic!("a split header block is answered: {other:?}"),
+    }
+    assert_eq!(up.request_count(), 1);
 }
 
 const CL_AND_TE: &[u8] = b"POST /cl-te HTTP/1.1\r\nHost: x\r\nContent-Length: 44\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n";

@@ -320,7 +320,8 @@ pub struct ListenerLimits {
     /// Number of request headers. Past it: 431.
     #[serde(default = "default_max_headers_count")]
     pub max_headers_count: usize,
-    /// Time allowed to receive a request's headers (slowloris).
+    /// Time allowed to receive a request's headers (slowloris): an HTTP/1.1 head, or an
+    /// HTTP/2 header block from its first byte to its last.
     #[serde(default = "default_header_timeout", with = "super::duration")]
     pub request_headers_timeout: Duration,
     /// A downstream connection with no request for this long is closed.
