@@ -33,6 +33,7 @@ pub mod forward;
 pub mod h1;
 pub mod h1_server;
 pub mod h2_headers;
+pub mod h2_streams;
 pub mod header_pool;
 pub mod health;
 pub mod heap;

@@ -10,6 +10,7 @@ use crate::cluster::Cluster;
 use crate::config::{ListenerLimits, ListenerProtocol};
 use crate::h1_server::{self, Served};
 use crate::h2_headers::{HeaderBlockClock, HeaderWatch};
+use crate::h2_streams::{Streams, Tracked};
 use crate::proxy::{self, ConnInfo};
 use crate::server::{ListenerRuntime, Shared};
 use crate::telemetry::metrics::{ListenerLabel, ReasonLabel};
@@ -225,7 +226,9 @@ async fn serve_http(
     let local = stream.local_addr().unwrap_or(peer);
     let _ = stream.set_nodelay(true);
     let lc = listener.current.load_full();
-    // Recorded only once the connection turns out to be HTTP/2 (see `serve_http_conn`).
+    // Never recorded: HTTP connections time their idleness by requests, not bytes
+    // (HTTP/1.1 between requests, HTTP/2 by streams in progress). `terminate` wants one
+    // for the TCP listeners that share it.
     let activity = Arc::new(Activity::paused());
     let mut conn_info = ConnInfo::new(peer, local);
     if lc.tls.is_none() && lc.public_tls.is_none() {
@@ -233,7 +236,7 @@ async fn serve_http(
             inner: stream,
             activity: activity.clone(),
         });
-        return serve_http_conn(shared, listener, lc, io, conn_info, activity, shutdown).await;
+        return serve_http_conn(shared, listener, lc, io, conn_info, shutdown).await;
     }
     // Boxed, once per TLS connection: the handshake's state would otherwise size every
     // connection's future, plaintext ones included, for its whole life.
@@ -248,7 +251,7 @@ async fn serve_http(
         conn_info.local_identity = lc.tls.as_ref().map(|t| t.identity());
         conn_info.tls = true;
     }
-    serve_http_conn(shared, listener, lc, io, conn_info, activity, shutdown).await
+    serve_http_conn(shared, listener, lc, io, conn_info, shutdown).await
 }
 
 /// A downstream connection after the listener's TLS (if any) has been dealt with.
@@ -337,7 +340,6 @@ async fn serve_http_conn(
     lc: Arc<crate::server::ListenerConfig>,
     io: Downstream,
     conn_info: ConnInfo,
-    activity: Arc<Activity>,
     shutdown: watch::Receiver<bool>,
 ) {
     let limits = &lc.spec.limits;
@@ -362,8 +364,6 @@ async fn serve_http_conn(
     match h1_server::serve(io, &settings, shutdown.clone(), on_reject, svc).await {
         Served::Closed => {}
         Served::Http2(io) => {
-            // HTTP/2's idle timeout follows the bytes moving.
-            activity.resume();
             let headers = HeaderBlockClock::new();
             let io = HeaderWatch::new(io, headers.clone());
             // Boxed (once per HTTP/2 connection): inline, hyper's connection state would
@@ -374,7 +374,7 @@ async fn serve_http_conn(
                 lc,
                 TokioIo::new(io),
                 conn_info,
-                H2Clocks { activity, headers },
+                headers,
                 shutdown,
             ))
             .await
@@ -382,33 +382,30 @@ async fn serve_http_conn(
     }
 }
 
-/// What an HTTP/2 connection's serving loop times: any byte (the idle timeout) and the
-/// client's header blocks (the header timeout).
-struct H2Clocks {
-    activity: Arc<Activity>,
-    headers: Arc<HeaderBlockClock>,
-}
-
-/// Serve an HTTP/2 connection until it ends, goes idle, takes too long to send a
-/// request's headers, or the worker drains.
+/// Serve an HTTP/2 connection until it ends, goes idle (no request in progress for
+/// `idle_timeout`, see `crate::h2_streams`), takes too long to send a request's headers
+/// (`headers`, see `crate::h2_headers`), or the worker drains.
 async fn serve_h2<I>(
     shared: Arc<Shared>,
     listener: Arc<ListenerRuntime>,
     lc: Arc<crate::server::ListenerConfig>,
     io: I,
     conn_info: ConnInfo,
-    clocks: H2Clocks,
+    headers: Arc<HeaderBlockClock>,
     mut shutdown: watch::Receiver<bool>,
 ) where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
     let peer = conn_info.peer;
-    let H2Clocks { activity, headers } = clocks;
     let idle_timeout = lc.spec.limits.idle_timeout;
     let header_timeout = lc.spec.limits.request_headers_timeout;
     let svc_shared = shared.clone();
     let svc_listener = listener.clone();
+    let streams = Streams::new();
+    let svc_streams = streams.clone();
     let svc = service_fn(move |req| {
+        // In progress from here until the response body is dropped.
+        let guard = svc_streams.enter();
         // Boxed: hyper spawns each stream's future as a task, and tokio moves a task's
         // future by value on spawn and again as it stores it. The request path's future
         // is kilobytes; those moves cost more than the rest of an HTTP/2 request
@@ -422,13 +419,18 @@ async fn serve_h2<I>(
                 req,
             )
         });
-        async move { Ok::<_, std::convert::Infallible>(fut.await) }
+        async move {
+            let resp = fut.await;
+            Ok::<_, std::convert::Infallible>(resp.map(|body| Tracked::new(body, guard)))
+        }
     });
     let builder = http2_builder(&lc.spec.limits);
     let mut conn = pin!(builder.serve_connection(io, svc));
     let mut draining = false;
     loop {
-        let idle_at = activity.last() + idle_timeout;
+        // With a request in progress, look again in `idle_timeout`: it cannot be idle
+        // before then.
+        let idle_at = streams.idle_since().unwrap_or_else(Instant::now) + idle_timeout;
         // A header block the client has been sending for too long (a validated manifest
         // has a non-zero timeout).
         let headers_due = headers.open_since().map(|t| t + header_timeout);
@@ -449,7 +451,7 @@ async fn serve_h2<I>(
                 conn.as_mut().graceful_shutdown();
             }
             _ = tokio::time::sleep_until(idle_at), if !draining && !idle_timeout.is_zero() => {
-                if activity.last() + idle_timeout <= Instant::now() {
+                if streams.idle_since().is_some_and(|t| t + idle_timeout <= Instant::now()) {
                     draining = true;
                     conn.as_mut().graceful_shutdown();
                 }
@@ -721,9 +723,10 @@ impl<T: AsyncWrite> AsyncWrite for IdleIo<T> {
 }
 
 /// When a connection last moved a byte, as milliseconds since the process started
-/// (an atomic, because hyper needs connection I/O to be `Send`). A paused one records
-/// nothing: HTTP/1.1 connections keep their own idle timer, and reading the clock on
-/// every read and write cost a few hundred instructions per request.
+/// (an atomic, because hyper needs connection I/O to be `Send`): the idle timeout of raw
+/// TCP connections. A paused one records nothing: HTTP connections time idleness by
+/// requests (see `serve_http`), and reading the clock on every read and write cost a few
+/// hundred instructions per request.
 pub struct Activity {
     last_ms: AtomicU64,
     paused: std::sync::atomic::AtomicBool,

@@ -843,6 +843,57 @@ async fn idle_downstream_connections_are_closed() {
     );
 }
 
+#[tokio::test]
+async fn idle_http2_connections_are_closed_by_requests_not_bytes() {
+    let up = Upstream::start().await;
+    up.set_default(Behavior::Delay(Duration::from_millis(1500)));
+    let proxy = Proxy::start(json!({
+        "listeners": [{"name": "in", "address": "127.0.0.1:0", "limits": {"idle_timeout": "1s"},
+                       "routes": [{"cluster": "app"}]}],
+        "clusters": [cluster("app", up.addr())],
+    }))
+    .await;
+    let block = header_block_of(&[
+        (b":method", b"GET"),
+        (b":scheme", b"http"),
+        (b":path", b"/slow"),
+        (b":authority", b"x"),
+    ]);
+    let flags = raw_h2::END_HEADERS | raw_h2::END_STREAM;
+    let mut c = RawH2::connect(proxy.listener("in")).await;
+
+    // Requests in progress longer than the idle timeout keep the connection: both are
+    // answered, the second sent after the first's 1.5 s (no GOAWAY in between).
+    for stream in [1, 3] {
+        c.send_frame(raw_h2::HEADERS, flags, stream, &block).await;
+        match c.outcome(stream, Duration::from_secs(5)).await {
+            H2Outcome::Response { status, .. } => assert_eq!(status, Some(200)),
+            other => panic!("stream {stream}: {other:?}"),
+        }
+    }
+
+    // With none in progress it is closed after the idle timeout, although PINGs keep
+    // bytes moving (hyper's own keep-alive pings would too, every 60 s).
+    let start = Instant::now();
+    let ended = loop {
+        c.send_frame(raw_h2::PING, 0, 0, &[7; 8]).await;
+        match c.outcome(5, Duration::from_millis(200)).await {
+            H2Outcome::TimedOut if start.elapsed() < Duration::from_secs(5) => continue,
+            other => break other,
+        }
+    };
+    assert!(
+        matches!(ended, H2Outcome::GoAway(0) | H2Outcome::Closed),
+        "{ended:?}"
+    );
+    let took = start.elapsed();
+    assert!(
+        took >= Duration::from_millis(800) && took < Duration::from_secs(4),
+        "closed after {took:?}"
+    );
+    assert_eq!(up.request_count(), 2);
+}
+
 /// A proxy whose routes use what the request path decides on (matchers, rewrites,
 /// hashing, retries, region selection, redirects, direct answers), for the random-request
 /// tests below.

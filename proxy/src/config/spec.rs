@@ -324,7 +324,8 @@ pub struct ListenerLimits {
     /// HTTP/2 header block from its first byte to its last.
     #[serde(default = "default_header_timeout", with = "super::duration")]
     pub request_headers_timeout: Duration,
-    /// A downstream connection with no request for this long is closed.
+    /// A downstream connection with no request in progress for this long is closed
+    /// (HTTP/2: whatever control frames move meanwhile).
     #[serde(default = "default_idle_timeout", with = "super::duration")]
     pub idle_timeout: Duration,
     /// A request or response body that waits this long for its next bytes fails (Envoy's
