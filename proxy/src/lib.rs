@@ -6,7 +6,8 @@
 //! - [`server`]: life cycle (build, bind, serve, reload, drain) and process-wide state;
 //! - [`listener`]: sockets, worker threads and downstream connections; [`h1_server`]:
 //!   downstream HTTP/1.1, including its request framing (Content-Length with
-//!   Transfer-Encoding, chunked coding);
+//!   Transfer-Encoding, chunked coding); downstream HTTP/2 is hyper's, timed by
+//!   [`h2_headers`] (header blocks) and [`h2_streams`] (idleness);
 //! - [`proxy`]: the HTTP request path, top to bottom; [`routing`]: route matching and
 //!   path normalization; [`forward`]: the upstream leg with its retries ([`retry`]) and
 //!   mirrors ([`mirror`]);

@@ -54,13 +54,29 @@ struct EndpointConns {
     /// HTTP/1.1: the idle connections and when each was put back, the most recent last.
     idle: Vec<(h1::Conn, Instant)>,
     /// HTTP/2: the shared connection.
-    h2: Option<(http2::SendRequest<Body>, Peer)>,
+    h2: Option<H2Conn>,
 }
+
+/// An endpoint's HTTP/2 connection, with what the sweeper needs to close it once no
+/// request has used it for the cluster's `idle_timeout`.
+struct H2Conn {
+    send: http2::SendRequest<Body>,
+    peer: Peer,
+    /// A request took the connection since the sweeper's last pass.
+    used: bool,
+    /// The sweeper's passes since one did.
+    unused_passes: u32,
+}
+
+/// Sweeper passes an HTTP/2 connection may go unused before it is closed: passes come
+/// every half `idle_timeout`, so it closes between one and one and a half timeouts after
+/// its last request.
+const H2_UNUSED_PASSES: u32 = 2;
 
 #[derive(Default)]
 struct WorkerPool {
     endpoints: FxHashMap<SocketAddr, EndpointConns>,
-    /// A sweeper task is scheduled for this pool's idle HTTP/1.1 connections.
+    /// A sweeper task is scheduled for this pool's idle connections.
     sweeping: bool,
 }
 
@@ -136,12 +152,16 @@ impl ClusterPools {
     }
 
     /// The shared HTTP/2 connection to `addr`, opened if there is none.
-    async fn h2(&self, addr: SocketAddr) -> Result<(http2::SendRequest<Body>, Peer), PoolError> {
+    async fn h2(
+        self: &std::sync::Arc<Self>,
+        addr: SocketAddr,
+    ) -> Result<(http2::SendRequest<Body>, Peer), PoolError> {
         if let Ok(mut p) = self.pool().lock() {
             let ep = p.endpoints.entry(addr).or_default();
-            if let Some((sr, peer)) = &ep.h2 {
-                if !sr.is_closed() {
-                    return Ok((sr.clone(), peer.clone()));
+            if let Some(c) = &mut ep.h2 {
+                if !c.send.is_closed() {
+                    c.used = true;
+                    return Ok((c.send.clone(), c.peer.clone()));
                 }
                 ep.h2 = None;
             }
@@ -165,7 +185,13 @@ impl ClusterPools {
             }
         });
         if let Ok(mut p) = self.pool().lock() {
-            p.endpoints.entry(addr).or_default().h2 = Some((sr.clone(), peer.clone()));
+            p.endpoints.entry(addr).or_default().h2 = Some(H2Conn {
+                send: sr.clone(),
+                peer: peer.clone(),
+                used: true,
+                unused_passes: 0,
+            });
+            self.ensure_sweeping(&mut p);
         }
         Ok((sr, peer))
     }
@@ -183,6 +209,12 @@ impl ClusterPools {
         let mut conn = conn;
         conn.release_buffer();
         ep.idle.push((conn, Instant::now()));
+        self.ensure_sweeping(&mut p);
+    }
+
+    /// Start this worker's sweeper if it is not running (worker threads only: the
+    /// sweeper is a task on the worker's event loop).
+    fn ensure_sweeping(self: &std::sync::Arc<Self>, p: &mut WorkerPool) {
         if !p.sweeping && crate::cluster::worker_index() != usize::MAX {
             p.sweeping = true;
             tokio::task::spawn_local(self.clone().sweep());
@@ -192,8 +224,11 @@ impl ClusterPools {
     /// Close this worker's idle HTTP/1.1 connections that expired or that the upstream
     /// closed. Nothing polls an idle connection (requests drive them), so without this an
     /// upstream's close would leave the socket half-closed until the next request to that
-    /// endpoint, or for ever once the endpoint gets none. Runs while the pool holds idle
-    /// connections, one pass per half idle timeout.
+    /// endpoint, or for ever once the endpoint gets none. HTTP/2 connections are let go
+    /// once no request has used them for the idle timeout (hyper's keep-alive PINGs would
+    /// otherwise hold them for ever, also to endpoints no longer in the cluster); requests
+    /// still in flight on one finish on it, and the next request opens a new one. Runs
+    /// while the pool holds connections, one pass per half idle timeout.
     async fn sweep(self: std::sync::Arc<Self>) {
         let every = (self.idle_timeout / 2).max(Duration::from_millis(100));
         loop {
@@ -206,10 +241,20 @@ impl ClusterPools {
                 ep.idle.retain_mut(|(conn, since)| {
                     now.duration_since(*since) < self.idle_timeout && conn.is_usable()
                 });
+                if let Some(c) = &mut ep.h2 {
+                    if std::mem::take(&mut c.used) {
+                        c.unused_passes = 0;
+                    } else {
+                        c.unused_passes += 1;
+                    }
+                    if c.unused_passes >= H2_UNUSED_PASSES || c.send.is_closed() {
+                        ep.h2 = None;
+                    }
+                }
             }
             p.endpoints
                 .retain(|_, ep| !ep.idle.is_empty() || ep.h2.is_some());
-            if p.endpoints.values().all(|ep| ep.idle.is_empty()) {
+            if p.endpoints.is_empty() {
                 p.sweeping = false;
                 return;
             }

@@ -525,6 +525,50 @@ async fn idle_connections_close_when_the_upstream_closes_them_or_they_expire() {
 }
 
 #[tokio::test]
+async fn an_unused_http2_upstream_connection_closes_after_the_idle_timeout() {
+    let up = Upstream::start().await;
+    up.set_default(Behavior::Delay(Duration::from_millis(1500)));
+    let mut c = cluster("up", up.addr());
+    c["protocol"] = json!("http2");
+    c["idle_timeout"] = json!("1s");
+    let proxy = Proxy::start(json!({
+        "listeners": [{"name": "in", "address": "127.0.0.1:0", "routes": [
+            {"match": {"prefix": "/"}, "cluster": "up"},
+        ]}],
+        "clusters": [c],
+    }))
+    .await;
+    let active = || async {
+        proxy
+            .metric("wasmesh_upstream_cx_active", &[("cluster", "up")])
+            .await
+    };
+    // A request in flight longer than the idle timeout finishes on its connection.
+    let r = Req::get("/slow").send(proxy.listener("in")).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.text(), "slow");
+    // Unused for the idle timeout, the connection is closed, although hyper's keep-alive
+    // PINGs would keep it alive; the next request opens a new one.
+    let start = std::time::Instant::now();
+    proxy
+        .wait_for(
+            Duration::from_secs(5),
+            "the unused HTTP/2 connection to close",
+            || async { (active().await == 0.0).then_some(()) },
+        )
+        .await;
+    assert!(
+        start.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        start.elapsed()
+    );
+    up.set_default(Behavior::Status(200));
+    let r = Req::get("/again").send(proxy.listener("in")).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(up.connections(), 2);
+}
+
+#[tokio::test]
 async fn chunked_trailers_from_an_http1_upstream_reach_an_http2_client() {
     let up = Scripted::start(vec![vec![
         Step::Read,
