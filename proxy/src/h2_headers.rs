@@ -7,19 +7,16 @@
 //! a connection after the listener's `request_headers_timeout`; this gives HTTP/2 the same
 //! rule.
 //!
-//! [`HeaderWatch`] wraps the connection and reads the 9-byte header of every frame the
-//! client sends (nothing else is parsed; hyper still does all of HTTP/2). When a header
+//! [`watch`] sees the client's bytes as hyper reads them and follows the 9-byte header of
+//! every frame (nothing else is parsed; hyper still does all of HTTP/2). When a header
 //! block opens it records the time in a [`HeaderBlockClock`], and clears it when the block
 //! ends; the connection's serving loop closes the connection once a block has been open
 //! for longer than the timeout. A block that arrives whole in one read never touches the
 //! clock, so ordinary requests cost a few comparisons per frame.
 
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
@@ -141,71 +138,18 @@ impl FrameScan {
     }
 }
 
-pin_project_lite::pin_project! {
-    /// An HTTP/2 server connection whose inbound header blocks are timed (see the module).
-    pub struct HeaderWatch<I> {
-        #[pin]
-        io: I,
-        scan: FrameScan,
-        clock: Arc<HeaderBlockClock>,
-    }
-}
-
-impl<I> HeaderWatch<I> {
-    /// `io` must start with the client's connection preface.
-    pub fn new(io: I, clock: Arc<HeaderBlockClock>) -> Self {
-        HeaderWatch {
-            io,
-            scan: FrameScan::new(),
-            clock,
+/// What to run on each read of an HTTP/2 client's bytes (with
+/// `tokio_util::io::InspectReader`, from the connection preface on): keeps `clock` told
+/// whether a header block is open.
+pub fn watch(clock: Arc<HeaderBlockClock>) -> impl FnMut(&[u8]) {
+    let mut scan = FrameScan::new();
+    move |bytes| {
+        let was = scan.open();
+        scan.feed(bytes);
+        let now = scan.open();
+        if was != now {
+            clock.set_open(now);
         }
-    }
-}
-
-impl<I: AsyncRead> AsyncRead for HeaderWatch<I> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let this = self.project();
-        let before = buf.filled().len();
-        let r = this.io.poll_read(cx, buf);
-        if let Some(new) = buf.filled().get(before..).filter(|b| !b.is_empty()) {
-            let was = this.scan.open();
-            this.scan.feed(new);
-            let now = this.scan.open();
-            if was != now {
-                this.clock.set_open(now);
-            }
-        }
-        r
-    }
-}
-
-impl<I: AsyncWrite> AsyncWrite for HeaderWatch<I> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        self.project().io.poll_write(cx, buf)
-    }
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        self.project().io.poll_flush(cx)
-    }
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        self.project().io.poll_shutdown(cx)
-    }
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        self.project().io.poll_write_vectored(cx, bufs)
-    }
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
     }
 }
 

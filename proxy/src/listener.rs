@@ -9,7 +9,7 @@
 use crate::cluster::Cluster;
 use crate::config::{ListenerLimits, ListenerProtocol};
 use crate::h1_server::{self, Served};
-use crate::h2_headers::{HeaderBlockClock, HeaderWatch};
+use crate::h2_headers::{self, HeaderBlockClock};
 use crate::h2_streams::{Streams, Tracked};
 use crate::proxy::{self, ConnInfo};
 use crate::server::{ListenerRuntime, Shared};
@@ -29,6 +29,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
+use tokio_util::io::InspectReader;
 
 /// Bind `count` sockets to one address with `SO_REUSEPORT`. Port 0 picks a free port once;
 /// every socket then shares it.
@@ -365,7 +366,7 @@ async fn serve_http_conn(
         Served::Closed => {}
         Served::Http2(io) => {
             let headers = HeaderBlockClock::new();
-            let io = HeaderWatch::new(io, headers.clone());
+            let io = InspectReader::new(io, h2_headers::watch(headers.clone()));
             // Boxed (once per HTTP/2 connection): inline, hyper's connection state would
             // size every HTTP/1.1 connection's future too.
             Box::pin(serve_h2(

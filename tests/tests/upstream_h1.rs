@@ -166,6 +166,24 @@ async fn proxy_for(up: &Scripted) -> Proxy {
     .await
 }
 
+/// A proxy routing everything to the cluster `c` (named `up`), and a way to read how many
+/// connections to it are open.
+async fn proxy_with_cluster(c: serde_json::Value) -> Proxy {
+    Proxy::start(json!({
+        "listeners": [{"name": "in", "address": "127.0.0.1:0", "routes": [
+            {"match": {"prefix": "/"}, "cluster": "up"},
+        ]}],
+        "clusters": [c],
+    }))
+    .await
+}
+
+async fn upstream_connections(proxy: &Proxy) -> f64 {
+    proxy
+        .metric("wasmesh_upstream_cx_active", &[("cluster", "up")])
+        .await
+}
+
 const OK_HELLO: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\nx-up: 1\r\n\r\nhello";
 
 /// `Upgrade: h2c` is not passed on: an upstream that switched would tunnel the client's
@@ -488,18 +506,8 @@ async fn idle_connections_close_when_the_upstream_closes_them_or_they_expire() {
     .await;
     let mut c = cluster("up", up.addr);
     c["idle_timeout"] = json!("1s");
-    let proxy = Proxy::start(json!({
-        "listeners": [{"name": "in", "address": "127.0.0.1:0", "routes": [
-            {"match": {"prefix": "/"}, "cluster": "up"},
-        ]}],
-        "clusters": [c],
-    }))
-    .await;
-    let active = || async {
-        proxy
-            .metric("wasmesh_upstream_cx_active", &[("cluster", "up")])
-            .await
-    };
+    let proxy = proxy_with_cluster(c).await;
+    let active = || upstream_connections(&proxy);
     let r = Req::get("/a").send(proxy.listener("in")).await;
     assert_eq!(r.text(), "hello");
     // The upstream's close is noticed without another request: the pool holds nothing.
@@ -531,18 +539,8 @@ async fn an_unused_http2_upstream_connection_closes_after_the_idle_timeout() {
     let mut c = cluster("up", up.addr());
     c["protocol"] = json!("http2");
     c["idle_timeout"] = json!("1s");
-    let proxy = Proxy::start(json!({
-        "listeners": [{"name": "in", "address": "127.0.0.1:0", "routes": [
-            {"match": {"prefix": "/"}, "cluster": "up"},
-        ]}],
-        "clusters": [c],
-    }))
-    .await;
-    let active = || async {
-        proxy
-            .metric("wasmesh_upstream_cx_active", &[("cluster", "up")])
-            .await
-    };
+    let proxy = proxy_with_cluster(c).await;
+    let active = || upstream_connections(&proxy);
     // A request in flight longer than the idle timeout finishes on its connection.
     let r = Req::get("/slow").send(proxy.listener("in")).await;
     assert_eq!(r.status, 200);
