@@ -22,7 +22,7 @@
 //! the rest of the request is dropped and so is the connection.
 
 use crate::cluster::{Body, BoxError, UpstreamConn};
-use crate::text::{chunk_size, has_token, last_token_is, list_items, parse_decimal, trim_ows};
+use crate::text::{chunk_size, each_list_item, has_token, last_token_is, parse_decimal};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode, Version};
 use http_body::{Body as _, Frame, SizeHint};
@@ -677,22 +677,15 @@ fn parse_head(
             } else if name == header::CONTENT_LENGTH {
                 // One decimal number; repeated or listed (`5, 5`), the same number each
                 // time (RFC 9110 §8.6), passed on as one.
-                let v = value.as_bytes();
-                let listed = v.contains(&b',');
-                lengths_repeated |= lengths.is_some() || listed;
-                let mut note = |item: &[u8]| {
+                let had_length = lengths.is_some();
+                let listed = each_list_item(value.as_bytes(), |item| {
                     lengths = Some(match (lengths, parse_decimal(item).ok_or(())) {
                         (None, v) => v,
                         (Some(Ok(a)), Ok(b)) if a == b => Ok(a),
                         _ => Err(()),
                     });
-                };
-                // Almost always one number: no list iterator for it.
-                if listed {
-                    list_items(v).for_each(note);
-                } else {
-                    note(trim_ows(v));
-                }
+                });
+                lengths_repeated |= had_length || listed;
             } else if name == header::CONNECTION {
                 if has_token(value.as_bytes(), b"close") {
                     close = true;

@@ -39,7 +39,7 @@
 
 use crate::cluster::BoxError;
 use crate::h1::{read_frame, BodyKind, Chunk};
-use crate::text::{has_token, last_token_is, list_items, parse_decimal, trim_ows};
+use crate::text::{each_list_item, has_token, last_token_is, list_items, parse_decimal, trim_ows};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::header::{self, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
@@ -383,18 +383,12 @@ fn parse_head(
         if name == header::CONTENT_LENGTH {
             // One decimal number; repeated or listed (`5, 5`), the same number each time
             // (RFC 9110 §8.6), sent on as one.
-            let listed = v.contains(&b',');
-            lengths_repeated |= content_length.is_some() || listed;
-            let mut note = |item: &[u8]| match parse_decimal(item) {
+            let had_length = content_length.is_some();
+            let listed = each_list_item(v, |item| match parse_decimal(item) {
                 Some(n) if content_length.is_none_or(|m| m == n) => content_length = Some(n),
                 _ => lengths_disagree = true,
-            };
-            // Almost always one number: no list iterator for it.
-            if listed {
-                list_items(v).for_each(note);
-            } else {
-                note(trim_ows(v));
-            }
+            });
+            lengths_repeated |= had_length || listed;
         } else if name == header::TRANSFER_ENCODING {
             // Only `chunked`, last, is understood; anything else cannot be framed.
             te = true;

@@ -44,6 +44,20 @@ pub fn list_items(v: &[u8]) -> impl DoubleEndedIterator<Item = &[u8]> {
     v.split(|&c| c == b',').map(trim_ows)
 }
 
+/// Call `f` with each item of the list `v`, as [`list_items`] gives them; true when `v`
+/// was a list (had a comma). A single value, which nearly every header is, is only
+/// trimmed: no splitting iterator on the request path.
+pub fn each_list_item(v: &[u8], f: impl FnMut(&[u8])) -> bool {
+    let listed = v.contains(&b',');
+    if listed {
+        list_items(v).for_each(f);
+    } else {
+        let mut f = f;
+        f(trim_ows(v));
+    }
+    listed
+}
+
 /// Whether the list `v` holds `token`, compared case-insensitively.
 pub fn has_token(v: &[u8], token: &[u8]) -> bool {
     list_items(v).any(|t| t.eq_ignore_ascii_case(token))
