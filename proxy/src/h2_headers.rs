@@ -14,9 +14,8 @@
 //! for longer than the timeout. A block that arrives whole in one read never touches the
 //! clock, so ordinary requests cost a few comparisons per frame.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use crate::idle::AtomicInstant;
 use std::sync::Arc;
-use std::time::Duration;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
@@ -31,27 +30,21 @@ const END_HEADERS: u8 = 0x4;
 /// When the header block the client is sending began, shared by the connection's reader
 /// and its serving loop.
 pub struct HeaderBlockClock {
-    /// Milliseconds from `base` to when the open block began, plus one; 0: none open.
-    open_since: AtomicU64,
+    open_since: AtomicInstant,
     opened: Notify,
-    base: Instant,
 }
 
 impl HeaderBlockClock {
     pub fn new() -> Arc<Self> {
         Arc::new(HeaderBlockClock {
-            open_since: AtomicU64::new(0),
+            open_since: AtomicInstant::none(),
             opened: Notify::new(),
-            base: Instant::now(),
         })
     }
 
     /// When the header block now open began, if one is.
     pub fn open_since(&self) -> Option<Instant> {
-        match self.open_since.load(Ordering::Relaxed) {
-            0 => None,
-            ms => Some(self.base + Duration::from_millis(ms - 1)),
-        }
+        self.open_since.get()
     }
 
     /// Resolves when a header block opens; at once if one opened since the last call
@@ -62,11 +55,10 @@ impl HeaderBlockClock {
 
     fn set_open(&self, open: bool) {
         if open {
-            let ms = u64::try_from(self.base.elapsed().as_millis()).unwrap_or(u64::MAX - 1);
-            self.open_since.store(ms + 1, Ordering::Relaxed);
+            self.open_since.set_now();
             self.opened.notify_one();
         } else {
-            self.open_since.store(0, Ordering::Relaxed);
+            self.open_since.clear();
         }
     }
 }
@@ -156,6 +148,7 @@ pub fn watch(clock: Arc<HeaderBlockClock>) -> impl FnMut(&[u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
     const DATA: u8 = 0x0;

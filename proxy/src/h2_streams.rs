@@ -9,20 +9,19 @@
 //! frames move meanwhile. A request is in progress from when hyper hands it to the service
 //! until its response body is dropped (sent whole, or the stream reset).
 
+use crate::idle::AtomicInstant;
 use http_body::{Body, Frame, SizeHint};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
 use tokio::time::Instant;
 
 /// Requests in progress on one connection, and since when there have been none.
 pub struct Streams {
     active: AtomicU32,
-    /// Milliseconds from `base` to when `active` last fell to zero.
-    idle_since_ms: AtomicU64,
-    base: Instant,
+    /// When `active` last fell to zero (or the connection opened).
+    idle_since: AtomicInstant,
 }
 
 impl Streams {
@@ -30,8 +29,7 @@ impl Streams {
     pub fn new() -> Arc<Self> {
         Arc::new(Streams {
             active: AtomicU32::new(0),
-            idle_since_ms: AtomicU64::new(0),
-            base: Instant::now(),
+            idle_since: AtomicInstant::now(),
         })
     }
 
@@ -40,8 +38,7 @@ impl Streams {
         if self.active.load(Ordering::Acquire) > 0 {
             return None;
         }
-        let ms = self.idle_since_ms.load(Ordering::Acquire);
-        Some(self.base + Duration::from_millis(ms))
+        self.idle_since.get()
     }
 
     /// A request starts; it is in progress until the guard is dropped.
@@ -60,8 +57,7 @@ impl Drop for StreamGuard {
         // The time first, so a reader that sees no request in progress sees when the
         // last one ended, not an older time.
         if s.active.load(Ordering::Acquire) == 1 {
-            let ms = u64::try_from(s.base.elapsed().as_millis()).unwrap_or(u64::MAX);
-            s.idle_since_ms.store(ms, Ordering::Release);
+            s.idle_since.set_now();
         }
         s.active.fetch_sub(1, Ordering::AcqRel);
     }
@@ -105,6 +101,7 @@ impl<B: Body> Body for Tracked<B> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn idle_from_the_start_and_from_the_last_request_s_end() {

@@ -9,6 +9,8 @@
 //!
 //! Upgraded connections (WebSocket) have no bodies: `tunnel` ends them when no byte has
 //! moved either way for the timeout.
+//!
+//! [`AtomicInstant`] is the time stamp the connections' idle and header clocks keep.
 
 use crate::cluster::BoxError;
 use crate::error::StreamIdle;
@@ -16,9 +18,49 @@ use bytes::Bytes;
 use http_body::{Frame, SizeHint};
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::time::{Instant, Sleep};
+
+/// An `Option<Instant>` in an atomic, to the millisecond: written from a connection's
+/// I/O (which hyper needs to be `Send`) and read by its serving loop. Stored as
+/// milliseconds since the process's first use of one, plus one; 0 is `None`.
+pub struct AtomicInstant(AtomicU64);
+
+fn epoch() -> Instant {
+    static START: OnceLock<Instant> = OnceLock::new();
+    *START.get_or_init(Instant::now)
+}
+
+impl AtomicInstant {
+    pub const fn none() -> Self {
+        AtomicInstant(AtomicU64::new(0))
+    }
+
+    pub fn now() -> Self {
+        let t = AtomicInstant::none();
+        t.set_now();
+        t
+    }
+
+    pub fn set_now(&self) {
+        let ms = u64::try_from(epoch().elapsed().as_millis()).unwrap_or(u64::MAX - 1);
+        self.0.store(ms + 1, Ordering::Release);
+    }
+
+    pub fn clear(&self) {
+        self.0.store(0, Ordering::Release);
+    }
+
+    pub fn get(&self) -> Option<Instant> {
+        match self.0.load(Ordering::Acquire) {
+            0 => None,
+            ms => Some(epoch() + Duration::from_millis(ms - 1)),
+        }
+    }
+}
 
 /// The idle clock of one body.
 struct IdleTimer {

@@ -11,6 +11,7 @@ use crate::config::{ListenerLimits, ListenerProtocol};
 use crate::h1_server::{self, Served};
 use crate::h2_headers::{self, HeaderBlockClock};
 use crate::h2_streams::{Streams, Tracked};
+use crate::idle::AtomicInstant;
 use crate::proxy::{self, ConnInfo};
 use crate::server::{ListenerRuntime, Shared};
 use crate::telemetry::metrics::{ListenerLabel, ReasonLabel};
@@ -19,9 +20,8 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::{pin, Pin};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::sync::OnceLock;
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -729,13 +729,8 @@ impl<T: AsyncWrite> AsyncWrite for IdleIo<T> {
 /// requests (see `serve_http`), and reading the clock on every read and write cost a few
 /// hundred instructions per request.
 pub struct Activity {
-    last_ms: AtomicU64,
+    last: AtomicInstant,
     paused: std::sync::atomic::AtomicBool,
-}
-
-fn epoch() -> Instant {
-    static START: OnceLock<Instant> = OnceLock::new();
-    *START.get_or_init(Instant::now)
 }
 
 impl Activity {
@@ -747,7 +742,7 @@ impl Activity {
     /// An activity that records nothing until [`Activity::resume`].
     pub(crate) fn paused() -> Self {
         Activity {
-            last_ms: AtomicU64::new(0),
+            last: AtomicInstant::none(),
             paused: std::sync::atomic::AtomicBool::new(true),
         }
     }
@@ -760,10 +755,10 @@ impl Activity {
         if self.paused.load(Ordering::Relaxed) {
             return;
         }
-        self.last_ms
-            .store(epoch().elapsed().as_millis() as u64, Ordering::Relaxed);
+        self.last.set_now();
     }
     pub(crate) fn last(&self) -> Instant {
-        epoch() + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
+        // Recording since `new`/`resume`, so always set where it is read.
+        self.last.get().unwrap_or_else(Instant::now)
     }
 }
