@@ -9,6 +9,7 @@ use crate::config::{EscapedSlashes, HeaderMutationSpec, PathNormalizationSpec, R
 use crate::filters::Chain;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use regex::Regex;
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -179,11 +180,43 @@ impl RouteMatch {
     }
 }
 
-fn query_param(query: &str, name: &str) -> Option<String> {
+/// The value of the first parameter of `query` named `name`, as Envoy's route matcher reads
+/// it: keys and values percent-decoded (`?user=j%C3%B6rg` matches `jörg`, and `?%61=1` is
+/// parameter `a`), `+` kept as it is. A `%` not followed by two hex digits stays literal.
+fn query_param<'q>(query: &'q str, name: &str) -> Option<Cow<'q, str>> {
     query.split('&').find_map(|kv| {
         let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
-        (k == name).then(|| v.to_string())
+        (percent_decode(k) == name).then(|| percent_decode(v))
     })
+}
+
+/// `%XX` sequences decoded; borrowed when there are none. Decoded bytes that are not
+/// UTF-8 are replaced (U+FFFD), so that a value can still be compared and matched.
+fn percent_decode(s: &str) -> Cow<'_, str> {
+    if !s.contains('%') {
+        return Cow::Borrowed(s);
+    }
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while let Some(&c) = b.get(i) {
+        let hex = |j: usize| b.get(j).and_then(|d| (*d as char).to_digit(16));
+        match (c, hex(i + 1), hex(i + 2)) {
+            (b'%', Some(hi), Some(lo)) => {
+                // Two hex digits: at most 0xff.
+                out.push(u8::try_from(hi * 16 + lo).unwrap_or(u8::MAX));
+                i += 3;
+            }
+            _ => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    match String::from_utf8(out) {
+        Ok(text) => Cow::Owned(text),
+        Err(e) => Cow::Owned(String::from_utf8_lossy(e.as_bytes()).into_owned()),
+    }
 }
 
 /// Request or response header edits of a route.
@@ -511,6 +544,27 @@ pub fn normalize_path(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn query_parameters_are_percent_decoded() {
+        assert_eq!(query_param("a=1&v=2", "v").as_deref(), Some("2"));
+        assert_eq!(
+            query_param("v=1&v=2", "v").as_deref(),
+            Some("1"),
+            "first one"
+        );
+        assert_eq!(query_param("flag&v=2", "flag").as_deref(), Some(""));
+        assert_eq!(
+            query_param("user=j%C3%B6rg", "user").as_deref(),
+            Some("jörg")
+        );
+        assert_eq!(query_param("%75ser=x", "user").as_deref(), Some("x"));
+        assert_eq!(query_param("q=a+b%20c", "q").as_deref(), Some("a+b c"));
+        assert_eq!(query_param("q=100%&r=%zz%4", "q").as_deref(), Some("100%"));
+        assert_eq!(query_param("r=%zz%4", "r").as_deref(), Some("%zz%4"));
+        assert_eq!(query_param("q=%ff", "q").as_deref(), Some("\u{fffd}"));
+        assert_eq!(query_param("a=1", "b"), None);
+    }
 
     fn norm(p: &str) -> String {
         normalize_path(p, &PathNormalizationSpec::default())

@@ -76,6 +76,9 @@ async fn matches_authority_path_method_headers_and_query_first_match_wins() {
     assert_eq!(Req::get("/q?a=1&v=2").send(l).await.text(), "query-v2");
     assert_eq!(Req::get("/q?v=3&flag").send(l).await.text(), "query-flag");
     assert_eq!(Req::get("/q?v=3").send(l).await.status, 404);
+    // Keys and values are compared percent-decoded (as Envoy does); the first one counts.
+    assert_eq!(Req::get("/q?%76=%32").send(l).await.text(), "query-v2");
+    assert_eq!(Req::get("/q?v=3&v=2").send(l).await.status, 404);
 
     // First match wins: `/first` shadows the more specific `/first/second`.
     assert_eq!(Req::get("/first/second").send(l).await.text(), "first");
