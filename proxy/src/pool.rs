@@ -16,6 +16,7 @@ use crate::breaker::Breakers;
 use crate::cluster::{Body, BoxError, ConnectError, Connector, UpstreamConn};
 use crate::config::UpstreamProtocol;
 use crate::h1;
+use crate::h2_streams::{StreamGuard, Streams, Tracked};
 use bytes::Bytes;
 use http::{Method, Request, Response};
 use http_body::{Frame, SizeHint};
@@ -57,21 +58,16 @@ struct EndpointConns {
     h2: Option<H2Conn>,
 }
 
-/// An endpoint's HTTP/2 connection, with what the sweeper needs to close it once no
-/// request has used it for the cluster's `idle_timeout`.
+/// An endpoint's HTTP/2 connection, with what the sweeper needs to close it once it has
+/// had no request in progress for the cluster's `idle_timeout`.
 struct H2Conn {
     send: http2::SendRequest<Body>,
     peer: Peer,
-    /// A request took the connection since the sweeper's last pass.
-    used: bool,
-    /// The sweeper's passes since one did.
-    unused_passes: u32,
+    /// Requests in progress on it (until their response bodies are dropped), and since
+    /// when there have been none: as Envoy's `idle_timeout`, "no active streams", so a
+    /// long response (a gRPC stream) keeps its connection however long it runs.
+    streams: Arc<Streams>,
 }
-
-/// Sweeper passes an HTTP/2 connection may go unused before it is closed: passes come
-/// every half `idle_timeout`, so it closes between one and one and a half timeouts after
-/// its last request.
-const H2_UNUSED_PASSES: u32 = 2;
 
 #[derive(Default)]
 struct WorkerPool {
@@ -155,13 +151,12 @@ impl ClusterPools {
     async fn h2(
         self: &std::sync::Arc<Self>,
         addr: SocketAddr,
-    ) -> Result<(http2::SendRequest<Body>, Peer), PoolError> {
+    ) -> Result<(http2::SendRequest<Body>, Peer, StreamGuard), PoolError> {
         if let Ok(mut p) = self.pool().lock() {
             let ep = p.endpoints.entry(addr).or_default();
             if let Some(c) = &mut ep.h2 {
                 if !c.send.is_closed() {
-                    c.used = true;
-                    return Ok((c.send.clone(), c.peer.clone()));
+                    return Ok((c.send.clone(), c.peer.clone(), c.streams.enter()));
                 }
                 ep.h2 = None;
             }
@@ -184,16 +179,17 @@ impl ClusterPools {
                 tracing::debug!(upstream = %addr, error = %e, "upstream h2 connection closed with an error");
             }
         });
+        let streams = Streams::new();
+        let guard = streams.enter();
         if let Ok(mut p) = self.pool().lock() {
             p.endpoints.entry(addr).or_default().h2 = Some(H2Conn {
                 send: sr.clone(),
                 peer: peer.clone(),
-                used: true,
-                unused_passes: 0,
+                streams,
             });
             self.ensure_sweeping(&mut p);
         }
-        Ok((sr, peer))
+        Ok((sr, peer, guard))
     }
 
     /// An HTTP/1.1 connection the request's exchange ended cleanly on: kept for the next
@@ -225,10 +221,12 @@ impl ClusterPools {
     /// closed. Nothing polls an idle connection (requests drive them), so without this an
     /// upstream's close would leave the socket half-closed until the next request to that
     /// endpoint, or for ever once the endpoint gets none. HTTP/2 connections are let go
-    /// once no request has used them for the idle timeout (hyper's keep-alive PINGs would
-    /// otherwise hold them for ever, also to endpoints no longer in the cluster); requests
-    /// still in flight on one finish on it, and the next request opens a new one. Runs
-    /// while the pool holds connections, one pass per half idle timeout.
+    /// once they have had no request in progress for the idle timeout (hyper's keep-alive
+    /// PINGs would otherwise hold them for ever, also to endpoints no longer in the
+    /// cluster); hyper closes one when the pool lets go of it, and the next request opens
+    /// a new one. Runs while the pool holds connections, one pass per half idle timeout,
+    /// so a connection closes between one and one and a half timeouts after its last
+    /// request ended.
     async fn sweep(self: std::sync::Arc<Self>) {
         let every = (self.idle_timeout / 2).max(Duration::from_millis(100));
         loop {
@@ -237,19 +235,21 @@ impl ClusterPools {
                 return;
             };
             let now = Instant::now();
+            let idle_h2 = |c: &H2Conn| {
+                c.streams
+                    .idle_since()
+                    .is_some_and(|t| t.elapsed() >= self.idle_timeout)
+            };
             for ep in p.endpoints.values_mut() {
                 ep.idle.retain_mut(|(conn, since)| {
                     now.duration_since(*since) < self.idle_timeout && conn.is_usable()
                 });
-                if let Some(c) = &mut ep.h2 {
-                    if std::mem::take(&mut c.used) {
-                        c.unused_passes = 0;
-                    } else {
-                        c.unused_passes += 1;
-                    }
-                    if c.unused_passes >= H2_UNUSED_PASSES || c.send.is_closed() {
-                        ep.h2 = None;
-                    }
+                if ep
+                    .h2
+                    .as_ref()
+                    .is_some_and(|c| c.send.is_closed() || idle_h2(c))
+                {
+                    ep.h2 = None;
                 }
             }
             p.endpoints
@@ -330,9 +330,14 @@ impl ClusterPools {
     ) -> Result<Response<UpBody>, PoolError> {
         let mut req = req;
         for attempt in 0..2 {
-            let (mut sr, peer) = self.h2(addr).await?;
+            // The request is in progress on the connection until its response body is
+            // dropped (or it fails: the guard goes with it).
+            let (mut sr, peer, guard) = self.h2(addr).await?;
             match sr.try_send_request(req).await {
-                Ok(r) => return Ok(with_peer(r.map(UpBody::Hyper), peer)),
+                Ok(r) => {
+                    let r = r.map(|b| UpBody::H2(Tracked::new(b, guard)));
+                    return Ok(with_peer(r, peer));
+                }
                 Err(mut e) => match e.take_message() {
                     Some(r) if attempt == 0 => {
                         // The connection went away under us: forget it and retry.
@@ -407,6 +412,9 @@ fn with_peer(mut resp: Response<UpBody>, peer: Peer) -> Response<UpBody> {
 /// by hyper (HTTP/2, protocol switches).
 pub enum UpBody {
     H1(h1::ResponseBody),
+    /// From a pooled HTTP/2 connection: the request stays in progress on it until dropped.
+    H2(Tracked<Incoming>),
+    /// From hyper's client (upgrades, on connections of their own).
     Hyper(Incoming),
 }
 
@@ -420,6 +428,9 @@ impl http_body::Body for UpBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             UpBody::H1(b) => Pin::new(b).poll_frame(cx),
+            UpBody::H2(b) => Pin::new(b)
+                .poll_frame(cx)
+                .map_err(|e| Box::new(e) as BoxError),
             UpBody::Hyper(b) => Pin::new(b)
                 .poll_frame(cx)
                 .map_err(|e| Box::new(e) as BoxError),
@@ -429,6 +440,7 @@ impl http_body::Body for UpBody {
     fn is_end_stream(&self) -> bool {
         match self {
             UpBody::H1(b) => b.is_end_stream(),
+            UpBody::H2(b) => b.is_end_stream(),
             UpBody::Hyper(b) => b.is_end_stream(),
         }
     }
@@ -436,6 +448,7 @@ impl http_body::Body for UpBody {
     fn size_hint(&self) -> SizeHint {
         match self {
             UpBody::H1(b) => b.size_hint(),
+            UpBody::H2(b) => b.size_hint(),
             UpBody::Hyper(b) => b.size_hint(),
         }
     }

@@ -533,34 +533,55 @@ async fn idle_connections_close_when_the_upstream_closes_them_or_they_expire() {
 }
 
 #[tokio::test]
-async fn an_unused_http2_upstream_connection_closes_after_the_idle_timeout() {
+async fn an_idle_http2_upstream_connection_closes_after_the_idle_timeout() {
     let up = Upstream::start().await;
-    up.set_default(Behavior::Delay(Duration::from_millis(1500)));
+    up.push(Behavior::Delay(Duration::from_millis(2500)));
     let mut c = cluster("up", up.addr());
     c["protocol"] = json!("http2");
     c["idle_timeout"] = json!("1s");
     let proxy = proxy_with_cluster(c).await;
     let active = || upstream_connections(&proxy);
-    // A request in flight longer than the idle timeout finishes on its connection.
-    let r = Req::get("/slow").send(proxy.listener("in")).await;
+    // A request in progress longer than the idle timeout keeps its connection: idle means
+    // no request in progress (Envoy's "no active streams"), not no request started.
+    let slow = {
+        let l = proxy.listener("in");
+        tokio::spawn(async move { Req::get("/slow").send(l).await })
+    };
+    proxy
+        .wait_for(
+            Duration::from_secs(5),
+            "the slow request upstream",
+            || async { (up.request_count() == 1).then_some(()) },
+        )
+        .await;
+    // Past the longest the sweeper takes to close an idle connection (one and a half
+    // idle timeouts), while the slow request is still in progress.
+    tokio::time::sleep(Duration::from_millis(1700)).await;
+    assert_eq!(active().await, 1.0);
+    let r = Req::get("/meanwhile").send(proxy.listener("in")).await;
     assert_eq!(r.status, 200);
-    assert_eq!(r.text(), "slow");
-    // Unused for the idle timeout, the connection is closed, although hyper's keep-alive
-    // PINGs would keep it alive; the next request opens a new one.
+    assert_eq!(
+        up.connections(),
+        1,
+        "the second request shares the connection"
+    );
+    let r = slow.await.expect("slow request");
+    assert_eq!((r.status, r.text().as_str()), (200, "slow"));
+    // With nothing in progress for the idle timeout, the connection is closed, although
+    // hyper's keep-alive PINGs would keep it alive; the next request opens a new one.
     let start = std::time::Instant::now();
     proxy
         .wait_for(
             Duration::from_secs(5),
-            "the unused HTTP/2 connection to close",
+            "the idle HTTP/2 connection to close",
             || async { (active().await == 0.0).then_some(()) },
         )
         .await;
     assert!(
-        start.elapsed() < Duration::from_secs(4),
+        start.elapsed() >= Duration::from_millis(900) && start.elapsed() < Duration::from_secs(4),
         "{:?}",
         start.elapsed()
     );
-    up.set_default(Behavior::Status(200));
     let r = Req::get("/again").send(proxy.listener("in")).await;
     assert_eq!(r.status, 200);
     assert_eq!(up.connections(), 2);

@@ -750,7 +750,8 @@ pub struct ClusterSpec {
     /// How often DNS names among the endpoints are resolved again.
     #[serde(default = "default_dns_refresh", with = "super::duration")]
     pub dns_refresh_rate: Duration,
-    /// Idle pooled connections are closed after this long.
+    /// Idle pooled connections are closed after this long (HTTP/2: idle means no request
+    /// in progress on the connection).
     #[serde(default = "default_pool_idle", with = "super::duration")]
     pub idle_timeout: Duration,
     /// Idle connections kept per endpoint, per worker. Default: no cap of its own, only
